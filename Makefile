@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:
+#   make run   -> build .venv, then fine-tune the embedded default model, respond, evaluate, report
+#   make test  -> build .venv with the test extras, then run the whole test suite
+#
+# torch is installed first and pinned: on a CPU-only machine with a local CPU wheel (as here)
+# `torch==2.13.0` takes it; an unpinned torch would pull a multi-GB CUDA build.
+# Users with a GPU (or another wheel index) override it:  make run TORCH_SPEC=torch TORCH_INDEX=...
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# The chapter's data: read from ../shared/data when present (offline), else the named source.
+DATA ?= $(if $(wildcard ../shared/data/instruction-data.json),../shared/data/instruction-data.json,chapter7)
+RUN_DIR ?= runs/main
+
+.PHONY: run test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: $(VENV)/.installed
+	$(BIN)/instructkit run --data "$(DATA)" --out "$(RUN_DIR)"
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

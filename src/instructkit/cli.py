@@ -1,0 +1,145 @@
+"""The `instructkit` command: a thin table of subcommands over library functions.
+
+User mistakes raise `UserError`; `main` prints them as one line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from instructkit.errors import UserError
+
+
+def _add_data_options(parser: argparse.ArgumentParser, *, default_data: str | None = None) -> None:
+    parser.add_argument(
+        "--data",
+        required=default_data is None,
+        default=default_data,
+        help="JSON/JSONL file, http(s) URL, or a named source: chapter7, alpaca52k",
+    )
+    parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of stopping")
+    parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records before splitting")
+    parser.add_argument("--prompt-style", default=None, help="alpaca (default for GPT-2), phi3, gemma")
+    parser.add_argument("--mask-instructions", action="store_true", help="supervise only the response and end token")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate examples to N training positions")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"--{name} must be a positive integer, got {value}")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from instructkit.data.pipeline import encode_splits, length_stats, padding_shares, prepare_data, write_splits
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.models.tokenizer import load_tokenizer
+
+    _positive("max-length", args.max_length)
+    _positive("batch-size", args.batch_size)
+    style = get_prompt_style(args.prompt_style or "alpaca")
+    tokenizer = load_tokenizer(args.tokenizer)
+    data = prepare_data(args.data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
+    encoded = encode_splits(
+        data, style, tokenizer, mask_instructions=args.mask_instructions, max_length=args.max_length
+    )
+
+    loaded, splits = data.loaded, data.splits
+    print(f"Loaded {len(loaded.records):,} records from {loaded.path}")
+    if loaded.skipped:
+        print(f"Skipped {loaded.skipped} invalid records (--skip-invalid):")
+        for problem in loaded.problems[:10]:
+            print(f"  {problem}")
+    order = "shuffled with seed " + str(args.shuffle_seed) if args.shuffle_seed is not None else "file order"
+    print(f"Split ({order}): train {len(splits.train):,} | test {len(splits.test):,} | val {len(splits.val):,}")
+    masking = "response and end token only" if args.mask_instructions else "all tokens (the chapter's default)"
+    print(f"Prompt style: {style.name} | tokenizer: {tokenizer.name} | supervised: {masking}")
+    print()
+    print("Tokens per example (training positions: prompt + response, as the model reads them)")
+    print(f"{'split':<6} {'examples':>8} {'min':>5} {'median':>7} {'p95':>5} {'max':>5} {'supervised':>11}")
+    for name, (examples, _) in encoded.items():
+        stats = length_stats(examples)
+        if stats is None:
+            print(f"{name:<6} {0:>8}")
+            continue
+        print(
+            f"{name:<6} {stats.count:>8,} {stats.minimum:>5} {stats.median:>7g} {stats.p95:>5g} "
+            f"{stats.maximum:>5} {stats.supervised:>11,}"
+        )
+    print()
+    reports = [report for _, report in encoded.values()]
+    not_prefix = sum(report.prompt_not_prefix for report in reports)
+    print(f"Prompt not a token prefix of prompt + response: {not_prefix} of {sum(r.examples for r in reports):,}")
+    if args.max_length is not None:
+        truncated = sum(report.truncated for report in reports)
+        empty = sum(report.nothing_supervised for report in reports)
+        print(
+            f"Truncated to {args.max_length} positions: {truncated} examples lost their end token, "
+            f"{empty} kept no supervised token"
+        )
+    train_examples = encoded["train"][0]
+    if len(train_examples) >= args.batch_size:
+        shares = padding_shares(train_examples, args.batch_size)
+        print(
+            f"Padding share of train batches (batch {args.batch_size}): "
+            f"chapter batching {shares['chapter']:.1%} | length-grouped {shares['length_grouped']:.1%}"
+        )
+    if args.out:
+        for path in write_splits(splits, Path(args.out)):
+            print(f"Wrote {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    args.tokenizer = "gpt2"
+    args.out = str(Path(args.out) / "data")
+    status = cmd_data(args)
+    print()
+    print(
+        "instructkit run: stopping after data preparation. Fine-tuning, responses and evaluation "
+        "are not part of this version yet."
+    )
+    print(f"Wall time: {time.perf_counter() - started:.1f} s")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instructkit",
+        description="Fine-tune pretrained causal language models to follow instructions, then measure them.",
+    )
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands.required = True
+
+    data = subcommands.add_parser("data", help="load, validate, split and tokenize a dataset; print statistics")
+    _add_data_options(data)
+    data.add_argument("--tokenizer", default="gpt2", help="tokenizer to measure lengths with (default: gpt2)")
+    data.add_argument("--out", default=None, help="write train.json, test.json and val.json into this folder")
+    data.set_defaults(handler=cmd_data)
+
+    run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
+    _add_data_options(run, default_data="chapter7")
+    run.add_argument("--out", default="runs/main", help="run folder")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"instructkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("instructkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The data stages put together: source -> records -> splits -> encoded examples, with statistics."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from instructkit.data.batching import batches_in_order, chapter_shuffle_order, length_grouped_batches, padding_share
+from instructkit.data.prompts import PromptStyle
+from instructkit.data.records import LoadedRecords, load_records
+from instructkit.data.sources import resolve_source
+from instructkit.data.split import SPLIT_NAMES, Splits, split_records
+from instructkit.data.tokenize import EncodedExample, EncodingReport, encode_records
+from instructkit.fileio import atomic_write_json
+from instructkit.models.tokenizer import Tokenizer
+
+
+@dataclass
+class PreparedData:
+    source: str
+    loaded: LoadedRecords
+    splits: Splits
+
+
+def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None) -> PreparedData:
+    path = resolve_source(source)
+    loaded = load_records(path, skip_invalid=skip_invalid)
+    return PreparedData(source=source, loaded=loaded, splits=split_records(loaded.records, shuffle_seed=shuffle_seed))
+
+
+def encode_splits(
+    data: PreparedData,
+    style: PromptStyle,
+    tokenizer: Tokenizer,
+    *,
+    mask_instructions: bool = False,
+    max_length: int | None = None,
+) -> dict[str, tuple[list[EncodedExample], EncodingReport]]:
+    return {
+        name: encode_records(
+            data.splits.by_name(name),
+            style,
+            tokenizer,
+            mask_instructions=mask_instructions,
+            max_length=max_length,
+            source=f"{data.loaded.path} ({name} split)",
+        )
+        for name in SPLIT_NAMES
+    }
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    count: int
+    minimum: int
+    median: float
+    p95: float
+    maximum: int
+    supervised: int
+
+
+def length_stats(examples: list[EncodedExample]) -> LengthStats | None:
+    """Statistics of training positions per example (ids[:-1]: what the model reads)."""
+    if not examples:
+        return None
+    lengths = sorted(len(example) - 1 for example in examples)
+    p95_index = min(len(lengths) - 1, max(0, round(0.95 * (len(lengths) - 1))))
+    return LengthStats(
+        count=len(lengths),
+        minimum=lengths[0],
+        median=statistics.median(lengths),
+        p95=lengths[p95_index],
+        maximum=lengths[-1],
+        supervised=sum(example.num_supervised for example in examples),
+    )
+
+
+def padding_shares(examples: list[EncodedExample], batch_size: int, seed: int = 123) -> dict[str, float]:
+    """Padding share of the chapter's batching (shuffled, drop_last) and of length-grouped batches."""
+    lengths = [len(example) for example in examples]
+    chapter = batches_in_order(chapter_shuffle_order(len(examples), seed), batch_size, drop_last=True)
+    grouped = length_grouped_batches(lengths, batch_size, seed=seed, drop_last=True)
+    return {"chapter": padding_share(chapter, lengths), "length_grouped": padding_share(grouped, lengths)}
+
+
+def write_splits(splits: Splits, out_dir: Path) -> list[Path]:
+    return [atomic_write_json(Path(out_dir) / f"{name}.json", splits.by_name(name)) for name in SPLIT_NAMES]

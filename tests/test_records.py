@@ -1,0 +1,115 @@
+"""Validation of instruction files: one clear line per fault, nothing written on failure."""
+
+import json
+
+import pytest
+
+from instructkit.data.records import load_records
+from instructkit.errors import UserError
+
+from .conftest import run_cli
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+
+def _write(tmp_path, name, content: str | bytes):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _error(path) -> str:
+    with pytest.raises(UserError) as info:
+        load_records(path)
+    return str(info.value)
+
+
+def test_missing_output_names_the_record(tmp_path):
+    path = _write(tmp_path, "d.json", json.dumps([GOOD, {"instruction": "x", "input": ""}]))
+    assert _error(path) == f"{path}: record 1: missing key 'output'"
+
+
+@pytest.mark.parametrize(
+    "record, fault",
+    [
+        ({"instruction": "x", "output": 3}, "field 'output' is a number, expected a string"),
+        ({"instruction": "x", "input": None, "output": "y"}, "field 'input' is null, expected a string"),
+        ({"instruction": "x", "output": "   "}, "empty output"),
+        ({"instruction": "x", "output": "a<|endoftext|>b"}, "field 'output' contains the literal control token '<|endoftext|>'"),
+        ({"instruction": "<end_of_turn>", "output": "y"}, "field 'instruction' contains the literal control token '<end_of_turn>'"),
+        ("just text", "is a string, expected an object with 'instruction' and 'output'"),
+        (GOOD, "exact duplicate of record 0"),
+    ],
+)
+def test_record_faults(tmp_path, record, fault):
+    path = _write(tmp_path, "d.json", json.dumps([GOOD, record]))
+    assert _error(path) == f"{path}: record 1: {fault}"
+
+
+def test_top_level_object(tmp_path):
+    path = _write(tmp_path, "d.json", json.dumps({"data": [GOOD]}))
+    assert "top-level JSON value is an object, expected a list" in _error(path)
+
+
+def test_broken_json_names_line_and_column(tmp_path):
+    path = _write(tmp_path, "d.json", '[\n  {"instruction": "a",\n   "output": "b"\n  ,\n]')
+    message = _error(path)
+    assert message.startswith(f"{path}: line 5, column 1: invalid JSON")
+
+
+def test_jsonl_cut_line_names_the_line(tmp_path):
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(10)]
+    lines[6] = lines[6][:15]
+    path = _write(tmp_path, "d.jsonl", "\n".join(lines) + "\n")
+    assert _error(path).startswith(f"{path}: line 7, column")
+
+
+def test_jsonl_record_fault_names_the_line(tmp_path):
+    lines = [json.dumps({"instruction": "q", "output": "a"}), json.dumps({"instruction": "q2"})]
+    path = _write(tmp_path, "d.jsonl", "\n".join(lines))
+    assert _error(path) == f"{path}: line 2: missing key 'output'"
+
+
+def test_latin1_bytes(tmp_path):
+    path = _write(tmp_path, "d.json", '[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
+    assert _error(path) == f"{path}: line 1, byte 21: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
+
+
+def test_skip_invalid_drops_and_counts(tmp_path):
+    records = [GOOD, {"instruction": "x"}, {"instruction": "y", "output": ""}, {"instruction": "z", "output": "w"}]
+    path = _write(tmp_path, "d.json", json.dumps(records))
+    loaded = load_records(path, skip_invalid=True)
+    assert loaded.skipped == 2 and [r["instruction"] for r in loaded.records] == ["Say hi.", "z"]
+    assert loaded.records[1]["input"] == ""
+
+
+def test_many_problems_are_all_listed(tmp_path):
+    path = _write(tmp_path, "d.json", json.dumps([GOOD] + [{"instruction": str(i)} for i in range(3)]))
+    message = _error(path)
+    assert "record 1: missing key" in message and "record 3: missing key" in message
+    assert message.endswith("3 invalid records (fix them, or pass --skip-invalid to drop them)")
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("missing.json", json.dumps([GOOD, {"instruction": "x"}]), "record 1: missing key 'output'"),
+        ("object.json", json.dumps({"a": 1}), "top-level JSON value is an object"),
+        ("cut.jsonl", "\n".join([json.dumps(GOOD | {"output": str(i)}) for i in range(6)] + ['{"instruction": "a", "outp']), "line 7, column"),
+        ("latin.json", b'[{"instruction": "\xe9", "output": "x"}]', "not valid UTF-8"),
+    ],
+)
+def test_cli_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, name, content, expected):
+    path = _write(tmp_path, name, content)
+    out = tmp_path / "out"
+    result = run_cli("data", "--data", str(path), "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("instructkit: error: ") and expected in lines[0]
+    assert str(path) in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_file_is_one_line(tmp_path):
+    result = run_cli("data", "--data", str(tmp_path / "nope.json"))
+    assert result.returncode == 2 and "no such file" in result.stderr and len(result.stderr.splitlines()) == 1
