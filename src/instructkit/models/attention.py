@@ -1,0 +1,111 @@
+"""Pieces shared by the model families: the KV cache and attention with masks.
+
+Positions are explicit per row (B, T), so one code path serves training (positions 0..T-1),
+left-padded batched generation (each row's positions start at its first real token) and
+cached decoding (positions continue from the cache). Masks are built from positions:
+
+    allowed[b, q, k] = key_valid[b, k] and pos_k <= pos_q and (window is None or pos_q - pos_k < window)
+
+When nothing is padded, no cache is used and the window cannot bite, attention takes SDPA's
+`is_causal` fast path instead of materialising a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor  # (B, H_kv, capacity, D)
+    values: torch.Tensor  # (B, H_kv, capacity, D)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus each slot's position and validity."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.layers = [
+            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+        self.positions = torch.zeros((batch, capacity), dtype=torch.long, device=device)
+        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+        self.length = 0
+        self.capacity = capacity
+
+    def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice:
+        """Claim slots for T new tokens (positions and validity (B, T)); returns their slice."""
+        steps = positions.shape[1]
+        if self.length + steps > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {steps} > {self.capacity}")
+        slots = slice(self.length, self.length + steps)
+        self.positions[:, slots] = positions
+        self.valid[:, slots] = valid
+        self.length += steps
+        return slots
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences from the batch (rows: indices to keep)."""
+        for layer in self.layers:
+            layer.keys = layer.keys[rows]
+            layer.values = layer.values[rows]
+        self.positions = self.positions[rows]
+        self.valid = self.valid[rows]
+
+
+def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, key_valid: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True where a query may attend to a key."""
+    q = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    allowed = (k <= q) & key_valid[:, None, :]
+    if window is not None:
+        allowed &= (q - k) < window
+    # A fully masked row (a padding query) would give NaN; let it see itself-free zeros instead.
+    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
+
+
+def attend(
+    q: torch.Tensor,  # (B, H, T, D)
+    k: torch.Tensor,  # (B, H_kv, T, D) new keys
+    v: torch.Tensor,  # (B, H_kv, T, D)
+    *,
+    positions: torch.Tensor,  # (B, T)
+    valid: torch.Tensor | None,  # (B, T) False for padding, None when nothing is padded
+    cache: LayerCache | None,
+    cache_state: tuple[KVCache, slice] | None,
+    window: int | None,
+    scale: float,
+    default_positions: bool,
+) -> torch.Tensor:
+    """Scaled dot-product attention with GQA, optional cache and sliding window. Returns (B, H, T, D).
+
+    `default_positions` says positions are 0..T-1 in every row, so a plain causal mask is exact."""
+    steps = q.shape[2]
+    if cache is not None and cache_state is not None:
+        kv_cache, slots = cache_state
+        cache.keys[:, :, slots] = k
+        cache.values[:, :, slots] = v
+        k = cache.keys[:, :, : slots.stop]
+        v = cache.values[:, :, : slots.stop]
+        mask = attention_mask(positions, kv_cache.positions[:, : slots.stop], kv_cache.valid[:, : slots.stop], window)
+    elif default_positions and valid is None and (window is None or steps <= window):
+        mask = None
+    else:
+        key_valid = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        mask = attention_mask(positions, positions, key_valid, window)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        # (B, H_kv, Tk, D) -> (B, H, Tk, D); SDPA's enable_gqa is not available on every backend.
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

