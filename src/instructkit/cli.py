@@ -93,6 +93,44 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.data.tokenize import end_token_id
+    from instructkit.generate import Sampling, generate, stream_text
+    from instructkit.models.registry import load_model
+
+    _positive("max-new-tokens", args.max_new_tokens)
+    if args.top_k is not None:
+        _positive("top-k", args.top_k)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    loaded = load_model(args.model)
+    tokenizer = loaded.tokenizer
+    stop_ids = {tokenizer.eos_id}
+    text = args.prompt
+    if args.prompt_style:
+        style = get_prompt_style(args.prompt_style)
+        text = style.prompt({"instruction": args.prompt, "input": args.input or ""})
+        stop_ids.add(end_token_id(style, tokenizer))
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        stop_ids=sorted(stop_ids),
+        stop_strings=args.stop or (),
+        sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+    )
+    prompt_ids = tokenizer.encode(text)
+    if args.stream:
+        if not args.prompt_style:
+            print(args.prompt, end="", flush=True)
+        for piece in stream_text(loaded.model, tokenizer, prompt_ids, **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    result = generate(loaded.model, tokenizer, [prompt_ids], **options)[0]
+    print(result.text if args.prompt_style else args.prompt + result.text)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     args.tokenizer = "gpt2"
@@ -120,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", default="gpt2", help="tokenizer to measure lengths with (default: gpt2)")
     data.add_argument("--out", default=None, help="write train.json, test.json and val.json into this folder")
     data.set_defaults(handler=cmd_data)
+
+    gen = subcommands.add_parser("generate", help="complete a prompt with a model")
+    gen.add_argument("--model", default="gemma-3-270m", help="preset, folder, .gguf, .pth or HF repo id (default: gemma-3-270m)")
+    gen.add_argument("--prompt", required=True, help="the text to continue (or the instruction, with --prompt-style)")
+    gen.add_argument("--input", default=None, help="optional input field, with --prompt-style")
+    gen.add_argument("--prompt-style", default=None, help="wrap the prompt as an instruction: alpaca, phi3, gemma")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.set_defaults(handler=cmd_generate)
 
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
     _add_data_options(run, default_data="chapter7")

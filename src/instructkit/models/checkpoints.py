@@ -82,6 +82,13 @@ def gpt2_to_chapter(state: dict[str, torch.Tensor], config: GPT2Config) -> dict[
 def gpt2_from_chapter(state: dict[str, torch.Tensor], source: str) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """Read a chapter `.pth` state dict; the size is inferred from its shapes."""
     try:
+        return _gpt2_from_chapter(state, source)
+    except KeyError as exc:
+        raise UserError(f"{source}: missing tensor {exc.args[0]!r} (not a complete chapter GPTModel state dict)") from None
+
+
+def _gpt2_from_chapter(state: dict[str, torch.Tensor], source: str) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    try:
         vocab, emb_dim = state["tok_emb.weight"].shape
         context = state["pos_emb.weight"].shape[0]
     except KeyError as exc:
@@ -154,6 +161,7 @@ def gemma3_config_from_hf(config: dict) -> Gemma3Config:
         sliding_window_pattern=config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6)),
         rope_base_global=rope.get("full_attention", {}).get("rope_theta", config.get("rope_theta", defaults.rope_base_global)),
         rope_base_local=rope.get("sliding_attention", {}).get("rope_theta", config.get("rope_local_base_freq", defaults.rope_base_local)),
+        layer_types=tuple(config["layer_types"]) if config.get("layer_types") else None,
     )
 
 

@@ -38,10 +38,15 @@ class Gemma3Config:
     sliding_window_pattern: int = 6  # every 6th layer is global
     rope_base_global: float = 1_000_000.0
     rope_base_local: float = 10_000.0
+    # Explicit per-layer kinds ("sliding_attention" / "full_attention") from an HF config;
+    # when None, the pattern above decides.
+    layer_types: tuple[str, ...] | None = None
 
     family = "gemma3"
 
     def is_sliding(self, layer: int) -> bool:
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
         return (layer + 1) % self.sliding_window_pattern != 0
 
 

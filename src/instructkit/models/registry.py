@@ -59,6 +59,8 @@ def config_from_dict(family: str, values: dict) -> GPT2Config | Gemma3Config:
     classes = {"gpt2": GPT2Config, "gemma3": Gemma3Config}
     if family not in classes:
         raise UserError(f"unknown model family {family!r} (supported: {', '.join(classes)})")
+    if values.get("layer_types") is not None:
+        values = {**values, "layer_types": tuple(values["layer_types"])}  # JSON gives a list
     return classes[family](**values)
 
 

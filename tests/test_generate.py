@@ -1,0 +1,85 @@
+"""The KV-cache engine against the chapter's cacheless loop, batching, stopping and sampling."""
+
+import pytest
+import torch
+
+from instructkit.generate import Sampling, generate, generate_cacheless, sample_next_token, stream_text
+from instructkit.models.registry import load_model
+
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3", "A\tb  c\n\nd"]
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-gemma3"])
+def tiny(request):
+    loaded = load_model(request.param, seed=1)
+    return loaded.model, loaded.tokenizer
+
+
+def test_cached_greedy_equals_cacheless(tiny):
+    model, tokenizer = tiny
+    # tiny-gemma3 has a 6-token window: 30 new tokens cross it many times.
+    for text in PROMPTS:
+        ids = tokenizer.encode(text)
+        cached = generate(model, tokenizer, [ids], max_new_tokens=30)[0]
+        reference = generate_cacheless(model, tokenizer, ids, max_new_tokens=30)
+        assert cached.token_ids == reference.token_ids
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(text) for text in PROMPTS]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=25)
+    for prompt, result in zip(prompts, batched):
+        assert generate(model, tokenizer, [prompt], max_new_tokens=25)[0].token_ids == result.token_ids
+
+
+def test_stop_token_and_stop_string(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer.encode(PROMPTS[1])
+    free = generate(model, tokenizer, [ids], max_new_tokens=12)[0]
+    stop_at = free.token_ids[5]
+    stopped = generate(model, tokenizer, [ids], max_new_tokens=12, stop_ids=[stop_at])[0]
+    assert stopped.finish_reason == "stop_token"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at)]
+    needle = tokenizer.decode(free.token_ids[3:5])
+    cut = generate(model, tokenizer, [ids], max_new_tokens=12, stop_strings=[needle])[0]
+    assert cut.finish_reason == "stop_string" and needle not in cut.text
+    assert free.text.startswith(cut.text)
+
+
+def test_context_length_cut_keeps_the_end_of_a_long_prompt():
+    loaded = load_model("tiny-gpt2")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenizer.encode("word " * 400)  # 400 tokens > the 256-token context
+    result = generate(model, tokenizer, [ids], max_new_tokens=8)[0]
+    assert len(result.token_ids) == 8
+    room = model.config.context_length - 8
+    assert generate(model, tokenizer, [ids[-room:]], max_new_tokens=8)[0].token_ids == result.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_filters_work(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer.encode(PROMPTS[0])
+    sampling = Sampling(temperature=1.0, top_k=50, seed=7)
+    first = generate(model, tokenizer, [ids], max_new_tokens=15, sampling=sampling)[0]
+    again = generate(model, tokenizer, [ids], max_new_tokens=15, sampling=sampling)[0]
+    other = generate(model, tokenizer, [ids], max_new_tokens=15, sampling=Sampling(temperature=1.0, seed=8))[0]
+    assert first.token_ids == again.token_ids != other.token_ids
+    greedy = generate(model, tokenizer, [ids], max_new_tokens=15)[0]
+    for narrow in (Sampling(temperature=1.0, top_k=1, seed=1), Sampling(temperature=1.0, top_p=1e-6, seed=1)):
+        assert generate(model, tokenizer, [ids], max_new_tokens=15, sampling=narrow)[0].token_ids == greedy.token_ids
+
+
+def test_sample_next_token_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    seen = {int(sample_next_token(logits, Sampling(temperature=1.0, top_p=0.7), generator)) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_streaming_yields_the_same_text(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer.encode(PROMPTS[2])
+    pieces = list(stream_text(model, tokenizer, ids, max_new_tokens=20))
+    assert "".join(pieces) == generate(model, tokenizer, [ids], max_new_tokens=20)[0].text
+    assert len(pieces) > 1
