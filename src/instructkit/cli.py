@@ -6,6 +6,7 @@ User mistakes raise `UserError`; `main` prints them as one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# (option, type, help) for every TrainConfig field the finetune command exposes.
+TRAIN_OPTIONS = [
+    ("epochs", int, "passes over the training split (default 2)"),
+    ("max-steps", int, "stop after this many optimizer steps"),
+    ("batch-size", int, "examples per micro-batch (default 8)"),
+    ("grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("lr", float, "peak learning rate (default 5e-5)"),
+    ("weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    ("warmup", int, "linear warm-up steps (default 0)"),
+    ("schedule", str, "constant (default) or cosine"),
+    ("clip", float, "clip the gradient norm to this value"),
+    ("max-length", int, "truncate examples to N training positions"),
+    ("prompt-style", str, "alpaca, phi3 or gemma (default: the model's own)"),
+    ("lora-rank", int, "LoRA rank; 0 = full fine-tuning (default)"),
+    ("lora-alpha", float, "LoRA alpha (default 16)"),
+    ("eval-every", int, "optimizer steps between evaluations (default 5)"),
+    ("eval-batches", int, "train and validation batches per evaluation (default 5)"),
+    ("early-stop", int, "stop after N evaluations without a better validation loss"),
+    ("seed", int, "seed for initialisation and data order (default 123)"),
+    ("save-every", int, "optimizer steps between resumable checkpoints (default 50)"),
+    ("batching", str, "grouped (length-grouped, default) or chapter (the chapter's shuffled order)"),
+    ("shuffle-seed", int, "shuffle records before splitting"),
+    ("threads", int, "torch CPU threads"),
+]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    for option, kind, text in TRAIN_OPTIONS:
+        parser.add_argument(f"--{option}", type=kind, default=None, help=text)
+    parser.add_argument("--lora-targets", default=None, help="comma list: attention, mlp, or layer names")
+    parser.add_argument("--mask-instructions", action="store_true", default=None, help="supervise only the response and end token")
+    parser.add_argument("--freeze-embedding", action="store_true", default=None, help="freeze the (tied) token embedding")
+    parser.add_argument("--skip-invalid", action="store_true", default=None, help="drop invalid records instead of stopping")
+    parser.add_argument("--no-sample", dest="sample_prompt", action="store_false", default=None, help="skip the per-epoch sample")
+
+
+def _train_config(args: argparse.Namespace, base: "TrainConfig") -> "TrainConfig":
+    values = base.to_dict()
+    for option, _, _ in TRAIN_OPTIONS:
+        value = getattr(args, option.replace("-", "_"))
+        if value is not None:
+            values[option.replace("-", "_")] = value
+    for name in ("mask_instructions", "freeze_embedding", "skip_invalid", "sample_prompt"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if args.lora_targets:
+        values["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    for name in ("model", "data", "out"):
+        if getattr(args, name, None):
+            values[name] = getattr(args, name)
+    from instructkit.train.config import TrainConfig
+
+    return TrainConfig.from_dict(values).validate()
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from instructkit.train.config import TrainConfig
+    from instructkit.train.finetune import finetune, load_run_config
+
+    if args.resume:
+        config = load_run_config(Path(args.resume))
+        config.out = args.resume
+        finetune(config, resume=True)
+        return 0
+    if not args.data or not args.out:
+        raise UserError("finetune needs --data and --out (or --resume RUN_DIR)")
+    config = _train_config(args, TrainConfig())
+    print("Config:", json.dumps(config.to_dict()))
+    finetune(config)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     args.tokenizer = "gpt2"
@@ -172,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.set_defaults(handler=cmd_generate)
+
+    tune = subcommands.add_parser("finetune", help="fine-tune a model on instruction data (full or LoRA)")
+    tune.add_argument("--model", default="gemma-3-270m", help="preset, folder, .gguf, .pth or HF repo id")
+    tune.add_argument("--data", default=None, help="JSON/JSONL file, URL, or chapter7 / alpaca52k")
+    tune.add_argument("--out", default=None, help="run folder to create")
+    tune.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    _add_train_options(tune)
+    tune.set_defaults(handler=cmd_finetune)
 
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
     _add_data_options(run, default_data="chapter7")

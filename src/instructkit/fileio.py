@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def _umask_mode() -> int:
+    # mkstemp creates files readable by the owner only; give them the usual permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp_name, _umask_mode())
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -52,6 +60,7 @@ def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp_name, _umask_mode())
     try:
         shutil.copyfile(source, tmp_name)
         os.replace(tmp_name, target)

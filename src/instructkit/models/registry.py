@@ -75,20 +75,25 @@ def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
     raise UserError(f"unknown tokenizer reference {ref!r}")
 
 
-def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict, *, tokenizer_json: Path | None = None) -> None:
-    """Write weights, config and tokenizer reference; each file atomically."""
+def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict) -> None:
+    """Write weights, config and tokenizer (reference, plus a copy of tokenizer.json where there is
+    one), each file atomically, so the folder loads with nothing but its path."""
     from safetensors.torch import save_file
 
+    from instructkit.fileio import atomic_copy
+
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_ref["kind"] == "embedded-gemma":
+        source = embedded_gemma_folder()
+        tokenizer_ref = {**json.loads((source / "tokenizer_ref.json").read_text()), "file": str(source / "tokenizer.json")}
+    if tokenizer_ref["kind"] == "tokenizer.json":
+        if Path(tokenizer_ref["file"]).resolve() != (folder / "tokenizer.json").resolve():
+            atomic_copy(tokenizer_ref["file"], folder / "tokenizer.json")
+        tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, folder / "model.safetensors")
-    if tokenizer_json is not None:
-        from instructkit.fileio import atomic_copy
-
-        atomic_copy(tokenizer_json, folder / "tokenizer.json")
-        tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
     atomic_write_json(folder / "tokenizer_ref.json", tokenizer_ref)
     atomic_write_json(folder / "model.json", {"family": model.config.family, "config": asdict(model.config)})
 
@@ -100,7 +105,9 @@ def load_model_folder(folder: Path, name: str | None = None) -> LoadedModel:
     config = config_from_dict(meta["family"], meta["config"])
     model = checkpoints.materialize(build_model, config, load_file(str(folder / "model.safetensors")), folder)
     ref = json.loads((folder / "tokenizer_ref.json").read_text())
-    return LoadedModel(model.eval(), tokenizer_from_ref(ref, folder), name or folder.name, ref)
+    if "file" in ref:  # remember where the file is, so the model can be saved elsewhere
+        ref = {**ref, "file": str((folder / ref["file"]).resolve())}
+    return LoadedModel(model.eval(), tokenizer_from_ref(ref), name or folder.name, ref)
 
 
 def embedded_gguf_path() -> Path:

@@ -1,0 +1,87 @@
+"""LoRA (the chapter's exercise 7.4): low-rank adapters beside frozen linear layers.
+
+    y = x W^T + b + (alpha / r) * (x A^T) B^T        A: (r, in), B: (out, r), B starts at zero
+
+Adapters are merged into plain weights for saving (`merge_lora`), so a fine-tuned model loads
+like any other; the adapter tensors alone are also kept (`lora_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+# Which linear layers each target group names, per family.
+TARGETS = {
+    "gpt2": {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
+    "gemma3": {
+        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    },
+}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
+        return self.base
+
+
+def target_suffixes(family: str, targets: list[str]) -> tuple[str, ...]:
+    from instructkit.errors import UserError
+
+    groups = TARGETS[family]
+    suffixes: list[str] = []
+    for target in targets:
+        if target in groups:
+            suffixes.extend(groups[target])
+        elif any(target in names for names in groups.values()):
+            suffixes.append(target)
+        else:
+            known = sorted(set(groups) | {name for names in groups.values() for name in names})
+            raise UserError(f"unknown --lora-targets entry {target!r} for {family} (choose from: {', '.join(known)})")
+    return tuple(suffixes)
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> int:
+    """Freeze the model and wrap the targeted linear layers. Returns how many were wrapped."""
+    suffixes = target_suffixes(model.config.family, targets)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.endswith(suffixes):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha))
+            wrapped += 1
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.merged())
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}

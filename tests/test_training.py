@@ -1,0 +1,158 @@
+"""The training loop: exact loss accounting, LoRA, kill-and-resume, and the finetune command."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instructkit.data.batching import collate
+from instructkit.data.pipeline import encode_splits, prepare_data
+from instructkit.data.prompts import ALPACA
+from instructkit.models.registry import load_model
+from instructkit.train.config import TrainConfig
+from instructkit.train.lora import apply_lora, merge_lora
+from instructkit.train.loop import build_optimizer, supervised_loss_sum, train_step
+from instructkit.train.loss import masked_cross_entropy
+
+from .conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_examples(chapter_data_path):
+    loaded = load_model("tiny-gpt2", seed=5)
+    data = prepare_data(str(chapter_data_path))
+    examples, _ = encode_splits(data, ALPACA, loaded.tokenizer, mask_instructions=True)["train"]
+    return loaded, examples
+
+
+def test_head_at_supervised_positions_equals_full_logits_loss(tiny_gpt2_examples):
+    loaded, examples = tiny_gpt2_examples
+    inputs, targets = collate(examples[:6], pad_id=loaded.tokenizer.pad_id)
+    with torch.no_grad():
+        loss_sum, count = supervised_loss_sum(loaded.model, inputs, targets)
+        reference = masked_cross_entropy(loaded.model(inputs), targets)
+    assert count == int((targets != -100).sum())
+    assert loss_sum.item() / count == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_padding_does_not_change_the_loss(tiny_gpt2_examples):
+    loaded, examples = tiny_gpt2_examples
+    batch = examples[:5]
+    with torch.no_grad():
+        together, n = supervised_loss_sum(loaded.model, *collate(batch, pad_id=loaded.tokenizer.pad_id))
+        alone = [supervised_loss_sum(loaded.model, *collate([e], pad_id=loaded.tokenizer.pad_id)) for e in batch]
+    assert together.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
+    assert n == sum(c for _, c in alone)
+
+
+def test_batch_8_equals_batch_1_with_accumulation_8(tiny_gpt2_examples):
+    """Same gradients, hence the same update. Plain SGD makes the update lr * gradient; Adam's
+    first step is ~lr * sign(gradient), which magnifies float noise where a gradient is ~0."""
+    loaded, examples = tiny_gpt2_examples
+    one, many = copy.deepcopy(loaded.model).train(), copy.deepcopy(loaded.model).train()
+    pad = loaded.tokenizer.pad_id
+    big = train_step(one, torch.optim.SGD(one.parameters(), lr=0.1), examples, [list(range(8))], pad_id=pad, lr=0.1, clip=1.0)
+    small = train_step(many, torch.optim.SGD(many.parameters(), lr=0.1), examples, [[i] for i in range(8)], pad_id=pad, lr=0.1, clip=1.0)
+    assert big.loss == pytest.approx(small.loss, rel=1e-5)
+    assert big.supervised_tokens == small.supervised_tokens
+    for (name, a), (_, b) in zip(one.named_parameters(), many.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    # And the step did move the weights.
+    assert not torch.allclose(one.transformer.h[0].mlp.c_fc.weight, loaded.model.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(tiny_gpt2_examples):
+    loaded, examples = tiny_gpt2_examples
+    model = copy.deepcopy(loaded.model)
+    inputs, targets = collate(examples[:4], pad_id=loaded.tokenizer.pad_id)
+    with torch.no_grad():
+        base_logits = model(inputs)
+    assert apply_lora(model, ["attention", "mlp"], rank=4, alpha=8) == 4 * model.config.n_layers
+    with torch.no_grad():
+        assert torch.equal(model(inputs), base_logits)  # B starts at zero
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+    train_step(model, optimizer, examples, [list(range(8))], pad_id=loaded.tokenizer.pad_id, lr=1e-2, clip=None)
+    with torch.no_grad():
+        adapted = model(inputs)
+        merge_lora(model)
+        merged = model(inputs)
+    assert not torch.allclose(adapted, base_logits)
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert not any("lora_" in name for name in model.state_dict())
+
+
+def _finetune_args(data, out, *extra):
+    return ["finetune", "--model", "tiny-gpt2", "--data", str(data), "--out", str(out), "--max-steps", "24",
+            "--save-every", "2", "--eval-every", "4", "--eval-batches", "2", "--threads", "2", "--lora-rank", "0",
+            "--no-sample", *extra]
+
+
+def test_killed_run_resumes_to_identical_weights(chapter_data_path, tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    assert run_cli(*_finetune_args(chapter_data_path, reference)).returncode == 0
+
+    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_finetune_args(chapter_data_path, interrupted)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = interrupted / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(state_file.read_text())["step"] >= 8:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = run_cli("finetune", "--resume", str(interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stderr + resumed.stdout
+    expected, actual = load_file(str(reference / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == list(range(1, 25))
+
+
+def test_finetune_command_leaves_a_complete_run_folder(chapter_data_path, tmp_path):
+    out = tmp_path / "R"
+    result = run_cli("finetune", "--model", "tiny-gemma3", "--data", str(chapter_data_path), "--max-steps", "10", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "prompt_style.json", "model.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_ref.json", "metrics.jsonl", "loss-plot.png", "loss-plot.pdf"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoint").exists()
+    assert "Ep 1 (Step 000005): Train loss" in result.stdout + result.stderr
+    assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss-plot.pdf").read_bytes()[:5] == b"%PDF-"
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert [row["step"] for row in evals] == [0, 5, 10] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    reloaded = load_model(str(out))
+    assert reloaded.model.config.family == "gemma3" and reloaded.tokenizer.encode("hi") == load_model("tiny-gemma3").tokenizer.encode("hi")
+
+
+def test_finetune_refuses_to_overwrite_and_bad_resume_is_one_line(chapter_data_path, tmp_path):
+    out = tmp_path / "R"
+    (out).mkdir()
+    (out / "config.json").write_text("{}")
+    result = run_cli(*_finetune_args(chapter_data_path, out))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    result = run_cli("finetune", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "not a fine-tuning run folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli(*_finetune_args(chapter_data_path, tmp_path / "S", "--lr", "-1"))
+    assert result.returncode == 2 and "--lr must be positive" in result.stderr
