@@ -204,18 +204,140 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_respond(args: argparse.Namespace) -> int:
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.models.registry import load_model
+    from instructkit.respond import respond, style_for
+
+    _positive("max-new-tokens", args.max_new_tokens)
+    _positive("batch-size", args.batch_size)
+    if bool(args.run) == bool(args.model):
+        raise UserError("respond needs exactly one of --run RUN_DIR or --model M")
+    run_dir = Path(args.run) if args.run else None
+    data = args.data
+    if run_dir is not None:
+        if not (run_dir / "model.json").exists():
+            raise UserError(f"{run_dir}: no fine-tuned model here (model.json missing); is the run finished?")
+        if data is None and (run_dir / "config.json").exists():
+            data = json.loads((run_dir / "config.json").read_text())["data"]
+    if data is None:
+        raise UserError("respond needs --data (or a --run whose config names its data)")
+    loaded = load_model(str(run_dir) if run_dir else args.model)
+    style = style_for(loaded, run_dir, args.prompt_style)
+    prepared = prepare_data(data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
+    entries = prepared.splits.by_name(args.split)
+    out = Path(args.out) if args.out else (run_dir or Path(".")) / f"{args.split}-responses.json"
     started = time.perf_counter()
-    args.tokenizer = "gpt2"
-    args.out = str(Path(args.out) / "data")
-    status = cmd_data(args)
-    print()
-    print(
-        "instructkit run: stopping after data preparation. Fine-tuning, responses and evaluation "
-        "are not part of this version yet."
-    )
-    print(f"Wall time: {time.perf_counter() - started:.1f} s")
-    return status
+    respond(loaded, style, entries, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"Wrote {len(entries)} responses to {out} (and {out.with_suffix('.jsonl')}) in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _judge_config(args: argparse.Namespace):
+    import os
+
+    from instructkit.evaluate.judge import PROMPTS, JudgeConfig
+
+    if not args.judge_url:
+        return None
+    if not args.judge_model:
+        raise UserError("--judge-url needs --judge-model (e.g. llama3)")
+    if args.judge_api not in ("openai", "ollama"):
+        raise UserError(f"--judge-api must be openai or ollama, got {args.judge_api!r}")
+    if args.judge_prompt not in PROMPTS:
+        raise UserError(f"--judge-prompt must be one of {', '.join(PROMPTS)}")
+    key = os.environ.get(args.judge_api_key_env) if args.judge_api_key_env else None
+    return JudgeConfig(url=args.judge_url, model=args.judge_model, api=args.judge_api, prompt=args.judge_prompt,
+                       timeout=args.judge_timeout, retries=args.judge_retries, concurrency=args.judge_concurrency,
+                       api_key=key)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from instructkit.evaluate.evaluation import agreement, evaluate_file, load_scores
+
+    if args.agreement:
+        first, second = (Path(p) for p in args.agreement)
+        stats = agreement(load_scores(first), load_scores(second), (str(first), str(second)))
+        print(f"Agreement between {first.name} and {second.name} (n={stats['n']}): means {stats['mean_a']:.2f} vs "
+              f"{stats['mean_b']:.2f}; Pearson {stats['pearson']:.3f}, Spearman {stats['spearman']:.3f}, "
+              f"Kendall tau-b {stats['kendall_tau_b']:.3f}")
+        return 0
+    if not args.responses:
+        raise UserError("evaluate needs --responses FILE (or --agreement A.json B.json)")
+    responses = Path(args.responses)
+    out_dir = Path(args.out) if args.out else responses.parent
+    run_dir = Path(args.run) if args.run else (responses.parent if (responses.parent / "config.json").exists() else None)
+    result = evaluate_file(responses, out_dir=out_dir, judge=_judge_config(args),
+                           baseline_path=Path(args.baseline) if args.baseline else None,
+                           compare_path=Path(args.compare) if args.compare else None, run_dir=run_dir)
+    _print_evaluation(result)
+    print(f"Report: {out_dir / 'report.md'} and {out_dir / 'report.html'}")
+    return 0
+
+
+def _print_evaluation(result: dict) -> None:
+    metrics = result["metrics"]
+    base = result.get("baseline", {}).get("metrics")
+    print(f"{'metric':<20} {'model':>10}" + (f" {'base':>10}" if base else ""))
+    for key in ("exact_match", "normalized_match", "rouge_l", "chrf", "bleu", "response_words_mean"):
+        print(f"{key:<20} {metrics[key]:>10.3f}" + (f" {base[key]:>10.3f}" if base else ""))
+    if "checks" in result:
+        print(f"Exact-check accuracy: {result['checks']['accuracy']:.1%} over {result['checks']['n']} entries")
+    if "judge" in result:
+        judge = result["judge"]
+        print(f"Judge mean {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f}-{judge['ci95'][1]:.2f}), "
+              f"{judge['scored']} scored, {len(judge['unparsed'])} unparsed, {len(judge['failed'])} failed")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: fine-tune the embedded default, respond on the test split (fine-tuned and
+    base model), evaluate, write the report."""
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.evaluate.evaluation import evaluate_file
+    from instructkit.models.registry import load_model
+    from instructkit.respond import respond, style_for
+    from instructkit.train.config import TrainConfig
+    from instructkit.train.finetune import finetune
+
+    started = time.perf_counter()
+    run_dir = Path(args.out)
+    # The fast recipe: full fine-tuning of everything but the tied 262,144-row embedding, loss on
+    # responses only, length-grouped batches, fewer (but full-validation) evaluations.
+    recipe = TrainConfig(model=args.model, data=args.data, out=str(run_dir), epochs=args.epochs, lr=args.lr,
+                         mask_instructions=True, freeze_embedding=True, eval_every=20, eval_batches=7,
+                         max_steps=args.max_steps, save_every=20)
+    if (run_dir / "model.safetensors").exists() and not (run_dir / "checkpoint").exists():
+        print(f"{run_dir}: training already finished; continuing with responses and evaluation")
+    else:
+        finetune(recipe, resume=(run_dir / "config.json").exists())
+    print(f"[{time.perf_counter() - started:.0f} s] fine-tuning done")
+    entries = prepare_data(args.data).splits.test
+    tuned = load_model(str(run_dir))
+    style = style_for(tuned, run_dir, None)
+    respond(tuned, style, entries, run_dir / "test-responses.json", max_new_tokens=args.max_new_tokens)
+    del tuned
+    print(f"[{time.perf_counter() - started:.0f} s] fine-tuned responses written")
+    base = load_model(args.model)
+    respond(base, style, entries, run_dir / "base-responses.json", max_new_tokens=args.base_max_new_tokens)
+    del base
+    print(f"[{time.perf_counter() - started:.0f} s] base-model responses written")
+    result = evaluate_file(run_dir / "test-responses.json", out_dir=run_dir, judge=_judge_config(args),
+                           baseline_path=run_dir / "base-responses.json", run_dir=run_dir)
+    _print_evaluation(result)
+    print(f"Report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+    print(f"Wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _add_judge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge-url", default=None, help="judge server, e.g. http://localhost:11434 (Ollama)")
+    parser.add_argument("--judge-model", default=None, help="judge model name, e.g. llama3")
+    parser.add_argument("--judge-api", default="ollama", help="ollama (native /api/chat, default) or openai (/v1/chat/completions)")
+    parser.add_argument("--judge-prompt", default="chapter", help="chapter (0-100, default) or rubric (1-5)")
+    parser.add_argument("--judge-timeout", type=float, default=60.0)
+    parser.add_argument("--judge-retries", type=int, default=3)
+    parser.add_argument("--judge-concurrency", type=int, default=4)
+    parser.add_argument("--judge-api-key-env", default=None, help="environment variable holding an API key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,9 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(tune)
     tune.set_defaults(handler=cmd_finetune)
 
+    resp = subcommands.add_parser("respond", help="generate responses for a data split (resumable)")
+    resp.add_argument("--run", default=None, help="a fine-tuning run folder")
+    resp.add_argument("--model", default=None, help="or any model spec (e.g. gemma-3-270m for the base model)")
+    resp.add_argument("--data", default=None, help="data source (default: the run's)")
+    resp.add_argument("--split", default="test", help="train, test or val (default test)")
+    resp.add_argument("--out", default=None, help="responses .json (default: RUN_DIR/SPLIT-responses.json)")
+    resp.add_argument("--prompt-style", default=None)
+    resp.add_argument("--max-new-tokens", type=int, default=256)
+    resp.add_argument("--batch-size", type=int, default=32)
+    resp.add_argument("--skip-invalid", action="store_true")
+    resp.add_argument("--shuffle-seed", type=int, default=None)
+    resp.set_defaults(handler=cmd_respond)
+
+    ev = subcommands.add_parser("evaluate", help="score responses: offline metrics, optional LLM judge, report")
+    ev.add_argument("--responses", default=None, help="responses file (the chapter's format)")
+    ev.add_argument("--baseline", default=None, help="responses of a base model, shown side by side")
+    ev.add_argument("--compare", default=None, help="another responses file to judge pairwise against")
+    ev.add_argument("--agreement", nargs=2, default=None, metavar=("A.json", "B.json"), help="agreement of two score files")
+    ev.add_argument("--run", default=None, help="run folder (for the loss plot in the report)")
+    ev.add_argument("--out", default=None, help="folder for evaluation.json and the report (default: beside the responses)")
+    _add_judge_options(ev)
+    ev.set_defaults(handler=cmd_evaluate)
+
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
-    _add_data_options(run, default_data="chapter7")
+    run.add_argument("--model", default="gemma-3-270m")
+    run.add_argument("--data", default="chapter7")
     run.add_argument("--out", default="runs/main", help="run folder")
+    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--lr", type=float, default=5e-5)
+    run.add_argument("--max-steps", type=int, default=None)
+    run.add_argument("--max-new-tokens", type=int, default=256)
+    run.add_argument("--base-max-new-tokens", type=int, default=96, help="the base model rarely stops; cap it")
+    _add_judge_options(run)
     run.set_defaults(handler=cmd_run)
     return parser
 

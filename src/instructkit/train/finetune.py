@@ -128,7 +128,8 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
                "tokens_seen": state["tokens_seen"], "train_loss": train_loss, "val_loss": val_loss,
                "elapsed_s": state["elapsed_s"]}
         state["rows"].append(row)
-        _say(f"Ep {state['epoch'] + 1} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        epoch = min(state["epoch"] + 1, config.epochs)  # the final evaluation follows the last epoch
+        _say(f"Ep {epoch} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         if state["best_val"] is None or val_loss < state["best_val"]:
             state["best_val"], state["stale_evals"] = val_loss, 0
         else:

@@ -1,0 +1,1 @@
+"""Evaluation of responses: offline metrics, the LLM judge, statistics and the report."""

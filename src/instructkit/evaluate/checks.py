@@ -1,0 +1,54 @@
+"""Exact scoring of entries that carry a `check` (the builtin dataset, or a user's own).
+
+A check is an object: {"type": "exact", "answer": "..."}, {"type": "number", "answer": 3.5,
+"tolerance": 0.01}, {"type": "set", "answer": ["a", "b"]} or {"type": "json", "answer": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from instructkit.evaluate.stats import bootstrap_mean_ci
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.strip().strip(".").split()).lower()
+
+
+def passes(check: dict, response: str) -> bool:
+    kind = check.get("type")
+    answer = check.get("answer")
+    if kind == "exact":
+        return _clean(response) == _clean(str(answer))
+    if kind == "number":
+        found = _NUMBER.findall(response.replace(",", ""))
+        return len(found) >= 1 and abs(float(found[0]) - float(answer)) <= float(check.get("tolerance", 1e-9))
+    if kind == "set":
+        items = {_clean(part) for part in re.split(r"[,\n;]", response) if part.strip()}
+        return items == {_clean(str(a)) for a in answer}
+    if kind == "json":
+        try:
+            return json.loads(response) == answer
+        except json.JSONDecodeError:
+            return False
+    raise ValueError(f"unknown check type {kind!r}")
+
+
+def score_checks(entries: list[dict]) -> dict | None:
+    """Accuracy overall and per task family, with 95% intervals; None if no entry has a check."""
+    checked = [e for e in entries if isinstance(e.get("check"), dict)]
+    if not checked:
+        return None
+    outcomes = [(e.get("task", "all"), passes(e["check"], e["model_response"])) for e in checked]
+    mean, low, high = bootstrap_mean_ci([float(ok) for _, ok in outcomes])
+    families = {}
+    for family in sorted({f for f, _ in outcomes}):
+        values = [float(ok) for f, ok in outcomes if f == family]
+        m, lo, hi = bootstrap_mean_ci(values)
+        families[family] = {"n": len(values), "accuracy": m, "ci95": [lo, hi]}
+    failures = [{"instruction": e["instruction"], "expected": e["check"].get("answer"), "response": e["model_response"]}
+                for e, (_, ok) in zip(checked, outcomes) if not ok]
+    return {"n": len(checked), "accuracy": mean, "ci95": [low, high], "families": families, "failures": failures[:50]}

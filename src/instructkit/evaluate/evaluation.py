@@ -1,0 +1,112 @@
+"""`instructkit evaluate`: metrics for a responses file, optionally an LLM judge, then the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from instructkit.errors import UserError
+from instructkit.evaluate.judge import JudgeConfig, judge_pairwise, judge_responses
+from instructkit.evaluate.metrics import summarize
+from instructkit.evaluate.stats import bootstrap_mean_ci, kendall_tau_b, pearson, spearman
+from instructkit.fileio import atomic_write_json
+
+
+def load_responses(path: Path) -> list[dict]:
+    """A responses file in the chapter's format: a JSON list of entries with `model_response`."""
+    from instructkit.data.records import parse_records
+
+    if not path.exists():
+        raise UserError(f"{path}: no such responses file")
+    entries = []
+    for where, value in parse_records(path):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {where}: expected an object")
+        for key in ("instruction", "output", "model_response"):
+            if not isinstance(value.get(key), str):
+                raise UserError(f"{path}: {where}: missing or non-string {key!r}")
+        entries.append({"input": "", **value})
+    if not entries:
+        raise UserError(f"{path}: no entries")
+    return entries
+
+
+def load_scores(path: Path) -> list[float]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read a JSON list of scores ({exc})") from None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{path}: expected a JSON list of numbers")
+    return [float(v) for v in values]
+
+
+def agreement(a: list[float], b: list[float], names: tuple[str, str]) -> dict:
+    if len(a) != len(b):
+        raise UserError(f"cannot pair score files: {names[0]} has {len(a)} scores, {names[1]} has {len(b)}")
+    return {"n": len(a), "mean_a": sum(a) / len(a), "mean_b": sum(b) / len(b),
+            "pearson": pearson(a, b), "spearman": spearman(a, b), "kendall_tau_b": kendall_tau_b(a, b)}
+
+
+def judge_summary(verdicts, scale_high: int) -> dict:
+    scores = [v.score for v in verdicts if v.score is not None]
+    mean, low, high = bootstrap_mean_ci(scores)
+    return {
+        "scored": len(scores),
+        "unparsed": [{"index": v.index, "reply": v.reply} for v in verdicts if v.status == "unparsed"],
+        "failed": [{"index": v.index, "error": v.error} for v in verdicts if v.status == "failed"],
+        "mean": mean, "ci95": [low, high], "scale_max": scale_high,
+        "scores": [v.score for v in verdicts],
+    }
+
+
+def evaluate_file(
+    responses_path: Path,
+    *,
+    out_dir: Path,
+    judge: JudgeConfig | None = None,
+    baseline_path: Path | None = None,
+    compare_path: Path | None = None,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    from instructkit.evaluate.checks import score_checks
+    from instructkit.evaluate.report import write_report
+
+    entries = load_responses(responses_path)
+    summary, per_entry = summarize([e["model_response"] for e in entries], [e["output"] for e in entries])
+    result = {"responses": str(responses_path), "metrics": summary, "entries": [asdict(m) for m in per_entry]}
+    checks = score_checks(entries)
+    if checks is not None:
+        result["checks"] = checks
+    if baseline_path is not None:
+        baseline = load_responses(baseline_path)
+        if [e["instruction"] for e in baseline] != [e["instruction"] for e in entries]:
+            raise UserError(f"{baseline_path}: covers different entries than {responses_path}")
+        base_summary, _ = summarize([e["model_response"] for e in baseline], [e["output"] for e in baseline])
+        result["baseline"] = {"responses": str(baseline_path), "metrics": base_summary,
+                              "model_responses": [e["model_response"] for e in baseline]}
+        base_checks = score_checks(baseline)
+        if base_checks is not None:
+            result["baseline"]["checks"] = base_checks
+    if judge is not None:
+        cache = out_dir / "judge-cache.jsonl"
+        verdicts = judge_responses(entries, judge, cache, progress=progress)
+        from instructkit.evaluate.judge import PROMPTS
+
+        result["judge"] = {"model": judge.model, "api": judge.api, "url": judge.url, "prompt": judge.prompt,
+                           **judge_summary(verdicts, PROMPTS[judge.prompt][2])}
+        if compare_path is not None:
+            outcomes = judge_pairwise(entries, load_responses(compare_path), judge, cache, progress=progress)
+            decided = [o for o in outcomes if o is not None]
+            mean, low, high = bootstrap_mean_ci(decided)
+            result["pairwise"] = {"against": str(compare_path), "wins": decided.count(1), "ties": decided.count(0),
+                                  "losses": decided.count(-1), "undecided": outcomes.count(None),
+                                  "net_preference": mean, "ci95": [low, high]}
+    elif compare_path is not None:
+        raise UserError("--compare needs a judge: pass --judge-url and --judge-model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "evaluation.json", result, indent=2)
+    write_report(result, entries, out_dir, run_dir=run_dir)
+    return result

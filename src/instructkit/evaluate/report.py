@@ -1,0 +1,178 @@
+"""The report: report.md and a self-contained report.html (images inlined), from one list of blocks."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from instructkit.fileio import atomic_write_bytes, atomic_write_text
+
+# A block is ("h", text) | ("p", text) | ("table", header, rows) | ("img", file name, alt) | ("pre", text)
+
+
+def _histogram(scores: list[int], scale_max: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = list(range(0, 101, 10)) if scale_max == 100 else [b - 0.5 for b in range(1, scale_max + 2)]
+    ax.hist(scores, bins=bins, color="#4477aa", edgecolor="white")
+    ax.set_xlabel("Judge score")
+    ax.set_ylabel("Entries")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path | None) -> list[tuple]:
+    blocks: list[tuple] = [("h", "instructkit report"), ("p", f"Responses: `{result['responses']}`")]
+    if run_dir is not None and (run_dir / "metrics.jsonl").exists():
+        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+        blocks.append(("h", "Training"))
+        if evals:
+            blocks.append(("p", f"Model `{config.get('model', '?')}`, data `{config.get('data', '?')}`, "
+                                f"{evals[-1]['step']} steps. Validation loss {evals[0]['val_loss']:.3f} before, "
+                                f"{evals[-1]['val_loss']:.3f} after; training loss {evals[0]['train_loss']:.3f} -> "
+                                f"{evals[-1]['train_loss']:.3f}."))
+        if (run_dir / "loss-plot.png").exists():
+            blocks.append(("img", run_dir / "loss-plot.png", "Loss plot"))
+    blocks.append(("h", "Metrics (no judge needed)"))
+    keys = ["exact_match", "normalized_match", "rouge_l", "chrf", "bleu", "empty_responses",
+            "response_words_mean", "reference_words_mean"]
+    header = ["metric", "fine-tuned" if "baseline" in result else "model"] + (["base model"] if "baseline" in result else [])
+    rows = [[key, _fmt(result["metrics"][key])] + ([_fmt(result["baseline"]["metrics"][key])] if "baseline" in result else [])
+            for key in keys]
+    blocks.append(("table", header, rows))
+    if "checks" in result:
+        checks = result["checks"]
+        base = result.get("baseline", {}).get("checks")
+        blocks.append(("h", "Exact checks (accuracy per task family)"))
+        header = ["family", "n", "fine-tuned" if base else "accuracy"] + (["base model"] if base else [])
+        rows = [["all", checks["n"], f"{checks['accuracy']:.1%} [{checks['ci95'][0]:.1%}, {checks['ci95'][1]:.1%}]"]
+                + ([f"{base['accuracy']:.1%}"] if base else [])]
+        for family, value in checks["families"].items():
+            rows.append([family, value["n"], f"{value['accuracy']:.1%}"]
+                        + ([f"{base['families'].get(family, {}).get('accuracy', float('nan')):.1%}"] if base else []))
+        blocks.append(("table", header, rows))
+        if checks["failures"]:
+            blocks.append(("p", "First failures:"))
+            blocks.append(("table", ["instruction", "expected", "response"],
+                           [[_short(f["instruction"], 120), _short(f["expected"], 60), _short(f["response"], 120)]
+                            for f in checks["failures"][:10]]))
+    if "judge" in result:
+        judge = result["judge"]
+        blocks.append(("h", "LLM judge"))
+        blocks.append(("p", f"Judge `{judge['model']}` ({judge['api']}, {judge['url']}), {judge['prompt']} prompt. "
+                            f"Mean score {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f} to {judge['ci95'][1]:.2f}) "
+                            f"over {judge['scored']} scored entries; {len(judge['unparsed'])} replies were not a score "
+                            f"and {len(judge['failed'])} requests failed (listed below, not dropped)."))
+        scores = [s for s in judge["scores"] if s is not None]
+        if scores:
+            _histogram(scores, judge["scale_max"], out_dir / "score-histogram.png")
+            blocks.append(("img", out_dir / "score-histogram.png", "Score histogram"))
+        if judge["unparsed"]:
+            blocks.append(("table", ["entry", "unparsed reply"], [[u["index"], _short(u["reply"], 200)] for u in judge["unparsed"]]))
+        if judge["failed"]:
+            blocks.append(("table", ["entry", "error"], [[f["index"], f["error"]] for f in judge["failed"]]))
+    if "pairwise" in result:
+        pair = result["pairwise"]
+        blocks.append(("p", f"Pairwise against `{pair['against']}`: {pair['wins']} wins, {pair['ties']} ties, "
+                            f"{pair['losses']} losses ({pair['undecided']} undecided); net preference "
+                            f"{pair['net_preference']:+.2f} (95% CI {pair['ci95'][0]:+.2f} to {pair['ci95'][1]:+.2f})."))
+    blocks.append(("h", "Examples"))
+    base_responses = result.get("baseline", {}).get("model_responses")
+    header = ["instruction", "reference"] + (["base model", "fine-tuned"] if base_responses else ["response"])
+    rows = []
+    for index, entry in enumerate(entries[:12]):
+        instruction = entry["instruction"] + (f" — {entry['input']}" if entry.get("input") else "")
+        row = [_short(instruction, 160), _short(entry["output"], 120)]
+        if base_responses:
+            row.append(_short(base_responses[index], 160))
+        row.append(_short(entry["model_response"], 160))
+        rows.append(row)
+    blocks.append(("table", header, rows))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple], out_dir: Path) -> str:
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            lines += [("# " if not lines else "## ") + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "table":
+            _, header, rows = block
+            cell = lambda value: str(value).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines.append("| " + " | ".join(cell(h) for h in header) + " |")
+            lines.append("|" + "---|" * len(header))
+            lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "img":
+            _, path, alt = block
+            target = Path(path)
+            try:
+                link = target.relative_to(out_dir)
+            except ValueError:
+                link = target.resolve()
+            lines += [f"![{alt}]({link})", ""]
+        elif kind == "pre":
+            lines += ["```", block[1], "```", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[tuple]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>instructkit report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+             "</style></head><body>"]
+    first = True
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<{'h1' if first else 'h2'}>{html.escape(block[1])}</{'h1' if first else 'h2'}>")
+            first = False
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            _, header, rows = block
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows]
+            parts.append("</table>")
+        elif kind == "img":
+            _, path, alt = block
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+            parts.append(f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>")
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(block[1])}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(result: dict, entries: list[dict], out_dir: Path, *, run_dir: Path | None = None) -> list[Path]:
+    blocks = build_blocks(result, entries, out_dir, run_dir)
+    return [
+        atomic_write_text(out_dir / "report.md", render_markdown(blocks, out_dir)),
+        atomic_write_text(out_dir / "report.html", render_html(blocks)),
+    ]

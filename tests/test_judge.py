@@ -1,0 +1,156 @@
+"""The LLM judge against a real llama.cpp server, plus stand-ins for faults and for Ollama."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import scipy.stats
+
+from instructkit.evaluate.evaluation import agreement, load_scores
+from instructkit.evaluate.judge import JudgeConfig, chapter_prompt, judge_responses, parse_score
+from instructkit.errors import UserError
+from instructkit.models.registry import embedded_gguf_path
+
+from .conftest import SHARED_DATA, run_cli
+from .judge_servers import counting_proxy, llama_cpp_server, ollama_stand_in, scripted_openai_server
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    with llama_cpp_server(embedded_gguf_path()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def entries(chapter_data_path):
+    return json.loads((chapter_data_path.parent / "instruction-data-with-response.json").read_text())
+
+
+def test_chapter_prompt_word_for_word():
+    entry = {"instruction": "Name a color.", "input": "", "output": "Red."}
+    assert chapter_prompt(entry, "Blue.") == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a color.` and correct output `Red.`, score the model "
+        "response `Blue.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
+    )
+
+
+@pytest.mark.parametrize("reply, score", [("85", 85), (" 100\n", 100), ("0", 0), ("101", None), ("Score: 80", None),
+                                           ("80/100", None), ("eighty", None), ("", None), ("-5", None)])
+def test_strict_parsing(reply, score):
+    assert parse_score(reply, 0, 100) == score
+
+
+def test_real_llama_cpp_server_end_to_end_with_cache(llama_server, entries, tmp_path):
+    config = JudgeConfig(url=llama_server, model="gemma", api="openai", concurrency=2, timeout=120)
+    cache = tmp_path / "cache.jsonl"
+    sample = entries[:6] + [{**entries[6], "model_response": ""}]
+    verdicts = judge_responses(sample, config, cache, progress=False)
+    assert [v.index for v in verdicts] == list(range(7))
+    assert verdicts[6].score == 0 and verdicts[6].reply == ""  # empty response: 0, never asked
+    assert all(v.status in ("scored", "unparsed") for v in verdicts[:6])
+    assert all(v.reply is not None for v in verdicts)  # every reply kept, parsed or not
+    assert len(cache.read_text().splitlines()) == 6
+    # A rerun asks nothing: it works even with the server gone.
+    offline = JudgeConfig(url="http://127.0.0.1:9", model="gemma", api="openai")
+    again = judge_responses(sample, offline, cache, progress=False)
+    assert [(v.score, v.reply) for v in again] == [(v.score, v.reply) for v in verdicts]
+    assert all(v.cached for v in again[:6])
+
+
+def test_request_format_through_a_counting_proxy(llama_server, entries, tmp_path):
+    with counting_proxy(llama_server) as proxy:
+        config = JudgeConfig(url=proxy.url, model="gemma", api="openai", concurrency=1, timeout=120)
+        judge_responses(entries[:2], config, tmp_path / "c.jsonl", progress=False)
+        body = proxy.requests[0]
+    assert body["model"] == "gemma" and body["temperature"] == 0 and body["seed"] == 123
+    assert body["messages"] == [{"role": "user", "content": chapter_prompt(entries[0], entries[0]["model_response"])}]
+
+
+def test_killed_evaluation_resumes_asking_only_the_missing_entries(llama_server, entries, tmp_path):
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(entries[:10], indent=4))
+    with counting_proxy(llama_server) as proxy:
+        args = ["evaluate", "--responses", str(responses), "--judge-url", proxy.url, "--judge-model", "gemma",
+                "--judge-api", "openai", "--judge-concurrency", "1", "--judge-timeout", "120"]
+        process = subprocess.Popen([sys.executable, "-m", "instructkit", *args],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cache = tmp_path / "judge-cache.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 4):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        answered = len(cache.read_text().splitlines())
+        assert 4 <= answered < 10, "the run was not killed halfway"
+        asked_before = len(proxy.requests)
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert len(proxy.requests) - asked_before == 10 - answered
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    judge = evaluation["judge"]
+    assert judge["scored"] + len(judge["unparsed"]) + len(judge["failed"]) == 10
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
+
+
+def test_faults_are_retried_or_counted(entries, tmp_path):
+    """Stand-in server: llama.cpp cannot be told to fail; this one fails on a script."""
+
+    def script(n, body):
+        prompt = body["messages"][0]["content"]
+        if entries[0]["instruction"] in prompt:  # 500 twice, then a score: retried and scored
+            return ("status", 500) if n <= 2 else ("reply", "70")
+        if entries[1]["instruction"] in prompt:
+            return ("reply", "I think it deserves 7 out of 10")  # garbage: counted as unparsed
+        if entries[2]["instruction"] in prompt:
+            return ("status", 500)  # always failing: counted as failed
+        if entries[3]["instruction"] in prompt:
+            return ("hang", 3)  # past the timeout
+        return ("drop", None)  # connection dropped
+
+    with scripted_openai_server(script) as server:
+        config = JudgeConfig(url=server.url, model="m", api="openai", concurrency=1, timeout=0.5, retries=2)
+        verdicts = judge_responses(entries[:5], config, tmp_path / "c.jsonl", progress=False)
+    assert [v.status for v in verdicts] == ["scored", "unparsed", "failed", "failed", "failed"]
+    assert verdicts[0].score == 70 and verdicts[1].reply.startswith("I think")
+    assert "HTTP 500" in verdicts[2].error
+    # Failures are not cached, so a rerun asks for them again.
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
+
+
+def test_ollama_native_stream(entries, tmp_path):
+    """Ollama itself cannot be installed here; the stand-in replays its documented NDJSON stream."""
+    with ollama_stand_in(lambda body: ["4", "2"]) as server:
+        config = JudgeConfig(url=server.url, model="llama3", api="ollama", concurrency=1)
+        verdicts = judge_responses(entries[:2], config, tmp_path / "c.jsonl", progress=False)
+        request = server.requests[0]
+    assert [v.score for v in verdicts] == [42, 42]
+    assert request["path"] == "/api/chat" and request["stream"] is True
+    assert request["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048}
+
+
+def test_unreachable_server_says_where_and_how(entries, tmp_path):
+    config = JudgeConfig(url="http://127.0.0.1:9", model="llama3", api="ollama")
+    with pytest.raises(UserError, match=r"unreachable at http://127.0.0.1:9 .*ollama serve.*ollama pull llama3"):
+        judge_responses(entries[:1], config, tmp_path / "c.jsonl", progress=False)
+
+
+def test_agreement_matches_scipy_on_the_chapter_score_files():
+    gpt4 = load_scores(SHARED_DATA / "gpt4-model-1-response.json")
+    llama = load_scores(SHARED_DATA / "llama3-8b-model-1-response.json")
+    stats = agreement(gpt4, llama, ("gpt4", "llama3"))
+    assert stats["mean_a"] == pytest.approx(74.09)
+    assert stats["pearson"] == pytest.approx(scipy.stats.pearsonr(gpt4, llama).statistic, abs=1e-9)
+    assert stats["spearman"] == pytest.approx(scipy.stats.spearmanr(gpt4, llama).statistic, abs=1e-9)
+    assert stats["kendall_tau_b"] == pytest.approx(scipy.stats.kendalltau(gpt4, llama).statistic, abs=1e-9)
+
+
+def test_agreement_of_unequal_files_is_one_line():
+    result = run_cli("evaluate", "--agreement", str(SHARED_DATA / "gpt4-model-2-response.json"),
+                     str(SHARED_DATA / "llama3-8b-model-2-response.json"))
+    assert result.returncode == 2 and "has 100 scores" in result.stderr and "has 99" in result.stderr

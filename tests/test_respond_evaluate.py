@@ -1,0 +1,82 @@
+"""Responses in the chapter's format, resumable; offline metrics, checks and the report."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from instructkit.evaluate.checks import passes, score_checks
+from instructkit.evaluate.metrics import normalize, rouge_l, summarize
+
+from .conftest import run_cli
+
+
+def test_respond_writes_the_chapter_format_and_resumes(chapter_data_path, tmp_path):
+    out = tmp_path / "responses.json"
+    args = ["respond", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--split", "test",
+            "--out", str(out), "--max-new-tokens", "40", "--batch-size", "8"]
+    process = subprocess.Popen([sys.executable, "-m", "instructkit", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl = out.with_suffix(".jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 16):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = jsonl.read_text().splitlines()
+    assert 16 <= len(before) < 110 and not out.exists(), "the run was not killed partway"
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    after = jsonl.read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == 110  # kept, then only the rest
+    responses = json.loads(out.read_text())
+    reference = json.loads((chapter_data_path.parent / "instruction-data-with-response.json").read_text())
+    assert [r["instruction"] for r in responses] == [r["instruction"] for r in reference]
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    assert out.read_text().startswith('[\n    {\n        "instruction"')  # indent 4, as the chapter writes
+    assert all(isinstance(r["model_response"], str) for r in responses)
+
+
+def test_metrics_on_known_values():
+    assert normalize("The Cat, sat!") == "cat sat"
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("cat sat on mat", "cat on the mat") == pytest.approx(2 * (3 / 4) * (3 / 3) / (3 / 4 + 3 / 3))
+    summary, entries = summarize(["Paris.", "blue"], ["Paris.", "Red"])
+    assert summary["exact_match"] == 0.5 and entries[0].exact and not entries[1].normalized
+    assert summary["chrf"] > 0 and 0 <= summary["bleu"] <= 100
+
+
+def test_checks_score_exactly():
+    assert passes({"type": "exact", "answer": "DOG"}, "dog.")
+    assert passes({"type": "number", "answer": 12.5, "tolerance": 0.01}, "The answer is 12.5 km")
+    assert not passes({"type": "number", "answer": 12.5}, "13")
+    assert passes({"type": "set", "answer": ["a", "b"]}, "b, a")
+    assert passes({"type": "json", "answer": {"x": 1}}, '{"x": 1}') and not passes({"type": "json", "answer": {"x": 1}}, "x=1")
+    entries = [{"instruction": str(i), "task": "t1" if i < 3 else "t2", "check": {"type": "exact", "answer": "y"},
+                "model_response": "y" if i % 2 == 0 else "n"} for i in range(5)]
+    checks = score_checks(entries)
+    assert checks["accuracy"] == pytest.approx(0.6) and checks["families"]["t1"]["accuracy"] == pytest.approx(2 / 3)
+    assert len(checks["failures"]) == 2
+
+
+def test_evaluate_offline_on_the_chapter_responses(chapter_data_path, tmp_path):
+    responses = chapter_data_path.parent / "instruction-data-with-response.json"
+    result = run_cli("evaluate", "--responses", str(responses), "--baseline", str(responses), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["metrics"]["entries"] == 110 and evaluation["metrics"] == evaluation["baseline"]["metrics"]
+    assert 0 < evaluation["metrics"]["rouge_l"] < 1 and len(evaluation["entries"]) == 110
+    report = (tmp_path / "report.md").read_text()
+    assert "| rouge_l |" in report and "base model" in report
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "http" not in html.split("<body>")[1].split("Responses")[0]
+
+
+def test_evaluate_bad_responses_file_is_one_line(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    result = run_cli("evaluate", "--responses", str(bad))
+    assert result.returncode == 2 and "record 0: missing or non-string 'model_response'" in result.stderr
