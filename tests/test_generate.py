@@ -29,6 +29,10 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     batched = generate(model, tokenizer, prompts, max_new_tokens=25)
+    # Prefilled in groups of two, whose caches are merged for decoding: still the same tokens.
+    assert [r.token_ids for r in generate(model, tokenizer, prompts, max_new_tokens=25, prefill_batch=2)] == [
+        r.token_ids for r in batched
+    ]
     for prompt, result in zip(prompts, batched):
         assert generate(model, tokenizer, [prompt], max_new_tokens=25)[0].token_ids == result.token_ids
 

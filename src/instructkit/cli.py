@@ -304,8 +304,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The fast recipe: full fine-tuning of everything but the tied 262,144-row embedding, loss on
     # responses only, length-grouped batches, fewer (but full-validation) evaluations.
     recipe = TrainConfig(model=args.model, data=args.data, out=str(run_dir), epochs=args.epochs, lr=args.lr,
-                         mask_instructions=True, freeze_embedding=True, eval_every=20, eval_batches=7,
-                         max_steps=args.max_steps, save_every=20)
+                         mask_instructions=True, freeze_embedding=True, eval_every=40, eval_batches=7,
+                         max_steps=args.max_steps, save_every=50)
     if (run_dir / "model.safetensors").exists() and not (run_dir / "checkpoint").exists():
         print(f"{run_dir}: training already finished; continuing with responses and evaluation")
     else:
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--out", default=None, help="responses .json (default: RUN_DIR/SPLIT-responses.json)")
     resp.add_argument("--prompt-style", default=None)
     resp.add_argument("--max-new-tokens", type=int, default=256)
-    resp.add_argument("--batch-size", type=int, default=32)
+    resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None)
     resp.set_defaults(handler=cmd_respond)
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=5e-5)
     run.add_argument("--max-steps", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=256)
-    run.add_argument("--base-max-new-tokens", type=int, default=96, help="the base model rarely stops; cap it")
+    run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")
     _add_judge_options(run)
     run.set_defaults(handler=cmd_run)
     return parser

@@ -1,8 +1,10 @@
 """Text generation, apart from the models: a pure `sample_next_token` and a KV-cache engine.
 
-`generate` runs a batch of prompts of different lengths together: prompts are left-padded, each
-row gets its own positions (starting at 0 on its first real token) and padding is masked, so a
-row's tokens do not depend on what else is in the batch. Finished rows leave the batch.
+`generate` runs a batch of prompts of different lengths together. Prompts are prefilled in
+groups of similar length (left-padded, so little padding), and the groups' caches are merged
+for decoding; each row has its own positions (starting at 0 on its first real token) and
+padding is masked, so a row's tokens do not depend on what else is in the batch. Finished rows
+leave the batch, so the cost of each step follows the rows still generating.
 `generate_cacheless` is the chapter's loop (re-run the whole context each step, cut to the
 context length); it is kept as a reference and a benchmark baseline.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from instructkit.models.attention import KVCache
 from instructkit.models.tokenizer import Tokenizer
 
 
@@ -81,6 +84,7 @@ def generate(
     stop_strings: Sequence[str] = (),
     sampling: Sampling = Sampling(),
     on_token: Callable[[int, int], None] | None = None,
+    prefill_batch: int = 16,
 ) -> list[Generated]:
     """Generate for every prompt (lists of token ids) in one batch with a KV cache."""
     if not prompts:
@@ -90,25 +94,28 @@ def generate(
     prompts = [_fit_prompt(list(p), max_new_tokens, context) for p in prompts]
     batch, width = len(prompts), max(len(p) for p in prompts)
     device = model.lm_head.weight.device
-    input_ids = torch.full((batch, width), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros((batch, width), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        valid[row, width - len(prompt):] = True
-    # Each row counts positions from its first real token; padding sits at position 0 (masked).
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = model.new_cache(batch, width + max_new_tokens, device=device)
-    hidden = model(input_ids.to(device), positions=positions.to(device), valid=valid.to(device),
-                   cache=cache, return_hidden=True)
-    logits = model.head(hidden[:, -1])  # (B, V): only the last position is needed
-    next_position = positions[:, -1] + 1
+    # Prefill in groups of similar length (little padding), then decode all rows together from
+    # one merged cache. Rows are processed in length order; results go back in input order.
+    order = sorted(range(batch), key=lambda row: len(prompts[row]))
+    caches, last_logits, next_position = [], [], []
+    for start in range(0, batch, prefill_batch):
+        group = [prompts[row] for row in order[start : start + prefill_batch]]
+        # A lone group keeps its own cache, so it needs room for the new tokens.
+        room = max_new_tokens if batch <= prefill_batch else 0
+        cache, logits, positions = _prefill(model, group, tokenizer.pad_id, room, device)
+        caches.append(cache)
+        last_logits.append(logits)
+        next_position.append(positions)
+    cache = caches[0] if len(caches) == 1 else KVCache.merge(caches, width + max_new_tokens)
+    logits = torch.cat(last_logits)
+    next_position = torch.cat(next_position)
 
     stop_set = set(stop_ids)
     generator = _generator(sampling)
     outputs: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * batch
     texts = [""] * batch
-    active = list(range(batch))  # original row of each batch row
+    active = list(order)  # original row of each batch row
     for step in range(max_new_tokens):
         tokens = sample_next_token(logits, sampling, generator).tolist()
         keep = []
@@ -144,6 +151,23 @@ def generate(
         text = texts[row] if reasons[row] == "stop_string" else tokenizer.decode(outputs[row])
         results.append(Generated(outputs[row], text, reasons[row]))
     return results
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, extra: int, device):
+    """Left-pad one group, run it through the model into a fresh cache with `extra` free slots.
+    Returns the cache, the last position's logits (B, V) and each row's next position (B,)."""
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((batch, width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        valid[row, width - len(prompt):] = True
+    # Each row counts positions from its first real token; padding sits at position 0 (masked).
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    cache = model.new_cache(batch, width + extra, device=device)
+    hidden = model(input_ids.to(device), positions=positions.to(device), valid=valid.to(device),
+                   cache=cache, return_hidden=True)
+    return cache, model.head(hidden[:, -1]), positions[:, -1] + 1
 
 
 @torch.no_grad()

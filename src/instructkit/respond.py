@@ -52,7 +52,7 @@ def respond(
     out: Path,
     *,
     max_new_tokens: int = 256,
-    batch_size: int = 32,
+    batch_size: int = 128,
     progress: bool = True,
 ) -> list[dict]:
     """Generate responses for `entries`, appending to out.jsonl and finally writing out (JSON)."""
