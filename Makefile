@@ -11,8 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-# The chapter's data: read from ../shared/data when present (offline), else the named source.
-DATA ?= $(if $(wildcard ../shared/data/instruction-data.json),../shared/data/instruction-data.json,chapter7)
+# The main job's data: the built-in verifiable dataset (offline, exactly scored). For the
+# chapter's data: make run DATA=../shared/data/instruction-data.json (or DATA=chapter7 online).
+DATA ?= builtin
 RUN_DIR ?= runs/main
 
 .PHONY: run test install install-test clean

@@ -19,7 +19,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, default_data: str | No
         "--data",
         required=default_data is None,
         default=default_data,
-        help="JSON/JSONL file, http(s) URL, or a named source: chapter7, alpaca52k",
+        help="JSON/JSONL file, http(s) URL, or a named source: builtin[:N[:SEED]], chapter7, alpaca52k",
     )
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of stopping")
     parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records before splitting")
@@ -54,6 +54,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"Skipped {loaded.skipped} invalid records (--skip-invalid):")
         for problem in loaded.problems[:10]:
             print(f"  {problem}")
+    families = {}
+    for record in loaded.records:
+        if "task" in record:
+            families[record["task"]] = families.get(record["task"], 0) + 1
+    if families:
+        print("Task families: " + ", ".join(f"{name} {count}" for name, count in sorted(families.items())))
     order = "shuffled with seed " + str(args.shuffle_seed) if args.shuffle_seed is not None else "file order"
     print(f"Split ({order}): train {len(splits.train):,} | test {len(splits.test):,} | val {len(splits.val):,}")
     masking = "response and end token only" if args.mask_instructions else "all tokens (the chapter's default)"
@@ -401,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
     run.add_argument("--model", default="gemma-3-270m")
-    run.add_argument("--data", default="chapter7")
+    run.add_argument("--data", default="builtin", help="default: the built-in verifiable dataset (offline)")
     run.add_argument("--out", default="runs/main", help="run folder")
     run.add_argument("--epochs", type=int, default=1)
     run.add_argument("--lr", type=float, default=5e-5)

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from instructkit.data.builtin import generate_builtin, parse_builtin_spec
 from instructkit.data.batching import batches_in_order, chapter_shuffle_order, length_grouped_batches, padding_share
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.records import LoadedRecords, load_records
@@ -24,8 +25,11 @@ class PreparedData:
 
 
 def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None) -> PreparedData:
-    path = resolve_source(source)
-    loaded = load_records(path, skip_invalid=skip_invalid)
+    builtin = parse_builtin_spec(source)
+    if builtin is not None:
+        loaded = LoadedRecords(path=Path(source), records=generate_builtin(*builtin), problems=[])
+    else:
+        loaded = load_records(resolve_source(source), skip_invalid=skip_invalid)
     return PreparedData(source=source, loaded=loaded, splits=split_records(loaded.records, shuffle_seed=shuffle_seed))
 
 

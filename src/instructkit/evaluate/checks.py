@@ -1,7 +1,9 @@
 """Exact scoring of entries that carry a `check` (the builtin dataset, or a user's own).
 
-A check is an object: {"type": "exact", "answer": "..."}, {"type": "number", "answer": 3.5,
-"tolerance": 0.01}, {"type": "set", "answer": ["a", "b"]} or {"type": "json", "answer": {...}}.
+A check is an object: {"type": "exact", "answer": "..."} (case, outer spaces and a final period
+ignored), {"type": "exact_case", "answer": "..."} (only outer spaces ignored), {"type": "number",
+"answer": 3.5, "tolerance": 0.01} (the first number in the response), {"type": "set", "answer":
+["a", "b"]} (comma- or line-separated items, any order) or {"type": "json", "answer": {...}}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def passes(check: dict, response: str) -> bool:
     answer = check.get("answer")
     if kind == "exact":
         return _clean(response) == _clean(str(answer))
+    if kind == "exact_case":  # letter case is the point of the task
+        return response.strip() == str(answer).strip()
     if kind == "number":
         found = _NUMBER.findall(response.replace(",", ""))
         return len(found) >= 1 and abs(float(found[0]) - float(answer)) <= float(check.get("tolerance", 1e-9))

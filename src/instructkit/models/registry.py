@@ -2,7 +2,7 @@
 
 A spec is one of:
   - a preset: `gemma-3-270m` (the embedded default, offline), `tiny-gpt2` / `tiny-gemma3`
-    (random weights, for tests), `gpt2-small|medium|large|xl` and `gemma-3-1b` (downloaded
+    (random weights, for tests), `random:PRESET` (any preset with random weights), `gpt2-small|medium|large|xl` and `gemma-3-1b` (downloaded
     from the Hugging Face Hub when online);
   - a Hugging Face repo id (`owner/name`) or a local HF folder (config.json + safetensors);
   - an instructkit model folder (model.json + model.safetensors + tokenizer_ref.json), such as
@@ -188,9 +188,14 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     """Resolve a `--model` spec (see the module docstring)."""
     if spec == EMBEDDED_DEFAULT:
         return load_model_folder(embedded_gemma_folder(), name=spec)
-    if spec.startswith("tiny-") and spec in {**GPT2_PRESETS, **GEMMA3_PRESETS}:
+    presets = {**GPT2_PRESETS, **GEMMA3_PRESETS}
+    if spec.startswith("random:") or (spec.startswith("tiny-") and spec in presets):
+        # Random weights: the tiny test presets, or any preset as "random:NAME" (benchmarks).
+        name = spec.removeprefix("random:")
+        if name not in presets:
+            raise UserError(f"unknown preset {name!r} (choose from: {', '.join(presets)})")
         torch.manual_seed(seed)
-        config = {**GPT2_PRESETS, **GEMMA3_PRESETS}[spec]
+        config = presets[name]
         ref = {"kind": "gpt2"} if config.family == "gpt2" else {"kind": "embedded-gemma"}
         return LoadedModel(build_model(config).eval(), tokenizer_from_ref(ref), spec, ref)
     if spec in HUB_REPOS:

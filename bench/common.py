@@ -1,0 +1,71 @@
+"""Shared benchmark plumbing: machine facts, timing, tables, result files, worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+    }
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """Median and half the interquartile-ish spread (max - min) / 2 for small samples."""
+    return statistics.median(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in header]] + [[f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells[1:]:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def save_results(suite: str, payload: dict) -> Path:
+    from instructkit.fileio import atomic_write_json
+
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = RESULTS / f"{suite}-{stamp}.json"
+    atomic_write_json(path, {"suite": suite, "machine": machine_info(), **payload}, indent=2)
+    return path
+
+
+def run_worker(module: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run one measurement in a fresh process (so peak RSS is its own); it prints one JSON line."""
+    result = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                            timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1], **spec}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,248 @@
+"""One training-throughput measurement, in its own process: `python -m bench.train_worker SPEC_JSON`.
+
+impl "ours": instructkit's loop (length-grouped batches, head only at supervised positions);
+switches turn each speed feature off for the ablation. impl "naive": the chapter's loop
+(its shuffled order, pad to the batch maximum, full logits, plain cross-entropy, evaluation on
+5 + 5 batches with full logits). impl "hf_trl": HF transformers' model trained by TRL's
+SFTTrainer on the same weights, data, batch and steps.
+
+FLOP count (model FLOPs, for MFU): a linear layer with P weights applied to n rows costs 2Pn
+forward; backward costs 2Pn for the input gradient and 2Pn for the weight gradient (only when
+the weight trains). Attention scores cost 2 * 2 * L * (H * D) * sum_rows(T^2) / 2 forward
+(causal half) and twice that backward. The head is a linear layer applied to the positions
+where it runs (all for the naive loop, supervised ones for ours).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _setup(spec: dict):
+    import torch
+
+    from instructkit.data.pipeline import encode_splits, prepare_data
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.models.registry import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(spec["model"], seed=0)
+    style = get_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style)
+    data = prepare_data(spec["data"])
+    encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=spec.get("mask_instructions", False))
+    return loaded, style, encoded["train"][0], encoded["val"][0]
+
+
+def _linear_params(model) -> tuple[int, int]:
+    """(body linear weights, head weights)."""
+    import torch
+
+    body = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head" and not name.endswith("lm_head"))
+    return body, model.lm_head.weight.numel()
+
+
+def _step_flops(model, inputs_lengths: list[int], padded_width: int, head_positions: int, *,
+                body_trains: bool, head_trains: bool, padded: bool) -> float:
+    c = model.config
+    body, head = _linear_params(model)
+    rows = len(inputs_lengths)
+    tokens = rows * padded_width if padded else sum(inputs_lengths)
+    heads_dim = c.n_heads * c.head_dim
+    attention = 2 * c.n_layers * heads_dim * sum((padded_width if padded else t) ** 2 for t in inputs_lengths)
+    forward = 2 * body * tokens + 2 * head * head_positions + attention
+    backward = (2 * body * tokens) * (2 if body_trains else 1) + (2 * head * head_positions) * (2 if head_trains else 1) + 2 * attention
+    return forward + backward
+
+
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from instructkit.data.batching import batches_in_order, chapter_shuffle_order, collate
+    from instructkit.data.tokenize import IGNORE_INDEX
+    from instructkit.train.config import TrainConfig
+    from instructkit.train.lora import apply_lora
+    from instructkit.train.loop import build_optimizer, epoch_batches, eval_batches, evaluate_loss, train_step
+
+    loaded, _, train, val = _setup(spec)
+    model, pad = loaded.model, loaded.tokenizer.pad_id
+    config = TrainConfig(batch_size=spec["batch"], batching=spec.get("batching", "grouped"), seed=123)
+    if spec.get("lora_rank"):
+        apply_lora(model, ["attention", "mlp"], spec["lora_rank"], 16.0)
+    if spec.get("freeze_embedding"):
+        model.lm_head.weight.requires_grad_(False)
+    model.train()
+    optimizer = build_optimizer(model, config)
+    batches = epoch_batches(train, config, 0)
+    full_head = spec.get("head") == "full"
+    if full_head:  # ablation: the head at every position, as HF and the chapter do
+        import instructkit.train.loop as loop
+
+        def full_logits_loss(model, inputs, targets):
+            logits = model(inputs)
+            supervised = targets != IGNORE_INDEX
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
+                                                     ignore_index=IGNORE_INDEX), int(supervised.sum())
+
+        loop.supervised_loss_sum = full_logits_loss
+    train_eval, val_eval = eval_batches(train, spec["batch"], 5), eval_batches(val, spec["batch"], 5)
+    return _measure(spec, model, batches, train, pad,
+                    step=lambda batch: train_step(model, optimizer, train, [batch], pad_id=pad, lr=5e-5, clip=None),
+                    evaluate=lambda: (evaluate_loss(model, train, train_eval, pad), evaluate_loss(model, val, val_eval, pad)),
+                    head_everywhere=full_head,
+                    body_trains=not spec.get("lora_rank"), head_trains=not (spec.get("lora_rank") or spec.get("freeze_embedding")))
+
+
+def run_naive(spec: dict) -> dict:
+    """The chapter's train_model_simple / calc_loss_batch / evaluate_model, on our GPT-2."""
+    import torch
+    import torch.nn.functional as F
+
+    from instructkit.data.batching import batches_in_order, chapter_shuffle_order, collate
+
+    loaded, _, train, val = _setup(spec)
+    model, pad = loaded.model, loaded.tokenizer.pad_id
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    batches = batches_in_order(chapter_shuffle_order(len(train), 123), spec["batch"], drop_last=True)
+    val_batches = batches_in_order(range(len(val)), spec["batch"], drop_last=False)
+
+    def calc_loss_batch(examples, batch):
+        inputs, targets = collate([examples[i] for i in batch], pad_id=pad)
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def step(batch):
+        optimizer.zero_grad()
+        loss = calc_loss_batch(train, batch)
+        loss.backward()
+        optimizer.step()
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            train_loss = sum(calc_loss_batch(train, b).item() for b in batches[:5]) / 5
+            val_loss = sum(calc_loss_batch(val, b).item() for b in val_batches[:5]) / 5
+        model.train()
+        return train_loss, val_loss
+
+    return _measure(spec, model, batches, train, pad, step=step, evaluate=evaluate, head_everywhere=True,
+                    body_trains=True, head_trains=True)
+
+
+def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywhere, body_trains, head_trains) -> dict:
+    from instructkit.data.batching import collate
+    from instructkit.data.tokenize import IGNORE_INDEX
+
+    warmup, steps, eval_every = spec.get("warmup", 1), spec["steps"], spec.get("eval_every", 0)
+    for batch in batches[:warmup]:
+        step(batch)
+    step_seconds, eval_seconds, real, padded, supervised, flops = [], 0.0, 0, 0, 0, 0.0
+    for index, batch in enumerate(batches[warmup : warmup + steps], start=1):
+        inputs, targets = collate([train[i] for i in batch], pad_id=pad)
+        lengths = [len(train[i]) - 1 for i in batch]
+        n_supervised = int((targets != IGNORE_INDEX).sum())
+        head_positions = inputs.numel() if head_everywhere else n_supervised
+        flops += _step_flops(model, lengths, inputs.shape[1], head_positions, body_trains=body_trains,
+                             head_trains=head_trains, padded=True)
+        start = time.perf_counter()
+        step(batch)
+        step_seconds.append(time.perf_counter() - start)
+        real, padded, supervised = real + sum(lengths), padded + inputs.numel(), supervised + n_supervised
+        if eval_every and index % eval_every == 0:
+            start = time.perf_counter()
+            evaluate()
+            eval_seconds += time.perf_counter() - start
+    from bench.common import peak_rss_bytes
+
+    train_time = sum(step_seconds)
+    return {**spec, "step_seconds": step_seconds, "eval_seconds": eval_seconds,
+            "real_tokens": real, "padded_tokens": padded, "supervised_tokens": supervised,
+            "real_tok_s": real / train_time, "padded_tok_s": padded / train_time, "supervised_tok_s": supervised / train_time,
+            "run_real_tok_s": real / (train_time + eval_seconds), "model_gflops": flops / train_time / 1e9,
+            "peak_rss_gb": peak_rss_bytes() / 1e9}
+
+
+def run_hf_trl(spec: dict) -> dict:
+    """HF transformers' Gemma3ForCausalLM with our converted weights, trained by TRL's SFTTrainer."""
+    import tempfile
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.models.registry import load_model
+
+    loaded = load_model(spec["model"], seed=0)
+    ours = loaded.model
+    style = get_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style)
+    c = ours.config
+    if c.family != "gemma3":
+        raise SystemExit("hf_trl is set up for Gemma 3")
+    config = transformers.Gemma3TextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.emb_dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window, max_position_embeddings=c.context_length,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_base_global},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_base_local}},
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    config._attn_implementation = "sdpa"
+    model = transformers.Gemma3ForCausalLM(config)
+    model.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
+    model.tie_weights()
+    del ours
+    tokenizer_file = loaded.tokenizer_ref.get("file")
+    if tokenizer_file is None:
+        from instructkit.models.registry import embedded_gemma_folder
+
+        tokenizer_file = str(embedded_gemma_folder() / "tokenizer.json")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, bos_token="<bos>", eos_token="<end_of_turn>",
+                                                     pad_token="<pad>")
+    records = prepare_data(spec["data"]).splits.train
+    dataset = Dataset.from_list([{"prompt": style.prompt(r), "completion": r["output"]} for r in records])
+    steps, warmup = spec["steps"], spec.get("warmup", 1)
+    times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=warmup + steps,
+                         learning_rate=5e-5, weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True,
+                         bf16=False, fp16=False, logging_steps=1000, eval_strategy="no", dataloader_num_workers=0,
+                         completion_only_loss=spec.get("mask_instructions", True), packing=False, seed=123,
+                         max_length=None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[Timer()])
+        lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+        trainer.train()
+    from bench.common import peak_rss_bytes
+
+    measured = times[warmup:]
+    mean_real = sum(lengths) / len(lengths) - 1
+    real = mean_real * spec["batch"] * len(measured)
+    return {**spec, "step_seconds": measured, "real_tok_s": real / sum(measured), "real_tokens": real,
+            "run_real_tok_s": real / sum(measured), "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "note": "real tokens estimated from the mean tokenized length (TRL shuffles its own batches)"}
+
+
+def main() -> None:
+    import torch
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    runner = {"ours": run_ours, "naive": run_naive, "hf_trl": run_hf_trl}[spec["impl"]]
+    print(json.dumps(runner(spec)))
+
+
+if __name__ == "__main__":
+    main()
