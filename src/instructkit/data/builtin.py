@@ -91,11 +91,16 @@ def arithmetic(r: random.Random):
     if r.random() < 0.5:
         text = r.choice(["{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?",
                          "{n} had {a} {i}. A friend gave {n} {b} more. How many {i} does {n} have?"])
-        return _number("arithmetic", text.format(n=name, a=a, b=b, i=item), a + b)
-    a, b = max(a, b) + r.randint(1, 10), min(a, b)
-    text = r.choice(["{n} has {a} {i} and gives away {b}. How many {i} are left?",
-                     "There were {a} {i}. {n} took {b}. How many {i} remain?"])
-    return _number("arithmetic", text.format(n=name, a=a, b=b, i=item), a - b)
+        answer = a + b
+    else:
+        a, b = max(a, b) + r.randint(1, 10), min(a, b)
+        text = r.choice(["{n} has {a} {i} and gives away {b}. How many {i} are left?",
+                         "There were {a} {i}. {n} took {b}. How many {i} remain?"])
+        answer = a - b
+    problem = text.format(n=name, a=a, b=b, i=item)
+    if r.random() < 0.3:  # the problem as input, with a generic instruction
+        return _number("arithmetic", r.choice(["Solve the word problem.", "Answer with a number."]), answer, problem)
+    return _number("arithmetic", problem, answer)
 
 
 def unit_conversion(r: random.Random):
@@ -165,7 +170,9 @@ def number_to_words(r: random.Random):
 
 def dates(r: random.Random):
     day = dt.date(2024, 1, 1) + dt.timedelta(days=r.randint(0, 700))
-    if r.random() < 0.5:
+    if r.random() < 0.25:
+        return _exact("dates", "Name the day of the week of this date.", day.strftime("%A"), day.isoformat())
+    if r.random() < 0.35:
         return _exact("dates", f"What day of the week is {day.isoformat()}?", day.strftime("%A"))
     offset = r.randint(1, 40)
     return _exact("dates", f"What date is {offset} days after {day.isoformat()}? Answer as YYYY-MM-DD.",
@@ -176,7 +183,9 @@ def json_extract(r: random.Random):
     keys = r.sample(KEYS, 3)
     obj = {k: r.choice(VALUES[k]) for k in keys}
     key = r.choice(keys)
-    return _exact("json_extract", f"What is the value of the field '{key}' in this JSON?", obj[key], json.dumps(obj))
+    template = r.choice(["What is the value of the field '{k}' in this JSON?", "Extract the '{k}' field from the JSON object.",
+                         "From the JSON below, give the value of '{k}'."])
+    return _exact("json_extract", template.format(k=key), obj[key], json.dumps(obj))
 
 
 def to_json(r: random.Random):
