@@ -81,6 +81,21 @@ class KVCache:
         self.valid = self.valid[rows]
 
 
+def prepare_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None,
+                      cache: KVCache | None) -> tuple[torch.Tensor, bool, tuple[KVCache, slice] | None]:
+    """The start of every forward pass: default positions 0..T-1, and cache slots for the new tokens.
+    Returns positions (B, T), whether they are the default, and (cache, slots) or None."""
+    batch, steps = input_ids.shape
+    default_positions = positions is None
+    if positions is None:
+        positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+    cache_state = None
+    if cache is not None:
+        slot_valid = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        cache_state = (cache, cache.reserve(positions, slot_valid))
+    return positions, default_positions, cache_state
+
+
 def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, key_valid: torch.Tensor,
                    window: int | None) -> torch.Tensor:
     """Boolean mask (B, 1, Tq, Tk), True where a query may attend to a key."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instructkit.models.attention import KVCache, attend
+from instructkit.models.attention import KVCache, attend, prepare_positions
 
 
 @dataclass(frozen=True)
@@ -174,14 +174,8 @@ class Gemma3(nn.Module):
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or the final hidden states (B, T, C) with `return_hidden`."""
-        batch, steps = input_ids.shape
         c = self.config
-        default_positions = positions is None
-        if positions is None:
-            positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
-        cache_state = None
-        if cache is not None:
-            cache_state = (cache, cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)))
+        positions, default_positions, cache_state = prepare_positions(input_ids, positions, valid, cache)
         embed = self.model.embed_tokens(input_ids)
         # HF multiplies by sqrt(C) cast to the embedding dtype; in fp32 that is the plain product.
         x = embed * torch.tensor(c.emb_dim**0.5, dtype=embed.dtype)

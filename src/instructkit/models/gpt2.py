@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instructkit.models.attention import KVCache, attend
+from instructkit.models.attention import KVCache, attend, prepare_positions
 
 
 @dataclass(frozen=True)
@@ -129,15 +129,9 @@ class GPT2(nn.Module):
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or the final hidden states (B, T, C) with `return_hidden`."""
-        batch, steps = input_ids.shape
-        default_positions = positions is None
-        if positions is None:
-            positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+        positions, default_positions, cache_state = prepare_positions(input_ids, positions, valid, cache)
         if int(positions.max()) >= self.config.context_length:
             raise ValueError(f"position {int(positions.max())} is beyond the context length {self.config.context_length}")
-        cache_state = None
-        if cache is not None:
-            cache_state = (cache, cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)))
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
         for index, block in enumerate(self.transformer.h):
             layer_cache = cache.layers[index] if cache is not None else None
