@@ -187,7 +187,7 @@ def run_hf_trl(spec: dict) -> dict:
     config = transformers.Gemma3TextConfig(
         vocab_size=c.vocab_size, hidden_size=c.emb_dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window, max_position_embeddings=c.context_length,
+        query_pre_attn_scalar=int(c.query_pre_attn_scalar), sliding_window=c.sliding_window, max_position_embeddings=c.context_length,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_base_global},
                          "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_base_local}},
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
