@@ -38,6 +38,7 @@ class KVCache:
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.length = 0
         self.capacity = capacity
+        self.masks: dict[int | None, torch.Tensor] = {}  # per window, for the current forward pass
 
     def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice:
         """Claim slots for T new tokens (positions and validity (B, T)); returns their slice."""
@@ -48,6 +49,7 @@ class KVCache:
         self.positions[:, slots] = positions
         self.valid[:, slots] = valid
         self.length += steps
+        self.masks = {}  # every layer of this forward pass shares one mask per window size
         return slots
 
     @classmethod
@@ -79,6 +81,7 @@ class KVCache:
             layer.values = layer.values[rows]
         self.positions = self.positions[rows]
         self.valid = self.valid[rows]
+        self.masks = {}
 
 
 def prepare_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None,
@@ -132,7 +135,10 @@ def attend(
         cache.values[:, :, slots] = v
         k = cache.keys[:, :, : slots.stop]
         v = cache.values[:, :, : slots.stop]
-        mask = attention_mask(positions, kv_cache.positions[:, : slots.stop], kv_cache.valid[:, : slots.stop], window)
+        mask = kv_cache.masks.get(window)
+        if mask is None:
+            mask = attention_mask(positions, kv_cache.positions[:, : slots.stop], kv_cache.valid[:, : slots.stop], window)
+            kv_cache.masks[window] = mask
     elif default_positions and valid is None and (window is None or steps <= window):
         mask = None
     else:
