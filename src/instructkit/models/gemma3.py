@@ -148,7 +148,9 @@ class Gemma3(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(
             dict(
-                embed_tokens=nn.Embedding(config.vocab_size, config.emb_dim),
+                # sparse=True: the lookup's gradient touches only the rows in the batch, so it adds
+                # into the tied head's dense gradient in place instead of a second V x C tensor.
+                embed_tokens=nn.Embedding(config.vocab_size, config.emb_dim, sparse=True),
                 layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers)),
                 norm=RMSNorm(config.emb_dim, config.rms_norm_eps),
             )

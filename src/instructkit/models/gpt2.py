@@ -96,7 +96,8 @@ class GPT2(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.emb_dim),
+                # sparse=True: see gemma3.py (the tied head supplies the dense part of the gradient).
+                wte=nn.Embedding(config.vocab_size, config.emb_dim, sparse=True),
                 wpe=nn.Embedding(config.context_length, config.emb_dim),
                 drop=nn.Dropout(config.drop_rate),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
