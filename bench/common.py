@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The chapter's data when it sits beside the repo (as for CI), else the built-in dataset.
+_CHAPTER = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
+DATA = str(_CHAPTER) if _CHAPTER.exists() else "builtin"
 
 
 def machine_info() -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from bench.common import print_table
 
-DATA = "../shared/data/instruction-data.json"
+from bench.common import DATA
 
 
 def cache_vs_cacheless(quick: bool) -> dict:

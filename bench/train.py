@@ -12,7 +12,7 @@ import statistics
 
 from bench.common import print_table, run_worker
 
-DATA = "../shared/data/instruction-data.json"
+from bench.common import DATA
 
 
 def configurations(quick: bool) -> list[tuple[str, dict]]:

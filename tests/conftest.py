@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CHAPTER_DATA = SHARED_DATA / "instruction-data.json"
 
 
+def _require_shared(path: Path) -> Path:
+    """The chapter's files sit in ../shared/data beside the repo. Outside CI a clone without them
+    skips these tests; in CI (CI=true) their absence is an error, so nothing is silently skipped."""
+    if not path.exists():
+        message = f"{path} not found (the chapter's data sits in ../shared/data beside the repo)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def chapter_data_path() -> Path:
-    if not CHAPTER_DATA.exists():
-        pytest.skip(f"{CHAPTER_DATA} not found (the chapter's data sits in ../shared/data beside the repo)")
-    return CHAPTER_DATA
+    return _require_shared(CHAPTER_DATA)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _require_shared(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from instructkit.evaluate.judge import JudgeConfig, chapter_prompt, judge_respon
 from instructkit.errors import UserError
 from instructkit.models.registry import embedded_gguf_path
 
-from .conftest import SHARED_DATA, run_cli
+from .conftest import run_cli
 from .judge_servers import counting_proxy, llama_cpp_server, ollama_stand_in, scripted_openai_server
 
 pytest.importorskip("llama_cpp")
@@ -140,9 +140,9 @@ def test_unreachable_server_says_where_and_how(entries, tmp_path):
         judge_responses(entries[:1], config, tmp_path / "c.jsonl", progress=False)
 
 
-def test_agreement_matches_scipy_on_the_chapter_score_files():
-    gpt4 = load_scores(SHARED_DATA / "gpt4-model-1-response.json")
-    llama = load_scores(SHARED_DATA / "llama3-8b-model-1-response.json")
+def test_agreement_matches_scipy_on_the_chapter_score_files(shared_data):
+    gpt4 = load_scores(shared_data / "gpt4-model-1-response.json")
+    llama = load_scores(shared_data / "llama3-8b-model-1-response.json")
     stats = agreement(gpt4, llama, ("gpt4", "llama3"))
     assert stats["mean_a"] == pytest.approx(74.09)
     assert stats["pearson"] == pytest.approx(scipy.stats.pearsonr(gpt4, llama).statistic, abs=1e-9)
@@ -150,7 +150,7 @@ def test_agreement_matches_scipy_on_the_chapter_score_files():
     assert stats["kendall_tau_b"] == pytest.approx(scipy.stats.kendalltau(gpt4, llama).statistic, abs=1e-9)
 
 
-def test_agreement_of_unequal_files_is_one_line():
-    result = run_cli("evaluate", "--agreement", str(SHARED_DATA / "gpt4-model-2-response.json"),
-                     str(SHARED_DATA / "llama3-8b-model-2-response.json"))
+def test_agreement_of_unequal_files_is_one_line(shared_data):
+    result = run_cli("evaluate", "--agreement", str(shared_data / "gpt4-model-2-response.json"),
+                     str(shared_data / "llama3-8b-model-2-response.json"))
     assert result.returncode == 2 and "has 100 scores" in result.stderr and "has 99" in result.stderr
