@@ -154,3 +154,30 @@ def test_agreement_of_unequal_files_is_one_line(shared_data):
     result = run_cli("evaluate", "--agreement", str(shared_data / "gpt4-model-2-response.json"),
                      str(shared_data / "llama3-8b-model-2-response.json"))
     assert result.returncode == 2 and "has 100 scores" in result.stderr and "has 99" in result.stderr
+
+
+def test_pairwise_compare_asks_both_orders_and_counts_consistent_wins(entries, tmp_path):
+    """Ollama stand-in (see ollama_stand_in): it prefers whichever response contains 'GOOD'."""
+    good = [{**e, "model_response": "GOOD " + e["output"]} for e in entries[:4]]
+    bad = [{**e, "model_response": "bad"} for e in entries[:4]]
+    first, second = tmp_path / "good.json", tmp_path / "bad.json"
+    first.write_text(json.dumps(good))
+    second.write_text(json.dumps(bad))
+
+    def prefer_good(body):
+        prompt = body["messages"][0]["content"]
+        if "Response A: `GOOD" in prompt:
+            return ["A"]
+        if "Response B: `GOOD" in prompt:
+            return ["B"]
+        return ["85"]
+
+    with ollama_stand_in(prefer_good) as server:
+        result = run_cli("evaluate", "--responses", str(first), "--compare", str(second), "--judge-url", server.url,
+                         "--judge-model", "llama3", "--judge-api", "ollama", "--out", str(tmp_path / "out"))
+        assert result.returncode == 0, result.stderr
+        pair_requests = [r for r in server.requests if "which response is better" in r["messages"][0]["content"]]
+    assert len(pair_requests) == 8  # both orders for each of the 4 entries
+    pairwise = json.loads((tmp_path / "out" / "evaluation.json").read_text())["pairwise"]
+    assert (pairwise["wins"], pairwise["ties"], pairwise["losses"], pairwise["undecided"]) == (4, 0, 0, 0)
+    assert pairwise["net_preference"] == 1.0
