@@ -6,7 +6,6 @@ steps (minutes), for checking the harness itself; its numbers are not the claims
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -3,12 +3,10 @@ into an empty cache folder, then cached loads."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 from bench.common import print_table
 

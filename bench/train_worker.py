@@ -60,7 +60,6 @@ def _step_flops(model, inputs_lengths: list[int], padded_width: int, head_positi
 def run_ours(spec: dict) -> dict:
     import torch
 
-    from instructkit.data.batching import batches_in_order, chapter_shuffle_order, collate
     from instructkit.data.tokenize import IGNORE_INDEX
     from instructkit.train.config import TrainConfig
     from instructkit.train.lora import apply_lora
@@ -169,7 +168,6 @@ def run_hf_trl(spec: dict) -> dict:
     """HF transformers' Gemma3ForCausalLM with our converted weights, trained by TRL's SFTTrainer."""
     import tempfile
 
-    import torch
     import transformers
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

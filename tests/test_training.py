@@ -21,7 +21,7 @@ from instructkit.train.lora import apply_lora, merge_lora
 from instructkit.train.loop import build_optimizer, supervised_loss_sum, train_step
 from instructkit.train.loss import masked_cross_entropy
 
-from .conftest import REPO, run_cli
+from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")

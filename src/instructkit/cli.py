@@ -174,7 +174,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sample", dest="sample_prompt", action="store_false", default=None, help="skip the per-epoch sample")
 
 
-def _train_config(args: argparse.Namespace, base: "TrainConfig") -> "TrainConfig":
+def _train_config(args: argparse.Namespace, base):
+    """The TrainConfig of `base` with every option given on the command line applied."""
     values = base.to_dict()
     for option, _, _ in TRAIN_OPTIONS:
         value = getattr(args, option.replace("-", "_"))

@@ -191,7 +191,7 @@ class JudgeClient:
         for attempt in range(self.config.retries + 1):
             try:
                 return self.ask_once(prompt)
-            except (httpx.HTTPError, RuntimeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            except (httpx.HTTPError, RuntimeError, json.JSONDecodeError, KeyError, IndexError, TypeError):
                 if attempt == self.config.retries:
                     raise
                 time.sleep(min(8.0, 0.25 * 2**attempt))

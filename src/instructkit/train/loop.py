@@ -15,9 +15,7 @@ so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same update.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -147,9 +145,3 @@ def steps_per_epoch(num_examples: int, config: TrainConfig) -> int:
 def total_steps(num_examples: int, config: TrainConfig) -> int:
     steps = steps_per_epoch(num_examples, config) * config.epochs
     return min(steps, config.max_steps) if config.max_steps is not None else steps
-
-
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
