@@ -15,7 +15,7 @@ response and the end token. The end token is always a target, unless truncation 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from instructkit.data.prompts import PromptStyle
 from instructkit.errors import UserError
@@ -51,7 +51,6 @@ class EncodingReport:
     prompt_not_prefix: int = 0  # tokenized prompt differs from the start of the tokenized whole
     truncated: int = 0  # cut to max_length; each of these lost its end token
     nothing_supervised: int = 0  # after truncation, no target is left
-    untrainable_indices: list[int] = field(default_factory=list)
 
 
 def end_token_id(style: PromptStyle, tokenizer: Tokenizer) -> int:
@@ -112,7 +111,7 @@ def encode_records(
     """Encode a split; refuse if more than `max_untrainable_share` would train on nothing."""
     report = EncodingReport()
     examples: list[EncodedExample] = []
-    for index, record in enumerate(records):
+    for record in records:
         example, is_prefix = encode_example(record, style, tokenizer, mask_instructions=mask_instructions)
         report.examples += 1
         report.prompt_not_prefix += not is_prefix
@@ -123,7 +122,6 @@ def encode_records(
             report.truncated += 1
         if example.num_supervised == 0:
             report.nothing_supervised += 1
-            report.untrainable_indices.append(index)
         examples.append(example)
     if report.examples and report.nothing_supervised / report.examples > max_untrainable_share:
         raise UserError(

@@ -53,6 +53,13 @@ class KVCache:
         return slots
 
     @classmethod
+    def for_model(cls, model, batch: int, capacity: int, device=None) -> "KVCache":
+        """An empty cache shaped for `model` (its config names layers, KV heads and head size)."""
+        c, weight = model.config, model.lm_head.weight
+        return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity,
+                   device=device or weight.device, dtype=weight.dtype)
+
+    @classmethod
     def merge(cls, caches: list["KVCache"], capacity: int) -> "KVCache":
         """Stack caches of separately prefilled row groups into one, right-aligning their filled
         slots (shorter groups get invalid slots on the left, as left padding would)."""

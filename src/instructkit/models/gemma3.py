@@ -162,9 +162,7 @@ class Gemma3(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def new_cache(self, batch: int, capacity: int, device=None) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity,
-                       device=device or self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        return KVCache.for_model(self, batch, capacity, device)
 
     def forward(
         self,

@@ -37,6 +37,10 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    @property
+    def n_kv_heads(self) -> int:  # plain multi-head attention: one K/V head per query head
+        return self.n_heads
+
 
 GPT2_PRESETS: dict[str, GPT2Config] = {
     "gpt2-small": GPT2Config(emb_dim=768, n_layers=12, n_heads=12),
@@ -116,9 +120,7 @@ class GPT2(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self, batch: int, capacity: int, device=None) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layers, batch, c.n_heads, c.head_dim, capacity,
-                       device=device or self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        return KVCache.for_model(self, batch, capacity, device)
 
     def forward(
         self,

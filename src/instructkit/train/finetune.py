@@ -82,8 +82,8 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> Path:
         wrapped = apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha)
         _say(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} on {wrapped} linear layers")
     if config.freeze_embedding:
-        model.tie_weights()
-        (model.model.embed_tokens if config_family(model) == "gemma3" else model.transformer.wte).weight.requires_grad_(False)
+        model.tie_weights()  # the head's weight is the embedding: freezing it freezes both
+        model.lm_head.weight.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     _say(f"Model {loaded.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; prompt style {style.name}")
@@ -105,10 +105,6 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> Path:
     _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run_dir)
     _write_outputs(model, loaded, config, state, run_dir)
     return run_dir
-
-
-def config_family(model) -> str:
-    return model.config.family
 
 
 def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run_dir) -> None:
