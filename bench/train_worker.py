@@ -86,7 +86,8 @@ def run_ours(spec: dict) -> dict:
                                                      ignore_index=IGNORE_INDEX), int(supervised.sum())
 
         loop.supervised_loss_sum = full_logits_loss
-    train_eval, val_eval = eval_batches(train, spec["batch"], 5), eval_batches(val, spec["batch"], 5)
+    count = spec.get("eval_batches", 5)
+    train_eval, val_eval = eval_batches(train, spec["batch"], count), eval_batches(val, spec["batch"], count)
     return _measure(spec, model, batches, train, pad,
                     step=lambda batch: train_step(model, optimizer, train, [batch], pad_id=pad, lr=5e-5, clip=None),
                     evaluate=lambda: (evaluate_loss(model, train, train_eval, pad), evaluate_loss(model, val, val_eval, pad)),
@@ -132,14 +133,16 @@ def run_naive(spec: dict) -> dict:
 
 
 def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywhere, body_trains, head_trains) -> dict:
+    """Time `steps` training steps after `warmup`, then one evaluation, charged to the run as
+    steps / eval_every evaluations (what a whole run on this schedule spends)."""
     from instructkit.data.batching import collate
     from instructkit.data.tokenize import IGNORE_INDEX
 
     warmup, steps, eval_every = spec.get("warmup", 1), spec["steps"], spec.get("eval_every", 0)
     for batch in batches[:warmup]:
         step(batch)
-    step_seconds, eval_seconds, real, padded, supervised, flops = [], 0.0, 0, 0, 0, 0.0
-    for index, batch in enumerate(batches[warmup : warmup + steps], start=1):
+    step_seconds, real, padded, supervised, flops = [], 0, 0, 0, 0.0
+    for batch in batches[warmup : warmup + steps]:
         inputs, targets = collate([train[i] for i in batch], pad_id=pad)
         lengths = [len(train[i]) - 1 for i in batch]
         n_supervised = int((targets != IGNORE_INDEX).sum())
@@ -150,18 +153,20 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
         step(batch)
         step_seconds.append(time.perf_counter() - start)
         real, padded, supervised = real + sum(lengths), padded + inputs.numel(), supervised + n_supervised
-        if eval_every and index % eval_every == 0:
-            start = time.perf_counter()
-            evaluate()
-            eval_seconds += time.perf_counter() - start
+    one_eval = 0.0
+    if eval_every:
+        start = time.perf_counter()
+        evaluate()
+        one_eval = time.perf_counter() - start
+    eval_seconds = one_eval * steps / eval_every if eval_every else 0.0
     from bench.common import peak_rss_bytes
 
     train_time = sum(step_seconds)
-    return {**spec, "step_seconds": step_seconds, "eval_seconds": eval_seconds,
+    return {**spec, "step_seconds": step_seconds, "one_eval_seconds": one_eval, "eval_seconds": eval_seconds,
             "real_tokens": real, "padded_tokens": padded, "supervised_tokens": supervised,
             "real_tok_s": real / train_time, "padded_tok_s": padded / train_time, "supervised_tok_s": supervised / train_time,
-            "run_real_tok_s": real / (train_time + eval_seconds), "model_gflops": flops / train_time / 1e9,
-            "peak_rss_gb": peak_rss_bytes() / 1e9}
+            "run_real_tok_s": real / (train_time + eval_seconds), "eval_share": eval_seconds / (train_time + eval_seconds),
+            "model_gflops": flops / train_time / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9}
 
 
 def run_hf_trl(spec: dict) -> dict:

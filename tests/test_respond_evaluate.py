@@ -53,6 +53,9 @@ def test_checks_score_exactly():
     assert passes({"type": "exact", "answer": "DOG"}, "dog.")
     assert passes({"type": "number", "answer": 12.5, "tolerance": 0.01}, "The answer is 12.5 km")
     assert not passes({"type": "number", "answer": 12.5}, "13")
+    shown_working = {"type": "number", "answer": 7, "take": "last"}
+    assert passes(shown_working, "4 + 3 = 7") and not passes(shown_working, "7 + 3 = 10")
+    assert passes({"type": "number", "answer": 6}, "6 - 1 = 5") and not passes({"type": "number", "answer": 5}, "6 - 1 = 5")
     assert passes({"type": "set", "answer": ["a", "b"]}, "b, a")
     assert passes({"type": "json", "answer": {"x": 1}}, '{"x": 1}') and not passes({"type": "json", "answer": {"x": 1}}, "x=1")
     entries = [{"instruction": str(i), "task": "t1" if i < 3 else "t2", "check": {"type": "exact", "answer": "y"},

@@ -42,6 +42,31 @@ def test_head_at_supervised_positions_equals_full_logits_loss(tiny_gpt2_examples
     assert loss_sum.item() / count == pytest.approx(reference.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_fused_head_loss_matches_logits_and_cross_entropy(monkeypatch, weight_trains):
+    """The chunked head + cross-entropy (gradients made in the forward pass) against autograd
+    through full logits and F.cross_entropy, over several chunks."""
+    import instructkit.train.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", 16 * 50)  # 16 rows per chunk
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(53, 12, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 12, generator=generator, requires_grad=weight_trains)
+    targets = torch.randint(0, 50, (53,), generator=generator)
+    fused = loss_module.fused_head_cross_entropy_sum(hidden, weight, targets)
+    (fused * 0.37).backward()
+    fused_grads = hidden.grad.clone(), (weight.grad.clone() if weight_trains else None)
+    hidden.grad, weight.grad = None, None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (reference * 0.37).backward()
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    if weight_trains:
+        torch.testing.assert_close(fused_grads[1], weight.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert loss_module.fused_head_cross_entropy_sum(hidden, weight, targets).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
 def test_padding_does_not_change_the_loss(tiny_gpt2_examples):
     loaded, examples = tiny_gpt2_examples
     batch = examples[:5]

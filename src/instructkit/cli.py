@@ -311,8 +311,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The fast recipe: full fine-tuning of everything but the tied 262,144-row embedding, loss on
     # responses only, length-grouped batches, fewer (but full-validation) evaluations.
     recipe = TrainConfig(model=args.model, data=args.data, out=str(run_dir), epochs=args.epochs, lr=args.lr,
+                         warmup=args.warmup, schedule=args.schedule, clip=1.0,
                          mask_instructions=True, freeze_embedding=True, eval_every=40, eval_batches=7,
-                         max_steps=args.max_steps, save_every=50)
+                         max_steps=args.max_steps, save_every=50).validate()
     if (run_dir / "model.safetensors").exists() and not (run_dir / "checkpoint").exists():
         print(f"{run_dir}: training already finished; continuing with responses and evaluation")
     else:
@@ -411,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default="builtin", help="default: the built-in verifiable dataset (offline)")
     run.add_argument("--out", default="runs/main", help="run folder")
     run.add_argument("--epochs", type=int, default=1)
-    run.add_argument("--lr", type=float, default=5e-5)
+    run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    run.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
+    run.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
     run.add_argument("--max-steps", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=256)
     run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")

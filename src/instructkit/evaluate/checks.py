@@ -2,7 +2,8 @@
 
 A check is an object: {"type": "exact", "answer": "..."} (case, outer spaces and a final period
 ignored), {"type": "exact_case", "answer": "..."} (only outer spaces ignored), {"type": "number",
-"answer": 3.5, "tolerance": 0.01} (the first number in the response), {"type": "set", "answer":
+"answer": 3.5, "tolerance": 0.01} (the first number in the response; with "take": "last", the last,
+for answers that show their working), {"type": "set", "answer":
 ["a", "b"]} (comma- or line-separated items, any order) or {"type": "json", "answer": {...}}.
 """
 
@@ -29,7 +30,10 @@ def passes(check: dict, response: str) -> bool:
         return response.strip() == str(answer).strip()
     if kind == "number":
         found = _NUMBER.findall(response.replace(",", ""))
-        return len(found) >= 1 and abs(float(found[0]) - float(answer)) <= float(check.get("tolerance", 1e-9))
+        if not found:
+            return False
+        value = found[-1] if check.get("take") == "last" else found[0]
+        return abs(float(value) - float(answer)) <= float(check.get("tolerance", 1e-9))
     if kind == "set":
         items = {_clean(part) for part in re.split(r"[,\n;]", response) if part.strip()}
         return items == {_clean(str(a)) for a in answer}

@@ -24,17 +24,21 @@ from instructkit.data.batching import batches_in_order, chapter_shuffle_order, c
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample
 from instructkit.train.config import TrainConfig
+from instructkit.train.loss import fused_head_cross_entropy_sum
 
 
 def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised targets, with the head applied only there.
+    """Summed cross-entropy over supervised targets, with the head applied only there, in
+    chunks (see loss.fused_head_cross_entropy_sum).
 
-    inputs, targets: (B, T). hidden: (B, T, C) -> selected (N, C) -> logits (N, V)."""
+    inputs, targets: (B, T). hidden: (B, T, C) -> selected (N, C) -> loss ()."""
     hidden = model(inputs, return_hidden=True)
     supervised = targets != IGNORE_INDEX
-    logits = model.head(hidden[supervised])
     count = int(supervised.sum())
-    return F.cross_entropy(logits, targets[supervised], reduction="sum"), count
+    head = model.lm_head
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # a wrapped head: the plain way
+        return F.cross_entropy(model.head(hidden[supervised]), targets[supervised], reduction="sum"), count
+    return fused_head_cross_entropy_sum(hidden[supervised], head.weight, targets[supervised]), count
 
 
 def epoch_batches(examples: list[EncodedExample], config: TrainConfig, epoch: int) -> list[list[int]]:

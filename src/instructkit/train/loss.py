@@ -1,4 +1,4 @@
-"""The one loss function: mean cross-entropy over supervised targets.
+"""Losses: mean cross-entropy over supervised targets, and a fused LM head + cross-entropy.
 
 Targets come from the collate function, already shifted by one, with IGNORE_INDEX wherever no
 loss counts. Averaging is over supervised targets only, so padding never dilutes the loss.
@@ -11,6 +11,10 @@ import torch.nn.functional as F
 
 from instructkit.data.tokenize import IGNORE_INDEX
 
+# Rows of logits alive at once in the fused head: 2**25 floats (128 MB), i.e. 128 rows of
+# Gemma's 262,144-token vocabulary or ~670 of GPT-2's.
+LOGITS_CHUNK_ELEMENTS = 2**25
+
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
     """logits (..., V), targets (...) with IGNORE_INDEX for masked positions."""
@@ -20,3 +24,59 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, reducti
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(16, LOGITS_CHUNK_ELEMENTS // vocab)
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), never holding more than one chunk of logits.
+
+    The gradient of a summed cross-entropy w.r.t. its logits is softmax - one_hot, known in the
+    forward pass; the upstream gradient is a scalar. So each chunk's logits become gradients for
+    `hidden` (and `weight`, when it trains) right away and are freed: same FLOPs as logits +
+    F.cross_entropy + autograd, but peak memory of one chunk instead of three (N, V) tensors
+    (logits, log-probabilities, their gradient: 3 GB for 1,000 positions of Gemma's head)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):  # hidden (N, C), weight (V, C), targets (N,)
+        rows = _chunk_rows(weight.shape[0])
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = h @ weight.T  # (n, V)
+            log_norm = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum(dtype=torch.float64)
+            if need_hidden or need_weight:
+                probabilities = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+                probabilities[torch.arange(t.shape[0]), t] -= 1.0  # d(sum CE)/d(logits)
+                if need_hidden:
+                    torch.mm(probabilities, weight, out=grad_hidden[start : start + rows])
+                if need_weight:
+                    grad_weight.addmm_(probabilities.T, h)
+        ctx.grads = (grad_hidden, grad_weight)
+        return total.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        return (grad_hidden * grad_output if grad_hidden is not None else None,
+                grad_weight * grad_output if grad_weight is not None else None, None)
+
+
+def fused_head_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the linear head `weight` (V, C) on `hidden` (N, C) against
+    `targets` (N,), all supervised. Chunked; under no_grad nothing but the loss is computed."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedHeadCrossEntropy.apply(hidden, weight, targets)
+    rows = _chunk_rows(weight.shape[0])
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, hidden.shape[0], rows):
+        logits = hidden[start : start + rows] @ weight.T
+        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum").double()
+    return total.to(hidden.dtype)
