@@ -43,9 +43,17 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
     repeats = repeats or (1 if quick else 2)
     configs = configurations(quick)
     raw: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    peaks = [peak_gflops] if peak_gflops else []
     for _ in range(repeats):  # interleaved: every configuration once per round
         for name, spec in configs:
             raw[name].append(run_worker("bench.train_worker", spec))
+        if peak_gflops:  # the peak again, so MFU is against the best rate of this run
+            from bench import peak
+
+            peaks.append(peak.summarize(peak.sample(quick))["gflops"])
+    peak_gflops = max(peaks) if peaks else None
+    if peak_gflops:
+        print(f"fp32 matmul peak, best of {len(peaks)} samplings in this run: {peak_gflops:.1f} GFLOP/s")
     rows, summary = [], {}
     for name, _ in configs:
         runs = [r for r in raw[name] if "error" not in r]
@@ -79,4 +87,4 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
         ratios["gemma ours / HF+TRL (real tok/s)"] = gemma_ours["real_tok_s"] / gemma_hf["real_tok_s"]
     if ratios:
         print_table("Ratios", ["comparison", "ratio"], [[k, f"{v:.2f}x"] for k, v in ratios.items()])
-    return {"summary": summary, "ratios": ratios, "raw": raw}
+    return {"summary": summary, "ratios": ratios, "raw": raw, "peak_gflops": peak_gflops, "peak_samplings": peaks}

@@ -42,6 +42,13 @@ def test_no_test_prompt_leaks_into_train_or_validation():
     assert not any(prompt(r) in seen for r in splits.test)
 
 
+def test_every_split_has_the_families_in_equal_shares():
+    splits = split_records(generate_builtin())
+    for part in (splits.train, splits.test, splits.val):
+        counts = collections.Counter(r["task"] for r in part)
+        assert len(counts) == len(FAMILIES) and max(counts.values()) - min(counts.values()) <= 2, counts
+
+
 def test_scoring_user_records_with_checks():
     entries = [{"instruction": "q", "task": "mine", "check": {"type": "number", "answer": 4}, "model_response": "4 apples"},
                {"instruction": "r", "task": "mine", "check": {"type": "number", "answer": 4}, "model_response": "five"}]

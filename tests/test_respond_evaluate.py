@@ -83,3 +83,24 @@ def test_evaluate_bad_responses_file_is_one_line(tmp_path):
     bad.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     result = run_cli("evaluate", "--responses", str(bad))
     assert result.returncode == 2 and "record 0: missing or non-string 'model_response'" in result.stderr
+
+
+def test_main_job_end_to_end_on_a_tiny_model(tmp_path):
+    """`instructkit run` (the README's main command) with a tiny random Gemma 3 and a small
+    built-in dataset: fine-tune, respond with the tuned and the base model, evaluate, report."""
+    out = tmp_path / "main"
+    args = ("run", "--model", "tiny-gemma3", "--data", "builtin:150", "--max-steps", "4", "--max-new-tokens", "6",
+            "--base-max-new-tokens", "6", "--out", str(out))
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "loss-plot.png", "loss-plot.pdf",
+                 "test-responses.json", "base-responses.json", "evaluation.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint").exists() and "Wall time:" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["mask_instructions"] and config["freeze_embedding"] and config["schedule"] == "cosine"
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert set(evaluation["checks"]["families"]) == {r["task"] for r in json.loads((out / "test-responses.json").read_text())}
+    assert "accuracy per task family" in (out / "report.md").read_text()
+    again = run_cli(*args)  # a rerun keeps the finished training and redoes only the cheap stages
+    assert again.returncode == 0 and "training already finished" in again.stdout

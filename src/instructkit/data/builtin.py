@@ -5,8 +5,10 @@ chapter's) from 15 task families, deterministically: the same N and seed give th
 Records are Alpaca-style plus `task` (the family) and `check` (how to score a response:
 exact string, number with tolerance, set of items, JSON equality; see evaluate/checks.py).
 Every family has several phrasings, some with an `input` field, some without; answers are short
-(a 270M model can learn them in an epoch) and unambiguous. Prompts are unique, so the chapter's
-split (85 / 10 / 5 in order) cannot leak a test prompt into training.
+and unambiguous, and pitched where Gemma 3 270M can learn them in one epoch (see the notes in
+arithmetic, dates, sort_list). Prompts are unique, so the chapter's split (85 / 10 / 5 in order)
+cannot leak a test prompt into training, and records come in blocks of one per family, so every
+split holds the families in equal shares.
 """
 
 from __future__ import annotations

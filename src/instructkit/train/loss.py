@@ -30,6 +30,22 @@ def _chunk_rows(vocab: int) -> int:
     return max(16, LOGITS_CHUNK_ELEMENTS // vocab)
 
 
+def _exp_logits_and_loss(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk: h (n, C), weight (V, C), t (n,). Returns exp(logits - max) in vocab-major
+    layout (V, n), the softmax normalisers (n,) and the chunk's summed cross-entropy ().
+
+    Vocab-major because on a CPU weight @ h.T runs at ~1.5-2x the speed of h @ weight.T for
+    these shapes (136 vs 75 GFLOP/s for 128 rows of Gemma's head)."""
+    logits = torch.mm(weight, h.T)  # (V, n)
+    columns = torch.arange(t.shape[0])
+    target_logits = logits[t, columns]  # (n,)
+    top = logits.amax(dim=0)  # (n,)
+    exp_logits = logits.sub_(top).exp_()  # in place: no second (V, n) tensor
+    norms = exp_logits.sum(dim=0)  # (n,)
+    loss = (top + norms.log() - target_logits).sum(dtype=torch.float64)
+    return exp_logits, norms, loss
+
+
 class _FusedHeadCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), never holding more than one chunk of logits.
 
@@ -48,16 +64,14 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
-            logits = h @ weight.T  # (n, V)
-            log_norm = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum(dtype=torch.float64)
-            if need_hidden or need_weight:
-                probabilities = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-                probabilities[torch.arange(t.shape[0]), t] -= 1.0  # d(sum CE)/d(logits)
-                if need_hidden:
-                    torch.mm(probabilities, weight, out=grad_hidden[start : start + rows])
-                if need_weight:
-                    grad_weight.addmm_(probabilities.T, h)
+            exp_logits, norms, loss = _exp_logits_and_loss(h, weight, t)
+            total += loss
+            probabilities = exp_logits.div_(norms)  # (V, n) softmax, in place
+            probabilities[t, torch.arange(t.shape[0])] -= 1.0  # d(sum CE)/d(logits)
+            if need_hidden:  # (C, V) @ (V, n) -> (C, n), the fast layout again
+                grad_hidden[start : start + rows] = (weight.T @ probabilities).T
+            if need_weight:
+                grad_weight.addmm_(probabilities, h)  # (V, n) @ (n, C)
         ctx.grads = (grad_hidden, grad_weight)
         return total.to(hidden.dtype)
 
@@ -77,6 +91,5 @@ def fused_head_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, tar
     rows = _chunk_rows(weight.shape[0])
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, hidden.shape[0], rows):
-        logits = hidden[start : start + rows] @ weight.T
-        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum").double()
+        total += _exp_logits_and_loss(hidden[start : start + rows], weight, targets[start : start + rows])[2]
     return total.to(hidden.dtype)
