@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -33,11 +32,6 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
-
-
-def median_spread(values: list[float]) -> tuple[float, float]:
-    """Median and half the interquartile-ish spread (max - min) / 2 for small samples."""
-    return statistics.median(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import statistics
 
-from bench.common import print_table, run_worker
-
-from bench.common import DATA
+from bench import peak
+from bench.common import DATA, print_table, run_worker
 
 
 def configurations(quick: bool) -> list[tuple[str, dict]]:
@@ -48,8 +47,6 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
         for name, spec in configs:
             raw[name].append(run_worker("bench.train_worker", spec))
         if peak_gflops:  # the peak again, so MFU is against the best rate of this run
-            from bench import peak
-
             peaks.append(peak.summarize(peak.sample(quick))["gflops"])
     peak_gflops = max(peaks) if peaks else None
     if peak_gflops:
@@ -66,10 +63,9 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
         gflops = statistics.median(r.get("model_gflops", float("nan")) for r in runs)
         rss = max(r["peak_rss_gb"] for r in runs)
         mfu = gflops / peak_gflops if peak_gflops else float("nan")
-        summary[name] = {"real_tok_s": real, "run_real_tok_s": run_real, "supervised_tok_s": sup,
-                         "model_gflops": gflops, "mfu": mfu, "peak_rss_gb": rss}
         share = statistics.median(r.get("eval_share", 0.0) for r in runs)
-        summary[name]["eval_share"] = share
+        summary[name] = {"real_tok_s": real, "run_real_tok_s": run_real, "supervised_tok_s": sup,
+                         "model_gflops": gflops, "mfu": mfu, "peak_rss_gb": rss, "eval_share": share}
         rows.append([name, real, run_real, f"{share:.0%}", sup, gflops, f"{mfu:.0%}" if mfu == mfu else "-", f"{rss:.2f}"])
     print_table("Training throughput (median of interleaved repeats)",
                 ["configuration", "real tok/s", "incl. eval", "eval share", "supervised tok/s", "model GFLOP/s", "MFU", "peak RSS GB"], rows)

@@ -313,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = TrainConfig(model=args.model, data=args.data, out=str(run_dir), epochs=args.epochs, lr=args.lr,
                          warmup=args.warmup, schedule=args.schedule, clip=1.0,
                          mask_instructions=True, freeze_embedding=True, eval_every=40, eval_batches=7,
-                         max_steps=args.max_steps, save_every=50).validate()
+                         max_steps=args.max_steps, save_every=50)
     if (run_dir / "model.safetensors").exists() and not (run_dir / "checkpoint").exists():
         print(f"{run_dir}: training already finished; continuing with responses and evaluation")
     else:

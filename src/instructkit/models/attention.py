@@ -38,7 +38,6 @@ class KVCache:
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.length = 0
         self.capacity = capacity
-        self.all_valid = True  # no padding slot so far: a one-token step may attend to everything
         self.masks: dict[int | None, torch.Tensor | None] = {}  # per window, for the current forward pass
 
     def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice:
@@ -49,7 +48,6 @@ class KVCache:
         slots = slice(self.length, self.length + steps)
         self.positions[:, slots] = positions
         self.valid[:, slots] = valid
-        self.all_valid = self.all_valid and bool(valid.all())
         self.length += steps
         self.masks = {}  # every layer of this forward pass shares one mask per window size
         return slots
@@ -81,7 +79,6 @@ class KVCache:
             merged.valid[rows, filled] = cache.valid[:, : cache.length]
             row = rows.stop
         merged.length = width
-        merged.all_valid = bool(merged.valid[:, :width].all())
         return merged
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -91,7 +88,6 @@ class KVCache:
             layer.values = layer.values[rows]
         self.positions = self.positions[rows]
         self.valid = self.valid[rows]
-        self.all_valid = bool(self.valid[:, : self.length].all())
         self.masks = {}
 
 
@@ -151,7 +147,8 @@ def attend(
         else:
             # One new token per row, no padding anywhere and the window not yet reached: every
             # cached key is visible, so no mask (SDPA's unmasked path; ~10% of a GPT-2 decode step).
-            everything_visible = steps == 1 and kv_cache.all_valid and (window is None or slots.stop <= window)
+            everything_visible = (steps == 1 and (window is None or slots.stop <= window)
+                                  and bool(kv_cache.valid[:, : slots.stop].all()))
             mask = None if everything_visible else attention_mask(
                 positions, kv_cache.positions[:, : slots.stop], kv_cache.valid[:, : slots.stop], window)
             kv_cache.masks[window] = mask
