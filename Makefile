@@ -14,7 +14,9 @@ PIP := $(BIN)/python -m pip
 # The main job's data: the built-in verifiable dataset (offline, exactly scored). For the
 # chapter's data: make run DATA=../shared/data/instruction-data.json (or DATA=chapter7 online).
 DATA ?= builtin
-RUN_DIR ?= runs/main
+# The run folder is named after the data (runs/builtin, runs/instruction-data) unless RUN_DIR is set,
+# so runs on different data never share a folder.
+RUN_DIR ?=
 
 .PHONY: run test install install-test clean
 
@@ -34,7 +36,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(BIN)/instructkit run --data "$(DATA)" --out "$(RUN_DIR)"
+	$(BIN)/instructkit run --data "$(DATA)" $(if $(RUN_DIR),--out "$(RUN_DIR)")
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -25,6 +25,33 @@ def _require_shared(path: Path) -> Path:
     return path
 
 
+def require_module(name: str):
+    """Import a test dependency. Outside CI a missing one skips the test module; under CI=true it
+    fails, so a CI run never passes with core tests silently skipped."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"test dependency {name!r} is not installed ({exc}); `make test` installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+def require_program(path: str, how: str) -> str:
+    """A program the tests drive (chromium, go): skipped without it outside CI, failed under CI."""
+    import shutil
+
+    found = shutil.which(path)
+    if found is None:
+        message = f"{path} not found ({how})"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return found
+
+
 @pytest.fixture(scope="session")
 def chapter_data_path() -> Path:
     return _require_shared(CHAPTER_DATA)

@@ -122,10 +122,13 @@ def scripted_openai_server(script) -> _Server:
             if action == "hang":
                 time.sleep(value)
                 return
-            if action == "status":
-                self.send_response(value)
-                self.send_header("Content-Length", "0")
+            if action == "status":  # value: a code, or (code, JSON body)
+                code, payload = value if isinstance(value, tuple) else (value, None)
+                data = json.dumps(payload).encode() if payload is not None else b""
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                self.wfile.write(data)
                 return
             data = json.dumps({"choices": [{"message": {"role": "assistant", "content": value}}]}).encode()
             self.send_response(200)
@@ -139,7 +142,10 @@ def scripted_openai_server(script) -> _Server:
 
 def ollama_stand_in(reply_for) -> _Server:
     """A stand-in for Ollama (which cannot be installed here): it replays the NDJSON stream that
-    Ollama's /api/chat documents, one JSON object per line, the last with "done": true."""
+    Ollama's /api/chat documents, one JSON object per line, the last with "done": true.
+    `reply_for(body)` gives the content pieces, or a dict {"pieces": [...], "end": "done" | "error"
+    | "cut", "status": code} to end the stream with an error chunk, cut it off before done, or
+    answer an HTTP error with Ollama's {"error": ...} body."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -155,14 +161,21 @@ def ollama_stand_in(reply_for) -> _Server:
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             self.server.requests.append({"path": self.path, **body})
-            text = reply_for(body)
+            plan = reply_for(body)
+            plan = plan if isinstance(plan, dict) else {"pieces": plan}
+            text, end, status = plan.get("pieces", []), plan.get("end", "done"), plan.get("status", 200)
             lines = [{"model": body["model"], "created_at": "2024-07-01T00:00:00Z",
                       "message": {"role": "assistant", "content": piece}, "done": False} for piece in text]
-            lines.append({"model": body["model"], "created_at": "2024-07-01T00:00:01Z",
-                          "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
-                          "total_duration": 1, "eval_count": len(text)})
+            if status != 200:
+                lines = [{"error": f"model '{body['model']}' not found"}]
+            elif end == "error":
+                lines.append({"error": "an error was encountered while running the model"})
+            elif end == "done":
+                lines.append({"model": body["model"], "created_at": "2024-07-01T00:00:01Z",
+                              "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
+                              "total_duration": 1, "eval_count": len(text)})
             data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

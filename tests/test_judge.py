@@ -14,10 +14,10 @@ from instructkit.evaluate.judge import JudgeConfig, chapter_prompt, judge_respon
 from instructkit.errors import UserError
 from instructkit.models.registry import embedded_gguf_path
 
-from .conftest import run_cli
+from .conftest import require_module, run_cli
 from .judge_servers import counting_proxy, llama_cpp_server, ollama_stand_in, scripted_openai_server
 
-pytest.importorskip("llama_cpp")
+require_module("llama_cpp")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,57 @@ def test_ollama_native_stream(entries, tmp_path):
     assert [v.score for v in verdicts] == [42, 42]
     assert request["path"] == "/api/chat" and request["stream"] is True
     assert request["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048}
+
+
+def test_ollama_stream_that_errors_or_stops_early_is_a_failure_never_cached(entries, tmp_path):
+    """Ollama stand-in: a stream ending in an error chunk, and one cut off before done: true."""
+    plans = {entries[0]["instruction"]: {"pieces": ["8", "0"], "end": "error"},
+             entries[1]["instruction"]: {"pieces": ["6"], "end": "cut"},
+             entries[2]["instruction"]: ["7", "5"]}
+
+    def plan_for(body):
+        prompt = body["messages"][0]["content"]
+        return next(plan for instruction, plan in plans.items() if instruction in prompt)
+
+    cache = tmp_path / "c.jsonl"
+    with ollama_stand_in(plan_for) as server:
+        config = JudgeConfig(url=server.url, model="llama3", api="ollama", concurrency=1, retries=1)
+        verdicts = judge_responses(entries[:3], config, cache, progress=False)
+    assert [v.status for v in verdicts] == ["failed", "failed", "scored"]
+    assert "error" in verdicts[0].error and "without done" in verdicts[1].error
+    assert [json.loads(line)["reply"] for line in cache.read_text().splitlines()] == ["75"]
+
+
+@pytest.mark.parametrize("status, words", [(401, "refused the request (HTTP 401"), (404, "HTTP 404: model 'x' not found")])
+def test_configuration_faults_stop_at_once_with_one_line(entries, tmp_path, status, words):
+    """Stand-in: a server answering every request with the same client error (no retries)."""
+    with scripted_openai_server(lambda n, body: ("status", (status, {"error": {"message": "model 'x' not found"}}))) as server:
+        responses = tmp_path / "responses.json"
+        responses.write_text(json.dumps(entries[:6]))
+        result = run_cli("evaluate", "--responses", str(responses), "--judge-url", server.url, "--judge-model", "x",
+                         "--judge-api", "openai", "--out", str(tmp_path / "out"))
+        asked = len(server.requests)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("instructkit: error")]
+    assert result.returncode == 2 and len(errors) == 1 and words in errors[0]
+    assert asked == 1  # the first request, alone: no retry, no fan-out
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_other_client_errors_are_counted_without_retry(entries, tmp_path):
+    with scripted_openai_server(lambda n, body: ("status", 400) if n == 2 else ("reply", "50")) as server:
+        config = JudgeConfig(url=server.url, model="m", api="openai", concurrency=1, retries=3)
+        verdicts = judge_responses(entries[:3], config, tmp_path / "c.jsonl", progress=False)
+        asked = len(server.requests)
+    assert [v.status for v in verdicts] == ["scored", "failed", "scored"] and asked == 3
+
+
+def test_unset_api_key_variable_is_one_line(entries, tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(entries[:2]))
+    result = run_cli("evaluate", "--responses", str(responses), "--judge-url", "http://127.0.0.1:9", "--judge-model", "m",
+                     "--judge-api-key-env", "NO_SUCH_KEY_VAR")
+    assert result.returncode == 2 and "NO_SUCH_KEY_VAR: that environment variable is not set" in result.stderr
 
 
 def test_unreachable_server_says_where_and_how(entries, tmp_path):

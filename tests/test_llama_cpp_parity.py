@@ -9,7 +9,9 @@ import torch
 
 from instructkit.models.registry import embedded_gguf_path, load_model
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from .conftest import require_module
+
+llama_cpp = require_module("llama_cpp")
 
 HANDWRITTEN = [
     "The capital of France is", "", " ", "  ", "   leading spaces", "trailing spaces   ", "tab\tseparated\tvalues",

@@ -9,7 +9,9 @@ import torch
 from instructkit.errors import UserError
 from instructkit.models.registry import embedded_gemma_folder, load_model, save_chapter_pth
 
-transformers = pytest.importorskip("transformers")
+from .conftest import require_module
+
+transformers = require_module("transformers")
 
 
 def _tokens(vocab: int, steps: int, seed: int = 0) -> torch.Tensor:

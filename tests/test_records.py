@@ -113,3 +113,38 @@ def test_cli_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, name, cont
 def test_cli_missing_file_is_one_line(tmp_path):
     result = run_cli("data", "--data", str(tmp_path / "nope.json"))
     assert result.returncode == 2 and "no such file" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_jsonl_lines_end_only_at_newline(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal raw inside JSON strings (ensure_ascii=False writes them);
+    str.splitlines() would break records there."""
+    from instructkit.fileio import append_jsonl, read_jsonl
+
+    odd = {"instruction": "Line\u2028separator, paragraph\u2029and next-line\u0085here.", "input": "", "output": "ok\u2028."}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD, ensure_ascii=False) + "\n" + json.dumps(odd, ensure_ascii=False) + "\r\n",
+                    encoding="utf-8")
+    assert [r["instruction"] for r in load_records(path).records] == [GOOD["instruction"], odd["instruction"]]
+    rows = tmp_path / "rows.jsonl"
+    append_jsonl(rows, [odd, GOOD])
+    with open(rows, "a", encoding="utf-8") as handle:
+        handle.write('{"torn": ')  # a kill mid-write leaves a torn last line
+    assert read_jsonl(rows) == [odd, GOOD]
+
+
+@pytest.mark.parametrize(
+    "check, fault",
+    [
+        ("exact", "'check' is a string, expected an object"),
+        ({"type": "fuzzy", "answer": "x"}, "'check' has type 'fuzzy'; choose from exact"),
+        ({"type": "number"}, "'check' of type 'number' has no 'answer'"),
+        ({"type": "number", "answer": "four"}, "'check' of type 'number' needs an answer of type int, got a string"),
+        ({"type": "number", "answer": 4, "tolerance": -1}, "'check' tolerance must be a non-negative number"),
+        ({"type": "set", "answer": "a, b"}, "'check' of type 'set' needs an answer of type list"),
+    ],
+)
+def test_malformed_check_is_one_line_naming_the_record(tmp_path, check, fault):
+    path = _write(tmp_path, "d.json", json.dumps([GOOD, {**GOOD, "instruction": "Other.", "check": check}]))
+    assert _error(path).startswith(f"{path}: record 1: {fault}")
+    result = run_cli("data", "--data", str(path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "record 1" in result.stderr

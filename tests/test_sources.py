@@ -60,6 +60,60 @@ def test_unreachable_host_is_one_line_and_leaves_nothing(served, tmp_path):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-def test_named_sources_point_at_the_chapter_and_alpaca_files():
-    assert NAMED_SOURCES["chapter7"].endswith("rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json")
-    assert NAMED_SOURCES["alpaca52k"].endswith("tatsu-lab/stanford_alpaca/main/alpaca_data.json")
+def test_named_sources_are_pinned_to_a_commit_and_a_content_hash(chapter_data_path):
+    from instructkit.data.sources import _matches_pin
+
+    chapter, alpaca = NAMED_SOURCES["chapter7"], NAMED_SOURCES["alpaca52k"]
+    assert "/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/ch07/" in chapter.url
+    assert "/tatsu-lab/stanford_alpaca/761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json" in alpaca.url
+    assert alpaca.git_blob_sha1 and len(alpaca.git_blob_sha1) == 40
+    assert _matches_pin(chapter_data_path, chapter) is None  # the shared copy is the pinned content
+    assert "expected" in _matches_pin(chapter_data_path.parent / "instruction-examples.json", chapter)
+
+
+def _flaky_server(body: bytes, truncate_first: int):
+    """Serves `body` with its full Content-Length, but closes the connection early on the first
+    `truncate_first` requests (a dropped download)."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if len(hits) <= truncate_first else body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, hits
+
+
+@pytest.mark.parametrize("truncated, ok", [(2, True), (3, False)])
+def test_truncated_download_is_detected_and_retried(tmp_path, monkeypatch, truncated, ok):
+    monkeypatch.setenv("INSTRUCTKIT_CACHE", str(tmp_path / "cache"))
+    body = json.dumps([{"instruction": f"q{i}", "output": "a" * 50} for i in range(200)]).encode()
+    server, hits = _flaky_server(body, truncated)
+    url = f"http://127.0.0.1:{server.server_address[1]}/d.json"
+    try:
+        if ok:
+            assert resolve_source(url).read_bytes() == body and len(hits) == 3
+        else:
+            with pytest.raises(UserError, match=r"download failed 3 times"):
+                resolve_source(url)
+            assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    finally:
+        server.shutdown()
+
+
+def test_pinned_source_with_other_content_is_refused(served, monkeypatch):
+    from instructkit.data import sources
+
+    root, base, hits = served
+    (root / "chapter.json").write_text(json.dumps([{"instruction": "not the chapter", "output": "x"}]))
+    monkeypatch.setitem(sources.NAMED_SOURCES, "chapter7", sources.NamedSource(f"{base}/chapter.json", sha256="0" * 64))
+    with pytest.raises(UserError, match=r"download failed 3 times \(sha256 .*expected 0000"):
+        resolve_source("chapter7")

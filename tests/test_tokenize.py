@@ -44,3 +44,22 @@ def test_truncation_reports_lost_end_tokens(gpt2):
     assert report.truncated == 1 and report.nothing_supervised == 0
     assert len(examples[1]) == 41 and examples[1].input_ids[-1] != gpt2.eos_id
     assert examples[0].input_ids[-1] == gpt2.eos_id
+
+
+def test_control_tokens_of_the_tokenizer_in_data_are_one_line_errors():
+    """Gemma's tokenizer has ~6,000 control tokens beyond the turn markers (<unused0>, <mask>,
+    ...); any of them written in data is refused, naming the record."""
+    import pytest
+
+    from instructkit.data.prompts import GEMMA
+    from instructkit.data.tokenize import encode_records
+    from instructkit.errors import UserError
+    from instructkit.models.registry import load_model
+
+    tokenizer = load_model("tiny-gemma3").tokenizer
+    assert {"<unused0>", "<unused6000>", "<mask>", "<eos>", "<start_of_turn>"} <= tokenizer.control_tokens
+    good = {"instruction": "Compare <b>bold</b> and x < y > z.", "input": "", "output": "Fine."}
+    encode_records([good], GEMMA, tokenizer)  # HTML-like text is not a control token
+    bad = {"instruction": "Say it.", "input": "", "output": "Here <unused3> it is."}
+    with pytest.raises(UserError, match=r"entry 1 \(instruction 'Say it.'\): field 'output' contains '<unused3>'"):
+        encode_records([good, bad], GEMMA, tokenizer, source="d.json (train split)")

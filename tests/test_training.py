@@ -181,3 +181,77 @@ def test_finetune_refuses_to_overwrite_and_bad_resume_is_one_line(chapter_data_p
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli(*_finetune_args(chapter_data_path, tmp_path / "S", "--lr", "-1"))
     assert result.returncode == 2 and "--lr must be positive" in result.stderr
+
+
+def test_batch_order_is_made_for_the_effective_batch(tiny_gpt2_examples):
+    """With length-grouped batches too, batch 8 and batch 1 x accumulation 8 put the same examples
+    into every optimizer step."""
+    from instructkit.train.loop import epoch_batches
+
+    _, examples = tiny_gpt2_examples
+    for batching in ("grouped", "chapter"):
+        big = epoch_batches(examples, TrainConfig(batch_size=8, grad_accum=1, batching=batching), 0)
+        small = epoch_batches(examples, TrainConfig(batch_size=1, grad_accum=8, batching=batching), 0)
+        two = epoch_batches(examples, TrainConfig(batch_size=4, grad_accum=2, batching=batching), 0)
+        assert big == [sum(small[i : i + 8], []) for i in range(0, len(small), 8)]
+        assert big == [two[i] + two[i + 1] for i in range(0, len(two), 2)]
+
+
+def test_a_step_without_supervised_tokens_is_skipped(tiny_gpt2_examples):
+    from instructkit.data.tokenize import EncodedExample
+
+    loaded, examples = tiny_gpt2_examples
+    model = copy.deepcopy(loaded.model).train()
+    blind = [EncodedExample(e.input_ids, [-100] * len(e.input_ids), len(e.input_ids)) for e in examples[:2]]
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_step(model, build_optimizer(model, TrainConfig()), blind, [[0, 1]], pad_id=loaded.tokenizer.pad_id,
+                        lr=1e-2, clip=1.0)
+    assert result.skipped and result.supervised_tokens == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fused_loss_refuses_targets_outside_the_vocabulary():
+    from instructkit.train.loss import fused_head_cross_entropy_sum
+
+    hidden, weight = torch.randn(3, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 10\)"):
+        fused_head_cross_entropy_sum(hidden, weight, torch.tensor([1, -100, 2]))
+    with pytest.raises(ValueError):
+        fused_head_cross_entropy_sum(hidden, weight, torch.tensor([1, 10, 2]))
+
+
+def test_examples_longer_than_the_context_are_cut_with_a_count(chapter_data_path, tmp_path):
+    """tiny-gpt2 has a 256-token context: one 2,000-word example is cut (the chapter's
+    allowed_max_length), said once, and training goes on."""
+    records = json.loads(chapter_data_path.read_text())
+    records[3]["output"] = " ".join(["word"] * 2000)
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    result = run_cli("finetune", "--model", "tiny-gpt2", "--data", str(data), "--out", str(tmp_path / "R"),
+                     "--max-steps", "3", "--eval-batches", "1", "--no-sample")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Truncated 1 examples to 256 positions (the model's context)" in result.stdout + result.stderr
+
+
+def test_unseeded_sampling_leaves_the_global_generator_alone(tiny_gpt2_examples):
+    from instructkit.generate import Sampling, generate
+
+    loaded, _ = tiny_gpt2_examples
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    generate(loaded.model, loaded.tokenizer, [[1, 2, 3]], max_new_tokens=4, sampling=Sampling(temperature=1.0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_checkpoint_state_loads_with_weights_only(chapter_data_path, tmp_path):
+    out = tmp_path / "R"
+    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_finetune_args(chapter_data_path, out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint" / "optimizer.pt").exists():
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"optimizer", "torch_rng"} and saved["optimizer"]["state"]

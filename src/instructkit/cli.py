@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from instructkit.errors import UserError
+from instructkit.runs import RunFolder
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, default_data: str | None = None) -> None:
@@ -143,7 +144,8 @@ TRAIN_OPTIONS = [
     ("epochs", int, "passes over the training split (default 2)"),
     ("max-steps", int, "stop after this many optimizer steps"),
     ("batch-size", int, "examples per micro-batch (default 8)"),
-    ("grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("grad-accum", int, "micro-batches per optimizer step (default 1); batch B with accumulation A puts the same "
+                        "examples into each step as batch B*A"),
     ("lr", float, "peak learning rate (default 5e-5)"),
     ("weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
     ("warmup", int, "linear warm-up steps (default 0)"),
@@ -152,7 +154,8 @@ TRAIN_OPTIONS = [
     ("max-length", int, "truncate examples to N training positions"),
     ("prompt-style", str, "alpaca, phi3 or gemma (default: the model's own)"),
     ("lora-rank", int, "LoRA rank; 0 = full fine-tuning (default)"),
-    ("lora-alpha", float, "LoRA alpha (default 16)"),
+    ("lora-alpha", float, "LoRA alpha (default 16); the update is scaled by alpha/rank (the book's exercise 7.4 "
+                          "scales by alpha alone: its alpha a at rank r is our a*r)"),
     ("eval-every", int, "optimizer steps between evaluations (default 5)"),
     ("eval-batches", int, "train and validation batches per evaluation (default 5)"),
     ("early-stop", int, "stop after N evaluations without a better validation loss"),
@@ -199,7 +202,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from instructkit.train.finetune import finetune, load_run_config
 
     if args.resume:
-        config = load_run_config(Path(args.resume))
+        # The saved config, with any option given here applied: finetune refuses a difference.
+        config = _train_config(args, load_run_config(RunFolder(args.resume)))
         config.out = args.resume
         finetune(config, resume=True)
         return 0
@@ -218,24 +222,22 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
     _positive("max-new-tokens", args.max_new_tokens)
     _positive("batch-size", args.batch_size)
+    if args.few_shot < 0:
+        raise UserError(f"--few-shot must be 0 or more, got {args.few_shot}")
     if bool(args.run) == bool(args.model):
         raise UserError("respond needs exactly one of --run RUN_DIR or --model M")
-    run_dir = Path(args.run) if args.run else None
-    data = args.data
-    if run_dir is not None:
-        if not (run_dir / "model.json").exists():
-            raise UserError(f"{run_dir}: no fine-tuned model here (model.json missing); is the run finished?")
-        if data is None and (run_dir / "config.json").exists():
-            data = json.loads((run_dir / "config.json").read_text())["data"]
+    run = RunFolder(args.run).require_finished() if args.run else None
+    data = args.data or (run.config()["data"] if run is not None and run.has_config() else None)
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
-    loaded = load_model(str(run_dir) if run_dir else args.model)
-    style = style_for(loaded, run_dir, args.prompt_style)
+    loaded = load_model(str(run.path) if run else args.model)
+    style = style_for(loaded, run, args.prompt_style)
     prepared = prepare_data(data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
     entries = prepared.splits.by_name(args.split)
-    out = Path(args.out) if args.out else (run_dir or Path(".")) / f"{args.split}-responses.json"
+    out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
     started = time.perf_counter()
-    respond(loaded, style, entries, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    respond(loaded, style, entries, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            shots=args.few_shot, shot_pool=prepared.splits.train)
     print(f"Wrote {len(entries)} responses to {out} (and {out.with_suffix('.jsonl')}) in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -253,7 +255,11 @@ def _judge_config(args: argparse.Namespace):
         raise UserError(f"--judge-api must be openai or ollama, got {args.judge_api!r}")
     if args.judge_prompt not in PROMPTS:
         raise UserError(f"--judge-prompt must be one of {', '.join(PROMPTS)}")
-    key = os.environ.get(args.judge_api_key_env) if args.judge_api_key_env else None
+    key = None
+    if args.judge_api_key_env:
+        key = os.environ.get(args.judge_api_key_env)
+        if not key:
+            raise UserError(f"--judge-api-key-env {args.judge_api_key_env}: that environment variable is not set")
     return JudgeConfig(url=args.judge_url, model=args.judge_model, api=args.judge_api, prompt=args.judge_prompt,
                        timeout=args.judge_timeout, retries=args.judge_retries, concurrency=args.judge_concurrency,
                        api_key=key)
@@ -273,12 +279,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("evaluate needs --responses FILE (or --agreement A.json B.json)")
     responses = Path(args.responses)
     out_dir = Path(args.out) if args.out else responses.parent
-    run_dir = Path(args.run) if args.run else (responses.parent if (responses.parent / "config.json").exists() else None)
+    run_dir = Path(args.run) if args.run else (responses.parent if RunFolder(responses.parent).has_config() else None)
     result = evaluate_file(responses, out_dir=out_dir, judge=_judge_config(args),
                            baseline_path=Path(args.baseline) if args.baseline else None,
                            compare_path=Path(args.compare) if args.compare else None, run_dir=run_dir)
     _print_evaluation(result)
-    print(f"Report: {out_dir / 'report.md'} and {out_dir / 'report.html'}")
+    markdown, html_file = RunFolder(out_dir).report_files
+    print(f"Report: {markdown} and {html_file}")
     return 0
 
 
@@ -289,7 +296,9 @@ def _print_evaluation(result: dict) -> None:
     for key in ("exact_match", "normalized_match", "rouge_l", "chrf", "bleu", "response_words_mean"):
         print(f"{key:<20} {metrics[key]:>10.3f}" + (f" {base[key]:>10.3f}" if base else ""))
     if "checks" in result:
-        print(f"Exact-check accuracy: {result['checks']['accuracy']:.1%} over {result['checks']['n']} entries")
+        base_checks = result.get("baseline", {}).get("checks")
+        base_text = f" ({result['baseline']['label']}: {base_checks['accuracy']:.1%})" if base_checks else ""
+        print(f"Exact-check accuracy: {result['checks']['accuracy']:.1%} over {result['checks']['n']} entries{base_text}")
     if "judge" in result:
         judge = result["judge"]
         print(f"Judge mean {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f}-{judge['ci95'][1]:.2f}), "
@@ -297,43 +306,23 @@ def _print_evaluation(result: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: fine-tune the embedded default, respond on the test split (fine-tuned and
-    base model), evaluate, write the report."""
-    from instructkit.data.pipeline import prepare_data
-    from instructkit.evaluate.evaluation import evaluate_file
-    from instructkit.models.registry import load_model
-    from instructkit.respond import respond, style_for
-    from instructkit.train.config import TrainConfig
-    from instructkit.train.finetune import finetune
+    """The main job (main_job.py holds the recipe)."""
+    from instructkit.main_job import MainJob, run_main_job
+    from instructkit.runs import default_run_dir
 
-    started = time.perf_counter()
-    run_dir = Path(args.out)
-    # The fast recipe: full fine-tuning of everything but the tied 262,144-row embedding, loss on
-    # responses only, length-grouped batches, fewer (but full-validation) evaluations.
-    recipe = TrainConfig(model=args.model, data=args.data, out=str(run_dir), epochs=args.epochs, lr=args.lr,
-                         warmup=args.warmup, schedule=args.schedule, clip=1.0,
-                         mask_instructions=True, freeze_embedding=True, eval_every=40, eval_batches=7,
-                         max_steps=args.max_steps, save_every=50)
-    if (run_dir / "model.safetensors").exists() and not (run_dir / "checkpoint").exists():
-        print(f"{run_dir}: training already finished; continuing with responses and evaluation")
-    else:
-        finetune(recipe, resume=(run_dir / "config.json").exists())
-    print(f"[{time.perf_counter() - started:.0f} s] fine-tuning done")
-    entries = prepare_data(args.data).splits.test
-    tuned = load_model(str(run_dir))
-    style = style_for(tuned, run_dir, None)
-    respond(tuned, style, entries, run_dir / "test-responses.json", max_new_tokens=args.max_new_tokens)
-    del tuned
-    print(f"[{time.perf_counter() - started:.0f} s] fine-tuned responses written")
-    base = load_model(args.model)
-    respond(base, style, entries, run_dir / "base-responses.json", max_new_tokens=args.base_max_new_tokens)
-    del base
-    print(f"[{time.perf_counter() - started:.0f} s] base-model responses written")
-    result = evaluate_file(run_dir / "test-responses.json", out_dir=run_dir, judge=_judge_config(args),
-                           baseline_path=run_dir / "base-responses.json", run_dir=run_dir)
+    job = MainJob(model=args.model, data=args.data, out=args.out or default_run_dir(args.data), seed=args.seed,
+                  epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
+                  max_new_tokens=args.max_new_tokens, base_max_new_tokens=args.base_max_new_tokens,
+                  base_shots=args.base_shots, judge=_judge_config(args))
+    _positive("max-new-tokens", job.max_new_tokens)
+    _positive("base-max-new-tokens", job.base_max_new_tokens)
+    if job.base_shots < 0:
+        raise UserError(f"--base-shots must be 0 or more, got {job.base_shots}")
+    result = run_main_job(job)
     _print_evaluation(result)
-    print(f"Report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
-    print(f"Wall time: {time.perf_counter() - started:.0f} s")
+    markdown, html_file = RunFolder(job.out).report_files
+    print(f"Report: {markdown} and {html_file}")
+    print(f"Wall time: {result['wall_seconds']:.0f} s")
     return 0
 
 
@@ -377,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     tune = subcommands.add_parser("finetune", help="fine-tune a model on instruction data (full or LoRA)")
-    tune.add_argument("--model", default="gemma-3-270m", help="preset, folder, .gguf, .pth or HF repo id")
+    tune.add_argument("--model", default=None, help="preset, folder, .gguf, .pth or HF repo id (default gemma-3-270m)")
     tune.add_argument("--data", default=None, help="JSON/JSONL file, URL, or chapter7 / alpaca52k")
     tune.add_argument("--out", default=None, help="run folder to create")
     tune.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
@@ -395,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None)
+    resp.add_argument("--few-shot", type=int, default=0,
+                      help="K solved training examples before each question, answer = first line (for base models)")
     resp.set_defaults(handler=cmd_respond)
 
     ev = subcommands.add_parser("evaluate", help="score responses: offline metrics, optional LLM judge, report")
@@ -410,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
     run.add_argument("--model", default="gemma-3-270m")
     run.add_argument("--data", default="builtin", help="default: the built-in verifiable dataset (offline)")
-    run.add_argument("--out", default="runs/main", help="run folder")
+    run.add_argument("--out", default=None, help="run folder (default: runs/ and the data's name, e.g. runs/builtin)")
+    run.add_argument("--seed", type=int, default=123, help="seed of every random draw (default 123)")
     run.add_argument("--epochs", type=int, default=1)
     run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     run.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
@@ -418,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=256)
     run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")
+    run.add_argument("--base-shots", type=int, default=3,
+                     help="solved training examples before each question for the base model (default 3; its answer is "
+                          "the first line it writes)")
     _add_judge_options(run)
     run.set_defaults(handler=cmd_run)
     return parser

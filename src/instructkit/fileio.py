@@ -55,6 +55,35 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return atomic_write_text(path, text)
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text. Only "\n" ends a line: `str.splitlines()` would also break on
+    U+2028, U+2029 and U+0085, which JSON strings written with ensure_ascii=False contain raw."""
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Every complete row of a JSONL file we wrote; a torn last line (a kill mid-write) is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Append rows and make them durable before returning (resumable outputs grow this way)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

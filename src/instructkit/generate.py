@@ -11,6 +11,7 @@ context length); it is kept as a reference and a benchmark baseline.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,11 +56,12 @@ class Generated:
 
 
 def _generator(sampling: Sampling) -> torch.Generator | None:
+    """A generator of its own for sampling: seeded when asked, else from the OS's entropy. Never
+    the global one (torch.seed() would reseed it, changing every later draw of the program)."""
     if sampling.temperature <= 0:
         return None
-    generator = torch.Generator()
-    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-    return generator
+    seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator().manual_seed(seed)
 
 
 def _cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:

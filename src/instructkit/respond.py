@@ -3,25 +3,33 @@
 Output: the chapter's format (the split's entries, each with a `model_response` key, as a JSON
 list with indent 4) and a JSONL file beside it. The JSONL grows chunk by chunk (each chunk
 fsynced), so an interrupted run keeps everything it finished and a rerun continues from there;
-the JSON list is written atomically at the end.
+the JSON list is written atomically at the end. A rerun only continues rows that match it: the
+same record (instruction, input and output) at the same index, made with the same generation
+settings (model, prompt style, token budget, few-shot examples); anything else is refused.
 
 A response is cut by tokens: the generated ids after the prompt, up to the end token (or EOS),
-decoded and stripped; never by slicing decoded characters.
+decoded and stripped; never by slicing decoded characters. With `shots` (a base model), each
+prompt carries k solved training examples first and the answer is the first line written.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
+from instructkit.data.fewshot import few_shot_prompt, first_line, pick_shots
 from instructkit.data.prompts import PromptStyle, get_prompt_style
 from instructkit.data.tokenize import end_token_id
 from instructkit.errors import UserError
-from instructkit.fileio import atomic_write_json, atomic_write_text
+from instructkit.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from instructkit.generate import generate
 from instructkit.models.registry import LoadedModel
+from instructkit.runs import RunFolder
+
+RECORD_FIELDS = ("instruction", "input", "output")
+ROW_ONLY_KEYS = ("index", "finish_reason", "new_tokens", "settings")
+# A base model's few-shot answer ends at the first line; stop soon after it.
+FEW_SHOT_STOPS = ("\n\n", "###")
 
 
 def jsonl_path_for(out: Path) -> Path:
@@ -31,18 +39,14 @@ def jsonl_path_for(out: Path) -> Path:
 def read_finished(jsonl: Path) -> dict[int, dict]:
     """Rows already written, by index. A torn last line (a kill mid-write) is dropped and the file
     rewritten without it."""
-    if not jsonl.exists():
-        return {}
-    rows, good_lines = {}, []
-    for line in jsonl.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            rows[int(row["index"])] = row
-            good_lines.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    atomic_write_text(jsonl, "".join(line + "\n" for line in good_lines))
+    rows = {int(row["index"]): row for row in read_jsonl(jsonl) if isinstance(row, dict) and "index" in row}
+    if jsonl.exists():
+        atomic_write_jsonl(jsonl, list(rows.values()))  # in the order they were written
     return rows
+
+
+def _same_record(row: dict, entry: dict) -> bool:
+    return all(row.get(name, "") == entry.get(name, "") for name in RECORD_FIELDS)
 
 
 def respond(
@@ -53,6 +57,8 @@ def respond(
     *,
     max_new_tokens: int = 256,
     batch_size: int = 128,
+    shots: int = 0,
+    shot_pool: list[dict] | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Generate responses for `entries`, appending to out.jsonl and finally writing out (JSON)."""
@@ -60,50 +66,58 @@ def respond(
 
     if out.suffix != ".json":
         raise UserError(f"{out}: the responses file must end in .json (a .jsonl is written beside it)")
+    if shots and not shot_pool:
+        raise UserError("few-shot responses need a pool of solved examples (the training split)")
+    settings = {"model": loaded.name, "prompt_style": style.name, "max_new_tokens": max_new_tokens, "shots": shots}
     jsonl = jsonl_path_for(out)
     done = read_finished(jsonl)
     for index, row in done.items():
-        if index >= len(entries) or row.get("instruction") != entries[index]["instruction"]:
-            raise UserError(f"{jsonl}: row {index} does not match this data; remove the file or choose another --out")
+        if index >= len(entries) or not _same_record(row, entries[index]):
+            raise UserError(f"{jsonl}: row {index} holds another record than this data's; remove the file or choose another --out")
+        if row.get("settings") != settings:
+            raise UserError(f"{jsonl}: row {index} was made with other settings ({row.get('settings')}, now {settings}); "
+                            "remove the file or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def prompt_of(entry: dict) -> str:
+        if not shots:
+            return style.prompt(entry)
+        return few_shot_prompt(style, entry, pick_shots(entry, shot_pool, shots))
+
     tokenizer = loaded.tokenizer
     stop_ids = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
     todo = [i for i in range(len(entries)) if i not in done]
+    prompts = {i: prompt_of(entries[i]) for i in todo}
     # Similar lengths in a batch waste less on padding; the order of the output is unaffected.
-    todo.sort(key=lambda i: len(style.prompt(entries[i])))
+    todo.sort(key=lambda i: len(prompts[i]))
     bar = tqdm(total=len(entries), initial=len(done), desc="respond", unit="entry", disable=not progress)
     started, generated_tokens = time.perf_counter(), 0
     loaded.model.eval()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        prompts = [tokenizer.encode(style.prompt(entries[i])) for i in chunk]
-        results = generate(loaded.model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
-        lines = []
+        results = generate(loaded.model, tokenizer, [tokenizer.encode(prompts[i]) for i in chunk],
+                           max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                           stop_strings=FEW_SHOT_STOPS if shots else ())
+        rows = []
         for index, result in zip(chunk, results):
-            row = {"index": index, **entries[index], "model_response": result.text.strip(),
-                   "finish_reason": result.finish_reason, "new_tokens": len(result.token_ids)}
+            text = first_line(result.text) if shots else result.text.strip()
+            row = {"index": index, **entries[index], "model_response": text, "finish_reason": result.finish_reason,
+                   "new_tokens": len(result.token_ids), "settings": settings}
             done[index] = row
-            lines.append(json.dumps(row, ensure_ascii=False))
+            rows.append(row)
             generated_tokens += len(result.token_ids)
-        with open(jsonl, "a", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(jsonl, rows)
         bar.update(len(chunk))
-        seconds = time.perf_counter() - started
-        bar.set_postfix(tok_s=f"{generated_tokens / max(seconds, 1e-9):.0f}")
+        bar.set_postfix(tok_s=f"{generated_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
-    output = []
-    for index in range(len(entries)):
-        row = {key: value for key, value in done[index].items() if key not in ("index", "finish_reason", "new_tokens")}
-        output.append(row)
+    output = [{key: value for key, value in done[index].items() if key not in ROW_ONLY_KEYS} for index in range(len(entries))]
     atomic_write_json(out, output, indent=4)
     return output
 
 
-def style_for(loaded: LoadedModel, run_dir: Path | None, name: str | None) -> PromptStyle:
+def style_for(loaded: LoadedModel, run: RunFolder | None, name: str | None) -> PromptStyle:
     """The prompt style: explicit, else the run folder's saved one, else the model's default."""
     if name:
         return get_prompt_style(name)
-    if run_dir is not None and (run_dir / "prompt_style.json").exists():
-        return PromptStyle.from_dict(json.loads((run_dir / "prompt_style.json").read_text()))
-    return get_prompt_style(loaded.default_prompt_style)
+    saved = run.prompt_style() if run is not None else None
+    return saved or get_prompt_style(loaded.default_prompt_style)

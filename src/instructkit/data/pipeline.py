@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,12 @@ class PreparedData:
     source: str
     loaded: LoadedRecords
     splits: Splits
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the validated records: the same data, whatever path or URL it came from."""
+        text = json.dumps(self.loaded.records, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None) -> PreparedData:

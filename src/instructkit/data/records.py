@@ -34,6 +34,32 @@ CONTROL_TOKEN_LITERALS = (
 )
 
 
+# A record's optional `check` (how to score a response exactly; evaluate/checks.py scores it):
+# type -> the type(s) its answer must have.
+CHECK_ANSWER_TYPES = {"exact": (str,), "exact_case": (str,), "number": (int, float), "set": (list,), "json": (dict, list)}
+
+
+def check_problem(check: object) -> str | None:
+    """What is wrong with a `check` object, or None."""
+    if not isinstance(check, dict):
+        return f"'check' is {_kind(check)}, expected an object like {{\"type\": \"exact\", \"answer\": \"...\"}}"
+    kind = check.get("type")
+    if kind not in CHECK_ANSWER_TYPES:
+        return f"'check' has type {kind!r}; choose from {', '.join(CHECK_ANSWER_TYPES)}"
+    if "answer" not in check:
+        return f"'check' of type {kind!r} has no 'answer'"
+    answer = check["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, CHECK_ANSWER_TYPES[kind]):
+        return f"'check' of type {kind!r} needs an answer of type {CHECK_ANSWER_TYPES[kind][0].__name__}, got {_kind(answer)}"
+    if kind == "number":
+        tolerance = check.get("tolerance", 0)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+            return "'check' tolerance must be a non-negative number"
+        if check.get("take", "first") not in ("first", "last"):
+            return "'check' take must be 'first' or 'last'"
+    return None
+
+
 @dataclass(frozen=True)
 class RecordProblem:
     where: str  # "record 12" for JSON lists, "line 7" for JSONL
@@ -77,7 +103,8 @@ def parse_records(path: Path) -> list[tuple[str, object]]:
     text = read_text_utf8(path)
     if _is_jsonl(path, text):
         rows: list[tuple[str, object]] = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Only "\n" ends a JSONL line: splitlines() would also break inside strings on U+2028/U+2029/U+0085.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -120,6 +147,8 @@ def check_record(value: object) -> tuple[dict | None, str | None]:
         for literal in CONTROL_TOKEN_LITERALS:
             if literal in value.get(field, ""):
                 return None, f"field '{field}' contains the literal control token {literal!r}"
+    if "check" in value and (problem := check_problem(value["check"])) is not None:
+        return None, problem
     record = dict(value)
     record.setdefault("input", "")
     return record, None

@@ -7,18 +7,36 @@ kept beside the file, so a later run reuses the copy offline and notices a damag
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from instructkit.errors import UserError
 from instructkit.fileio import atomic_write_json, cache_dir, sha256_of_file
 
-NAMED_SOURCES: dict[str, str] = {
+@dataclass(frozen=True)
+class NamedSource:
+    """A download pinned to one commit and checked against its content hash, so a named source
+    always means the same bytes. `git_blob_sha1` is git's own id of the file (sha1 of
+    "blob <size>\\0" + bytes), used where only git's listing of a file could be read."""
+
+    url: str
+    sha256: str | None = None
+    git_blob_sha1: str | None = None
+
+
+NAMED_SOURCES: dict[str, NamedSource] = {
     # The chapter's 1,100 entries (rasbt/LLMs-from-scratch, ch07/01_main-chapter-code).
-    "chapter7": "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-    "ch07/01_main-chapter-code/instruction-data.json",
+    "chapter7": NamedSource(
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/"
+        "ch07/01_main-chapter-code/instruction-data.json",
+        sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"),
     # Stanford Alpaca's 52k entries, as used by the chapter's exercise 7.3.
-    "alpaca52k": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
+    "alpaca52k": NamedSource(
+        "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/761dc5bfbdeeffa89b8bff5d038781a4055f796a/"
+        "alpaca_data.json",
+        git_blob_sha1="3779ddbc040543ab1834ef216c983d6fcc06cc9a"),
 }
+DOWNLOAD_ATTEMPTS = 3
 
 
 def is_url(source: str) -> bool:
@@ -28,7 +46,8 @@ def is_url(source: str) -> bool:
 def resolve_source(source: str, *, timeout: float = 60.0) -> Path:
     """Return a local file for `source` (a named source, a URL or a path), downloading if needed."""
     if source in NAMED_SOURCES:
-        return download_cached(NAMED_SOURCES[source], name=f"{source}.json", timeout=timeout)
+        return download_cached(NAMED_SOURCES[source].url, name=f"{source}.json", timeout=timeout,
+                               pinned=NAMED_SOURCES[source])
     if is_url(source):
         file_name = source.rstrip("/").rsplit("/", 1)[-1] or "download.json"
         return download_cached(source, name=file_name, timeout=timeout)
@@ -48,15 +67,54 @@ def _download_folder(url: str) -> Path:
     return cache_dir() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def download_cached(url: str, *, name: str, timeout: float = 60.0) -> Path:
+def _git_blob_sha1(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches_pin(path: Path, pinned: NamedSource | None) -> str | None:
+    """None if the file has the pinned content (or nothing is pinned), else what differs."""
+    if pinned is None:
+        return None
+    if pinned.sha256 and (actual := sha256_of_file(path)) != pinned.sha256:
+        return f"sha256 {actual[:16]}..., expected {pinned.sha256[:16]}..."
+    if pinned.git_blob_sha1 and (actual := _git_blob_sha1(path)) != pinned.git_blob_sha1:
+        return f"git blob {actual[:16]}..., expected {pinned.git_blob_sha1[:16]}..."
+    return None
+
+
+def download_cached(url: str, *, name: str, timeout: float = 60.0, pinned: NamedSource | None = None) -> Path:
     folder = _download_folder(url)
     target = folder / name
     meta_path = folder / (name + ".meta.json")
     if target.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if target.stat().st_size == meta.get("size") and sha256_of_file(target) == meta.get("sha256"):
+        if (target.stat().st_size == meta.get("size") and sha256_of_file(target) == meta.get("sha256")
+                and _matches_pin(target, pinned) is None):
             return target
-    return _download(url, target, meta_path, timeout)
+    problem = ""
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            _download(url, target, meta_path, timeout)
+        except TruncatedDownload as exc:
+            problem = str(exc)
+            continue
+        problem = _matches_pin(target, pinned) or ""
+        if not problem:
+            return target
+    target.unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)
+    raise UserError(f"{url}: download failed {DOWNLOAD_ATTEMPTS} times ({problem}); check the network, "
+                    "or download the file yourself and pass its local path")
+
+
+class TruncatedDownload(Exception):
+    """Fewer bytes arrived than the server announced."""
 
 
 def _download(url: str, target: Path, meta_path: Path, timeout: float) -> Path:
@@ -75,15 +133,21 @@ def _download(url: str, target: Path, meta_path: Path, timeout: float) -> Path:
         ) as response:
             if response.status_code != 200:
                 raise UserError(f"{url}: download failed with HTTP {response.status_code}")
+            announced = response.headers.get("content-length")
+            encoded = response.headers.get("content-encoding", "identity") != "identity"
             for chunk in response.iter_bytes():
                 handle.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
             handle.flush()
             os.fsync(handle.fileno())
+            if announced is not None and not encoded and size != int(announced):
+                raise TruncatedDownload(f"{size} of {announced} bytes arrived")
         os.replace(tmp_name, target)
     except httpx.HTTPError as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, httpx.RemoteProtocolError):  # the connection closed early: a truncated body
+            raise TruncatedDownload(f"{type(exc).__name__}: {exc}") from None
         raise UserError(
             f"{url}: download failed ({type(exc).__name__}: {exc}); check the network, "
             "or download the file yourself and pass its local path"

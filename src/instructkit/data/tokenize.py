@@ -111,7 +111,13 @@ def encode_records(
     """Encode a split; refuse if more than `max_untrainable_share` would train on nothing."""
     report = EncodingReport()
     examples: list[EncodedExample] = []
-    for record in records:
+    for index, record in enumerate(records):
+        for field in ("instruction", "input", "output"):
+            control = tokenizer.find_control_token(record.get(field, ""))
+            if control is not None:
+                raise UserError(f"{source}: entry {index} (instruction {record['instruction'][:40]!r}): field '{field}' "
+                                f"contains {control!r}, which the {tokenizer.name} tokenizer reads as a control token; "
+                                "remove it from the data")
         example, is_prefix = encode_example(record, style, tokenizer, mask_instructions=mask_instructions)
         report.examples += 1
         report.prompt_not_prefix += not is_prefix

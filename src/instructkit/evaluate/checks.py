@@ -22,6 +22,7 @@ def _clean(text: str) -> str:
 
 
 def passes(check: dict, response: str) -> bool:
+    """Whether `response` passes `check` (a check validated by data/records.check_problem)."""
     kind = check.get("type")
     answer = check.get("answer")
     if kind == "exact":
@@ -42,7 +43,7 @@ def passes(check: dict, response: str) -> bool:
             return json.loads(response) == answer
         except json.JSONDecodeError:
             return False
-    raise ValueError(f"unknown check type {kind!r}")
+    raise ValueError(f"unknown check type {kind!r}")  # records.check_problem rejects these on load
 
 
 def score_checks(entries: list[dict]) -> dict | None:

@@ -11,11 +11,12 @@ from instructkit.evaluate.judge import JudgeConfig, judge_pairwise, judge_respon
 from instructkit.evaluate.metrics import summarize
 from instructkit.evaluate.stats import bootstrap_mean_ci, kendall_tau_b, pearson, spearman
 from instructkit.fileio import atomic_write_json
+from instructkit.runs import RunFolder
 
 
 def load_responses(path: Path) -> list[dict]:
     """A responses file in the chapter's format: a JSON list of entries with `model_response`."""
-    from instructkit.data.records import parse_records
+    from instructkit.data.records import check_problem, parse_records
 
     if not path.exists():
         raise UserError(f"{path}: no such responses file")
@@ -26,6 +27,8 @@ def load_responses(path: Path) -> list[dict]:
         for key in ("instruction", "output", "model_response"):
             if not isinstance(value.get(key), str):
                 raise UserError(f"{path}: {where}: missing or non-string {key!r}")
+        if "check" in value and (problem := check_problem(value["check"])) is not None:
+            raise UserError(f"{path}: {where}: {problem}")
         entries.append({"input": "", **value})
     if not entries:
         raise UserError(f"{path}: no entries")
@@ -67,6 +70,7 @@ def evaluate_file(
     out_dir: Path,
     judge: JudgeConfig | None = None,
     baseline_path: Path | None = None,
+    baseline_label: str = "base model",
     compare_path: Path | None = None,
     run_dir: Path | None = None,
     progress: bool = True,
@@ -79,19 +83,23 @@ def evaluate_file(
     result = {"responses": str(responses_path), "metrics": summary, "entries": [asdict(m) for m in per_entry]}
     checks = score_checks(entries)
     if checks is not None:
-        result["checks"] = checks
+        from instructkit.evaluate.baselines import family_baselines
+
+        result["checks"] = {**checks, "baselines": family_baselines(entries)}
     if baseline_path is not None:
         baseline = load_responses(baseline_path)
         if [e["instruction"] for e in baseline] != [e["instruction"] for e in entries]:
             raise UserError(f"{baseline_path}: covers different entries than {responses_path}")
         base_summary, _ = summarize([e["model_response"] for e in baseline], [e["output"] for e in baseline])
-        result["baseline"] = {"responses": str(baseline_path), "metrics": base_summary,
+        if [(e["input"], e["output"]) for e in baseline] != [(e["input"], e["output"]) for e in entries]:
+            raise UserError(f"{baseline_path}: covers different entries than {responses_path}")
+        result["baseline"] = {"responses": str(baseline_path), "label": baseline_label, "metrics": base_summary,
                               "model_responses": [e["model_response"] for e in baseline]}
         base_checks = score_checks(baseline)
         if base_checks is not None:
             result["baseline"]["checks"] = base_checks
     if judge is not None:
-        cache = out_dir / "judge-cache.jsonl"
+        cache = RunFolder(out_dir).judge_cache
         verdicts = judge_responses(entries, judge, cache, progress=progress)
         from instructkit.evaluate.judge import PROMPTS
 
@@ -107,6 +115,6 @@ def evaluate_file(
     elif compare_path is not None:
         raise UserError("--compare needs a judge: pass --judge-url and --judge-model")
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "evaluation.json", result, indent=2)
+    atomic_write_json(RunFolder(out_dir).evaluation_file, result, indent=2)
     write_report(result, entries, out_dir, run_dir=run_dir)
     return result

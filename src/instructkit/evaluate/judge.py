@@ -24,6 +24,7 @@ from pathlib import Path
 
 from instructkit.data.prompts import ALPACA
 from instructkit.errors import UserError
+from instructkit.fileio import read_jsonl
 
 SCORE_PATTERN = re.compile(r"\s*(\d{1,3})\s*")
 
@@ -110,13 +111,9 @@ class JudgeCache:
         self.path = path
         self.lock = threading.Lock()
         self.replies: dict[str, str] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.replies[row["key"]] = row["reply"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line from a kill
+        for row in read_jsonl(path):  # a torn last line from a kill is left out
+            if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("reply"), str):
+                self.replies[row["key"]] = row["reply"]
 
     @staticmethod
     def key(config: JudgeConfig, prompt: str) -> str:
@@ -134,6 +131,10 @@ class JudgeCache:
                 handle.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+
+
+class ClientError(Exception):
+    """The judge answered 4xx to one request (not a configuration fault): counted, not retried."""
 
 
 class JudgeClient:
@@ -159,29 +160,55 @@ class JudgeClient:
                 "(llama.cpp: `python -m llama_cpp.server --model FILE.gguf`, with --judge-api openai)"
             ) from None
 
+    def _refuse(self, response) -> None:
+        """An answer that is not 200: a configuration fault (bad key, unknown model or path) stops
+        the whole evaluation with one line; other client errors fail this request without a retry;
+        server errors are retried."""
+        try:
+            detail = response.json().get("error")
+            detail = detail.get("message") if isinstance(detail, dict) else detail
+        except Exception:
+            detail = None
+        detail = f": {str(detail)[:160]}" if detail else ""
+        status = response.status_code
+        if status in (401, 403):
+            raise UserError(f"judge at {self.config.url} refused the request (HTTP {status}{detail}); "
+                            "check the API key (--judge-api-key-env)")
+        if status == 404:
+            raise UserError(f"judge at {self.config.url} answered HTTP 404{detail}; check --judge-model "
+                            f"{self.config.model!r} (e.g. `ollama pull {self.config.model}`) and --judge-url/--judge-api")
+        raise (ClientError if 400 <= status < 500 else RuntimeError)(f"HTTP {status}{detail}")
+
     def ask_once(self, prompt: str) -> str:
-        """One request; raises httpx errors or RuntimeError for HTTP errors."""
+        """One request; raises httpx errors, ClientError (4xx), RuntimeError (5xx or a broken stream)
+        or UserError (a configuration fault)."""
         config = self.config
         messages = [{"role": "user", "content": prompt}]
         if config.api == "ollama":
             payload = {"model": config.model, "messages": messages, "stream": True,
                        "options": {"seed": config.seed, "temperature": config.temperature, "num_ctx": config.num_ctx}}
-            reply = []
+            reply, finished = [], False
             with self.http.stream("POST", config.endpoint(), json=payload) as response:
                 if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}")
+                    response.read()
+                    self._refuse(response)
                 for line in response.iter_lines():  # NDJSON: one JSON object per line
                     if line.strip():
                         chunk = json.loads(line)
+                        if chunk.get("error"):  # Ollama reports a failure mid-stream as a chunk
+                            raise RuntimeError(f"the judge's stream ended with an error: {str(chunk['error'])[:160]}")
                         reply.append(chunk.get("message", {}).get("content", ""))
                         if chunk.get("done"):
+                            finished = True
                             break
+            if not finished:  # a cut-off stream is no answer: never cached, asked again next time
+                raise RuntimeError("the judge's stream ended without done: true")
             return "".join(reply)
         payload = {"model": config.model, "messages": messages, "temperature": config.temperature,
                    "seed": config.seed, "max_tokens": 16}
         response = self.http.post(config.endpoint(), json=payload)
         if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}")
+            self._refuse(response)
         return response.json()["choices"][0]["message"]["content"] or ""
 
     def ask(self, prompt: str) -> str:
@@ -191,6 +218,8 @@ class JudgeClient:
         for attempt in range(self.config.retries + 1):
             try:
                 return self.ask_once(prompt)
+            except ClientError:
+                raise  # the request itself is wrong: asking again gives the same answer
             except (httpx.HTTPError, RuntimeError, json.JSONDecodeError, KeyError, IndexError, TypeError):
                 if attempt == self.config.retries:
                     raise
@@ -235,16 +264,24 @@ def judge_responses(
             index, prompt, key = item
             try:
                 reply = client.ask(prompt)
+            except UserError:
+                raise  # a configuration fault: stop everything, with one line
             except Exception as exc:  # counted and listed, never silently dropped
                 return Verdict(index, None, None, error=f"{type(exc).__name__}: {exc}"[:200])
             cache.put(key, reply)
             return Verdict(index, parse_score(reply, low, high), reply)
 
         try:
-            with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
-                for verdict in pool.map(work, to_ask):
+            first = work(to_ask[0])  # alone first: a wrong key or model fails fast, before any fan-out
+            verdicts[first.index] = first
+            bar.update(1)
+            pool = ThreadPoolExecutor(max_workers=config.concurrency)
+            try:
+                for verdict in pool.map(work, to_ask[1:]):
                     verdicts[verdict.index] = verdict
                     bar.update(1)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             bar.close()
             client.close()
@@ -283,6 +320,8 @@ def judge_pairwise(entries_a: list[dict], entries_b: list[dict], config: JudgeCo
             client.check_reachable()
         try:
             reply = client.ask(prompt)
+        except UserError:
+            raise
         except Exception:
             return None
         cache.put(key, reply)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
+from instructkit.evaluate.baselines import best_rule
 from instructkit.fileio import atomic_write_bytes, atomic_write_text
+from instructkit.runs import RunFolder
 
 # A block is ("h", text) | ("p", text) | ("table", header, rows) | ("img", file name, alt) | ("pre", text)
 
@@ -42,42 +43,67 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _training_blocks(run: RunFolder) -> list[tuple]:
+    evals = run.evals()
+    config = run.config() if run.has_config() else {}
+    blocks: list[tuple] = [("h", "Training")]
+    if evals:
+        blocks.append(("p", f"Model `{config.get('model', '?')}`, data `{config.get('data', '?')}`, "
+                            f"{evals[-1]['step']} steps. Validation loss {evals[0]['val_loss']:.3f} before, "
+                            f"{evals[-1]['val_loss']:.3f} after; training loss {evals[0]['train_loss']:.3f} -> "
+                            f"{evals[-1]['train_loss']:.3f}."))
+    if run.loss_plot.with_suffix(".png").exists():
+        blocks.append(("img", run.loss_plot.with_suffix(".png"), "Loss plot"))
+    return blocks
+
+
+def _pct_ci(value: dict) -> str:
+    return f"{value['accuracy']:.1%} [{value['ci95'][0]:.0%}, {value['ci95'][1]:.0%}]"
+
+
+def _checks_blocks(result: dict) -> list[tuple]:
+    """Accuracy per family beside what needs no model (majority answer, best one-line rule) and
+    the base model, each with its 95% bootstrap interval."""
+    checks = result["checks"]
+    base = result.get("baseline", {}).get("checks")
+    label = result.get("baseline", {}).get("label", "base model")
+    baselines = checks.get("baselines", {})
+    blocks: list[tuple] = [("h", "Exact checks (accuracy per task family)")]
+    blocks.append(("p", "majority = always giving the family's most common test answer (the best any constant "
+                        "answer scores); best rule = the best one-line heuristic listed for the family (e.g. copy "
+                        "the input). Intervals are 95% bootstrap intervals over the entries."))
+    header = ["family", "n", "majority", "best rule"] + ([label] if base else []) + ["fine-tuned" if base else "model"]
+    rows = [["all", checks["n"], "", ""] + ([_pct_ci(base)] if base else []) + [_pct_ci(checks)]]
+    for family, value in checks["families"].items():
+        baseline = baselines.get(family)
+        majority = f"{baseline['majority']:.1%}" if baseline else ""
+        rule = best_rule(baseline) if baseline else None
+        rule_text = f"{rule[1]:.1%} ({rule[0]})" if rule else "-"
+        base_cell = [_pct_ci(base["families"][family])] if base and family in base["families"] else ([""] if base else [])
+        rows.append([family, value["n"], majority, rule_text] + base_cell + [_pct_ci(value)])
+    blocks.append(("table", header, rows))
+    if checks["failures"]:
+        blocks.append(("p", "First failures:"))
+        blocks.append(("table", ["instruction", "expected", "response"],
+                       [[_short(f["instruction"], 120), _short(f["expected"], 60), _short(f["response"], 120)]
+                        for f in checks["failures"][:10]]))
+    return blocks
+
+
 def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path | None) -> list[tuple]:
     blocks: list[tuple] = [("h", "instructkit report"), ("p", f"Responses: `{result['responses']}`")]
-    if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-        blocks.append(("h", "Training"))
-        if evals:
-            blocks.append(("p", f"Model `{config.get('model', '?')}`, data `{config.get('data', '?')}`, "
-                                f"{evals[-1]['step']} steps. Validation loss {evals[0]['val_loss']:.3f} before, "
-                                f"{evals[-1]['val_loss']:.3f} after; training loss {evals[0]['train_loss']:.3f} -> "
-                                f"{evals[-1]['train_loss']:.3f}."))
-        if (run_dir / "loss-plot.png").exists():
-            blocks.append(("img", run_dir / "loss-plot.png", "Loss plot"))
+    if run_dir is not None and RunFolder(run_dir).metrics_file.exists():
+        blocks += _training_blocks(RunFolder(run_dir))
     blocks.append(("h", "Metrics (no judge needed)"))
     keys = ["exact_match", "normalized_match", "rouge_l", "chrf", "bleu", "empty_responses",
             "response_words_mean", "reference_words_mean"]
-    header = ["metric", "fine-tuned" if "baseline" in result else "model"] + (["base model"] if "baseline" in result else [])
+    base_label = result.get("baseline", {}).get("label", "base model")
+    header = ["metric", "fine-tuned" if "baseline" in result else "model"] + ([base_label] if "baseline" in result else [])
     rows = [[key, _fmt(result["metrics"][key])] + ([_fmt(result["baseline"]["metrics"][key])] if "baseline" in result else [])
             for key in keys]
     blocks.append(("table", header, rows))
     if "checks" in result:
-        checks = result["checks"]
-        base = result.get("baseline", {}).get("checks")
-        blocks.append(("h", "Exact checks (accuracy per task family)"))
-        header = ["family", "n", "fine-tuned" if base else "accuracy"] + (["base model"] if base else [])
-        rows = [["all", checks["n"], f"{checks['accuracy']:.1%} [{checks['ci95'][0]:.1%}, {checks['ci95'][1]:.1%}]"]
-                + ([f"{base['accuracy']:.1%}"] if base else [])]
-        for family, value in checks["families"].items():
-            rows.append([family, value["n"], f"{value['accuracy']:.1%}"]
-                        + ([f"{base['families'].get(family, {}).get('accuracy', float('nan')):.1%}"] if base else []))
-        blocks.append(("table", header, rows))
-        if checks["failures"]:
-            blocks.append(("p", "First failures:"))
-            blocks.append(("table", ["instruction", "expected", "response"],
-                           [[_short(f["instruction"], 120), _short(f["expected"], 60), _short(f["response"], 120)]
-                            for f in checks["failures"][:10]]))
+        blocks += _checks_blocks(result)
     if "judge" in result:
         judge = result["judge"]
         blocks.append(("h", "LLM judge"))
@@ -100,7 +126,7 @@ def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path
                             f"{pair['net_preference']:+.2f} (95% CI {pair['ci95'][0]:+.2f} to {pair['ci95'][1]:+.2f})."))
     blocks.append(("h", "Examples"))
     base_responses = result.get("baseline", {}).get("model_responses")
-    header = ["instruction", "reference"] + (["base model", "fine-tuned"] if base_responses else ["response"])
+    header = ["instruction", "reference"] + ([base_label, "fine-tuned"] if base_responses else ["response"])
     rows = []
     for index, entry in enumerate(entries[:12]):
         instruction = entry["instruction"] + (f" — {entry['input']}" if entry.get("input") else "")
@@ -172,7 +198,5 @@ def render_html(blocks: list[tuple]) -> str:
 
 def write_report(result: dict, entries: list[dict], out_dir: Path, *, run_dir: Path | None = None) -> list[Path]:
     blocks = build_blocks(result, entries, out_dir, run_dir)
-    return [
-        atomic_write_text(out_dir / "report.md", render_markdown(blocks, out_dir)),
-        atomic_write_text(out_dir / "report.html", render_html(blocks)),
-    ]
+    markdown, html_file = RunFolder(out_dir).report_files
+    return [atomic_write_text(markdown, render_markdown(blocks, out_dir)), atomic_write_text(html_file, render_html(blocks))]

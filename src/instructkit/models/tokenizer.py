@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from instructkit.errors import UserError
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_EOS_ID = 50256
+_ANGLE_TOKEN = re.compile(r"<[^<>\s]{1,64}>")
 
 
 @dataclass
@@ -47,6 +49,17 @@ class Tokenizer:
             return [self.bos_id, *ids], [0, *ends]
         return ids, ends
 
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        """Texts the tokenizer reads as control tokens (<|endoftext|>, <eos>, <unused0>, ...)."""
+        return frozenset()
+
+    def find_control_token(self, text: str) -> str | None:
+        """The first control token written literally in `text`, or None. Every control token of
+        the tokenizers we read has the form <...>, so candidates are found by that shape."""
+        controls = self.control_tokens
+        return next((m.group(0) for m in _ANGLE_TOKEN.finditer(text) if m.group(0) in controls), None)
+
     def token_id(self, token_text: str) -> int | None:
         """Id of a special token such as "<end_of_turn>", or None if this tokenizer has none."""
         return self.special_tokens.get(token_text)
@@ -65,6 +78,10 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, encoding, *, name: str, eos_id: int, pad_id: int):
         super().__init__(name=name, eos_id=eos_id, pad_id=pad_id, bos_id=None, special_tokens={})
         self.encoding = encoding
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        return frozenset(self.encoding.special_tokens_set)
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +111,15 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (from a tokenizer.json) with explicit special-token ids."""
 
     def __init__(self, backend, *, name: str, eos_id: int, pad_id: int, bos_id: int | None):
-        specials = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
+        added = backend.get_added_tokens_decoder()
+        specials = {token.content: token_id for token_id, token in added.items()}
         super().__init__(name=name, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, special_tokens=specials)
         self.backend = backend
+        self._controls = frozenset(token.content for token in added.values() if token.special)
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        return self._controls
 
     @property
     def vocab_size(self) -> int:

@@ -45,6 +45,8 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between resumable checkpoints (also at each epoch end)
     sample_prompt: bool = True  # greedy sample for a fixed validation prompt after each epoch
     threads: int | None = None
+    # The sha256 of the validated records (set by finetune): a resumed run must read the same data.
+    data_sha256: str | None = None
 
     def validate(self) -> "TrainConfig":
         positive = ["epochs", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"]
@@ -66,6 +68,16 @@ class TrainConfig:
         if self.batching not in BATCHING:
             raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         return self
+
+    def differences(self, requested: "TrainConfig") -> list[str]:
+        """Settings in which `requested` differs from this (saved) config, as "name: saved -> requested".
+        Ignored: where the run lives and how fast it goes (out, threads, save_every); a prompt style
+        left unset takes the saved one."""
+        ignored = {"out", "threads", "save_every"}
+        if requested.prompt_style is None:
+            ignored.add("prompt_style")
+        return [f"{f.name}: {getattr(self, f.name)!r} -> {getattr(requested, f.name)!r}"
+                for f in fields(self) if f.name not in ignored and getattr(self, f.name) != getattr(requested, f.name)]
 
     def to_dict(self) -> dict:
         return asdict(self)

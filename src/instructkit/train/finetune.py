@@ -1,30 +1,24 @@
-"""`instructkit finetune`: set up, run the loop with evaluation and checkpoints, write the run folder.
+"""`instructkit finetune`: set up, run the loop with evaluation and checkpoints, write the run folder
+(runs.py names its files).
 
-The run folder describes itself:
-    config.json           the resolved TrainConfig
-    prompt_style.json     the prompt style used (training, generation, judge and export read it)
-    model.json, model.safetensors, tokenizer_ref.json [, tokenizer.json]   the fine-tuned model
-    adapter.safetensors   the LoRA tensors alone (LoRA runs)
-    metrics.jsonl         one row per optimizer step and per evaluation
-    loss-plot.png / .pdf  the chapter's plot
-    samples.jsonl         a greedy sample for a fixed validation prompt after each epoch
-    checkpoint/           resume state while the run is unfinished
+A run folder belongs to one request: resuming (or rerunning the main job) compares the saved
+config with the requested one, the data's sha256 included, and refuses any difference with one
+line naming the settings. Every random draw comes from the run's seed (LoRA's A matrices, the
+data order, dropout through the saved RNG state), so two runs with the same arguments give the
+same weights, and a killed run resumes to them.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from pathlib import Path
 
 import torch
 
-from instructkit.data.pipeline import encode_splits, prepare_data
+from instructkit.data.pipeline import PreparedData, encode_splits, prepare_data
 from instructkit.data.prompts import PromptStyle, get_prompt_style
 from instructkit.errors import UserError
-from instructkit.fileio import atomic_write_json, atomic_write_jsonl
 from instructkit.models.registry import load_model, save_model_folder
+from instructkit.runs import RunFolder
 from instructkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from instructkit.train.config import TrainConfig
 from instructkit.train.lora import apply_lora, lora_state_dict, merge_lora
@@ -48,39 +42,54 @@ def _say(message: str) -> None:
     tqdm.write(message)
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise UserError(f"{run_dir}: no config.json, so not a fine-tuning run folder to resume")
-    return TrainConfig.from_dict(json.loads(path.read_text())).validate()
+def load_run_config(run: RunFolder) -> TrainConfig:
+    return TrainConfig.from_dict(run.config()).validate()
 
 
-def finetune(config: TrainConfig, *, resume: bool = False) -> Path:
+def check_same_run(run: RunFolder, requested: TrainConfig) -> None:
+    """Refuse to continue a run folder with anything but the request it was started with."""
+    differences = load_run_config(run).differences(requested)
+    if differences:
+        raise UserError(f"{run}: holds a run with other settings ({'; '.join(differences)}); "
+                        f"choose another --out, or remove {run} to start over")
+
+
+def _start_state() -> dict:
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "supervised_seen": 0, "skipped_steps": 0,
+            "truncated": 0, "rows": [], "best_val": None, "stale_evals": 0, "elapsed_s": 0.0, "samples": []}
+
+
+def finetune(config: TrainConfig, *, resume: bool = False) -> RunFolder:
+    """Run (or continue, with `resume`) the fine-tuning that `config` describes."""
     config.validate()
-    run_dir = Path(config.out)
+    run = RunFolder(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if not resume and (run_dir / "config.json").exists():
-        raise UserError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it, or choose another --out")
-    if resume and (run_dir / "model.safetensors").exists() and find_checkpoint(run_dir) is None:
-        _say(f"{run_dir}: this run already finished; nothing to resume")
-        return run_dir
+    data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed)
+    config.data_sha256 = data.fingerprint
+    checkpoint = None
+    if run.has_config():
+        if not resume:
+            raise UserError(f"{run}: already holds a run; pass --resume {run} to continue it, or choose another --out")
+        check_same_run(run, config)
+        config.prompt_style = config.prompt_style or load_run_config(run).prompt_style
+        if run.is_finished:
+            _say(f"{run}: training already finished; nothing to resume")
+            return run
+        checkpoint = find_checkpoint(run)
+        if checkpoint is None:
+            _say(f"{run}: no checkpoint yet (the run stopped before its first save); starting it afresh")
 
     loaded = load_model(config.model, seed=config.seed)
+    torch.manual_seed(config.seed)  # dropout and anything else drawn from the global generator
     model, tokenizer = loaded.model, loaded.tokenizer
     style = get_prompt_style(config.prompt_style or loaded.default_prompt_style)
     config.prompt_style = style.name
-    data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed)
-    encoded = encode_splits(data, style, tokenizer, mask_instructions=config.mask_instructions, max_length=config.max_length)
-    train, val = encoded["train"][0], encoded["val"][0]
-    if steps_per_epoch(len(train), config) == 0:
-        raise UserError(f"{config.data}: {len(train)} training examples make no full batch of {config.batch_size} x {config.grad_accum}")
-    if not val:
-        raise UserError(f"{config.data}: the validation split is empty; use a larger dataset")
+    train, val, truncated = _encode(data, style, loaded, config)
 
     if config.lora_rank:
-        wrapped = apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha)
-        _say(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} on {wrapped} linear layers")
+        wrapped = apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
+        _say(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} (scale alpha/rank) on {wrapped} linear layers")
     if config.freeze_embedding:
         model.tie_weights()  # the head's weight is the embedding: freezing it freezes both
         model.lm_head.weight.requires_grad_(False)
@@ -89,25 +98,40 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> Path:
     _say(f"Model {loaded.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; prompt style {style.name}")
     optimizer = build_optimizer(model, config)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "supervised_seen": 0,
-             "rows": [], "best_val": None, "stale_evals": 0, "elapsed_s": 0.0, "samples": []}
-    if resume:
-        checkpoint = find_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first save)")
+    state = _start_state()
+    if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        _say(f"Resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
+        _say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-        atomic_write_json(run_dir / "prompt_style.json", style.to_dict())
+        run.remove_checkpoints()
+        run.write_start(config.to_dict(), style)
+        state["truncated"] = truncated
 
-    _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run_dir)
-    _write_outputs(model, loaded, config, state, run_dir)
-    return run_dir
+    _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run)
+    _write_outputs(model, loaded, config, state, run)
+    return run
 
 
-def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run_dir) -> None:
+def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig):
+    """Encoded train and validation examples, cut to the model's context (the chapter's
+    allowed_max_length): returns (train, val, how many training examples were cut)."""
+    context = loaded.model.config.context_length
+    max_length = min(config.max_length or context, context)
+    encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=config.mask_instructions,
+                            max_length=max_length)
+    (train, train_report), (val, val_report) = encoded["train"], encoded["val"]
+    if steps_per_epoch(len(train), config) == 0:
+        raise UserError(f"{config.data}: {len(train)} training examples make no full batch of {config.batch_size} x {config.grad_accum}")
+    if not val:
+        raise UserError(f"{config.data}: the validation split is empty; use a larger dataset")
+    cut = train_report.truncated + val_report.truncated
+    if cut:
+        why = "--max-length" if config.max_length and config.max_length < context else "the model's context"
+        _say(f"Truncated {cut} examples to {max_length} positions ({why}); they lose their end token")
+    return train, val, train_report.truncated
+
+
+def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run: RunFolder) -> None:
     from tqdm import tqdm
 
     pad = tokenizer.pad_id
@@ -130,7 +154,7 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
             state["best_val"], state["stale_evals"] = val_loss, 0
         else:
             state["stale_evals"] += 1
-        atomic_write_jsonl(run_dir / "metrics.jsonl", state["rows"])
+        run.write_metrics(state["rows"])
 
     if state["step"] == 0 and not any(r["kind"] == "eval" for r in state["rows"]):
         evaluate()  # the losses before any training
@@ -149,9 +173,10 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
             state["batch_in_epoch"] += config.grad_accum
             state["tokens_seen"] += result.padded_tokens
             state["supervised_seen"] += result.supervised_tokens
-            state["rows"].append({"kind": "step", "step": state["step"], "loss": result.loss, "lr": lr,
-                                  "real_tokens": result.real_tokens, "supervised_tokens": result.supervised_tokens,
-                                  "seconds": seconds})
+            state["skipped_steps"] += result.skipped
+            row = {"kind": "step", "step": state["step"], "loss": None if result.skipped else result.loss, "lr": lr,
+                   "real_tokens": result.real_tokens, "supervised_tokens": result.supervised_tokens, "seconds": seconds}
+            state["rows"].append({**row, "skipped": True} if result.skipped else row)
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{result.real_tokens / seconds:.0f}")
             bar.update(1)
             if state["step"] % config.eval_every == 0:
@@ -161,7 +186,7 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
                     stopped_early = True
                     break
             if state["step"] % config.save_every == 0:
-                save_checkpoint(run_dir, model, optimizer, state)
+                save_checkpoint(run, model, optimizer, state)
         if state["batch_in_epoch"] >= len(batches):  # the epoch is complete
             if config.sample_prompt:
                 text = sample_text(model, tokenizer, style, sample_record)
@@ -169,32 +194,33 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
                 _say(f"Sample after epoch {state['epoch'] + 1}: {text!r}")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            save_checkpoint(run_dir, model, optimizer, state)
+            save_checkpoint(run, model, optimizer, state)
     bar.close()
     if not state["rows"] or state["rows"][-1]["kind"] != "eval":
         evaluate()
 
 
-def _write_outputs(model, loaded, config: TrainConfig, state: dict, run_dir: Path) -> None:
+def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFolder) -> None:
     from safetensors.torch import save_file
 
     if config.lora_rank:
-        adapter = lora_state_dict(model)
-        tmp = run_dir / ".adapter.safetensors.tmp"
-        save_file(adapter, str(tmp))
-        tmp.replace(run_dir / "adapter.safetensors")
+        tmp = run / ".adapter.safetensors.tmp"
+        save_file(lora_state_dict(model), str(tmp))
+        tmp.replace(run.adapter_file)
         merge_lora(model)
     model.tie_weights()
-    save_model_folder(run_dir, model, loaded.tokenizer_ref)
-    atomic_write_jsonl(run_dir / "samples.jsonl", state["samples"])
-    atomic_write_jsonl(run_dir / "metrics.jsonl", state["rows"])
+    save_model_folder(run.path, model, loaded.tokenizer_ref)
+    run.write_samples(state["samples"])
+    run.write_metrics(state["rows"])
     evals = [row for row in state["rows"] if row["kind"] == "eval"]
-    plot_losses(evals, run_dir / "loss-plot")
-    # The run is complete: the resume state is no longer needed (it can be gigabytes).
-    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    plot_losses(evals, run.loss_plot)
+    run.remove_checkpoints()  # the run is complete: the resume state (gigabytes) is no longer needed
     first, last = evals[0], evals[-1]
+    skipped = state.get("skipped_steps", 0)
+    if skipped:
+        _say(f"{skipped} steps had no supervised token (every example in them truncated before its response) "
+             "and made no update")
     _say(
         f"Done: {state['step']} steps in {state['elapsed_s']:.0f} s of training; "
-        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}. Run folder: {run_dir}"
+        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}. Run folder: {run}"
     )

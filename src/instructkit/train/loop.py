@@ -11,7 +11,9 @@ Speed on a CPU comes from three things, none of which changes the loss:
   - fp32 throughout (bf16 matmuls are ~300x slower on CPUs without AMX).
 
 The loss of an optimizer step is the mean over all supervised tokens of all its micro-batches,
-so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same update.
+and the batch order is made for the effective batch (batch x accumulation), so batch 8 x
+accumulation 1 and batch 1 x accumulation 8 put the same examples into each step and give the
+same update (up to float rounding).
 """
 
 from __future__ import annotations
@@ -45,12 +47,17 @@ def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: t
 
 def epoch_batches(examples: list[EncodedExample], config: TrainConfig, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees
-    exactly the order an uninterrupted one would."""
+    exactly the order an uninterrupted one would. The order is made for the effective batch
+    (batch_size x grad_accum), then each effective batch is cut into grad_accum micro-batches, so
+    batch 8 and batch 1 with --grad-accum 8 put the same examples into every optimizer step."""
     seed = config.seed + epoch
+    effective = config.batch_size * config.grad_accum
     if config.batching == "chapter":
-        return batches_in_order(chapter_shuffle_order(len(examples), seed), config.batch_size, drop_last=True)
-    lengths = [len(example) for example in examples]
-    return length_grouped_batches(lengths, config.batch_size, seed=seed, drop_last=True)
+        steps = batches_in_order(chapter_shuffle_order(len(examples), seed), effective, drop_last=True)
+    else:
+        lengths = [len(example) for example in examples]
+        steps = length_grouped_batches(lengths, effective, seed=seed, drop_last=True)
+    return [step[start : start + config.batch_size] for step in steps for start in range(0, effective, config.batch_size)]
 
 
 def eval_batches(examples: list[EncodedExample], batch_size: int, limit: int) -> list[list[int]]:
@@ -100,6 +107,7 @@ class StepResult:
     supervised_tokens: int
     real_tokens: int  # non-padding input tokens
     padded_tokens: int  # inputs.numel(), what the chapter counts as "tokens seen"
+    skipped: bool = False  # no supervised token in the whole step: no update was made
 
 
 def train_step(
@@ -115,6 +123,10 @@ def train_step(
     """One optimizer step over `micro_batches` (the accumulation group)."""
     collated = [collate([examples[i] for i in batch], pad_id=pad_id) for batch in micro_batches]
     total_supervised = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in collated)
+    real = sum(sum(len(examples[i]) - 1 for i in batch) for batch in micro_batches)
+    padded = sum(inputs.numel() for inputs, _ in collated)
+    if total_supervised == 0:  # e.g. every example truncated before its response: nothing to learn
+        return StepResult(float("nan"), 0, real, padded, skipped=True)
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0
     for inputs, targets in collated:
@@ -126,9 +138,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    real = sum(sum(len(examples[i]) - 1 for i in batch) for batch in micro_batches)
-    padded = sum(inputs.numel() for inputs, _ in collated)
-    return StepResult(total_loss / max(total_supervised, 1), total_supervised, real, padded)
+    return StepResult(total_loss / total_supervised, total_supervised, real, padded)
 
 
 def sample_text(model, tokenizer, style: PromptStyle, record: dict, max_new_tokens: int = 50) -> str:

@@ -2,6 +2,10 @@
 
     y = x W^T + b + (alpha / r) * (x A^T) B^T        A: (r, in), B: (out, r), B starts at zero
 
+The scale is alpha / rank, the common convention (the LoRA paper, PEFT, litgpt). The book's
+exercise 7.4 multiplies by alpha alone: its alpha a at rank r equals our alpha a * r.
+A is drawn from a generator seeded by the run's seed, so a rerun makes the same adapters.
+
 Adapters are merged into plain weights for saving (`merge_lora`), so a fine-tuned model loads
 like any other; the adapter tensors alone are also kept (`lora_state_dict`).
 """
@@ -24,14 +28,14 @@ TARGETS = {
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,8 +66,10 @@ def target_suffixes(family: str, targets: list[str]) -> tuple[str, ...]:
     return tuple(suffixes)
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> int:
-    """Freeze the model and wrap the targeted linear layers. Returns how many were wrapped."""
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, *, seed: int = 0) -> int:
+    """Freeze the model and wrap the targeted linear layers, their A matrices drawn in module order
+    from a generator seeded with `seed`. Returns how many were wrapped."""
+    generator = torch.Generator().manual_seed(seed)
     suffixes = target_suffixes(model.config.family, targets)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -71,7 +77,7 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) ->
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.endswith(suffixes):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha))
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha, generator))
             wrapped += 1
     return wrapped
 

@@ -88,6 +88,10 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
 def fused_head_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the linear head `weight` (V, C) on `hidden` (N, C) against
     `targets` (N,), all supervised. Chunked; under no_grad nothing but the loss is computed."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        # A stray IGNORE_INDEX (-100) would index logits from the end instead of failing.
+        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), got "
+                         f"{int(targets.min())}..{int(targets.max())}; select the supervised positions first")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedHeadCrossEntropy.apply(hidden, weight, targets)
     return _head_loss_and_grads(hidden, weight, targets, need_hidden=False, need_weight=False)[0]

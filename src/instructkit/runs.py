@@ -1,0 +1,171 @@
+"""The run folder: the one owner of its file names, readers and writers.
+
+A fine-tuning run folder describes itself, and every stage takes it (finetune writes it; respond,
+evaluate, export, chat and serve read it):
+
+    config.json            the resolved training config (handed up as data: the train package owns its schema)
+    prompt_style.json      the prompt style the model was trained with
+    model.json, model.safetensors, tokenizer_ref.json [, tokenizer.json]
+                           the fine-tuned model (a model folder: models/registry.py reads and writes these)
+    adapter.safetensors    the LoRA tensors alone (LoRA runs)
+    metrics.jsonl          one row per optimizer step and per evaluation
+    samples.jsonl          a greedy sample for a fixed validation prompt after each epoch
+    loss-plot.png / .pdf   the chapter's plot
+    checkpoint/            resume state while the run is unfinished (train/checkpoint.py owns its insides)
+    SPLIT-responses.json (+ .jsonl)   responses of the fine-tuned model; base-responses.json of the base model
+    evaluation.json, report.md, report.html, judge-cache.jsonl, score-histogram.png   the evaluation
+
+A run is finished when its model is written and no checkpoint is left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from instructkit.data.prompts import PromptStyle
+from instructkit.errors import UserError
+from instructkit.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+MODEL_FILES = ("model.json", "model.safetensors", "tokenizer_ref.json")
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # Files ---------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def prompt_style_file(self) -> Path:
+        return self.path / "prompt_style.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @property
+    def adapter_file(self) -> Path:
+        return self.path / "adapter.safetensors"
+
+    @property
+    def loss_plot(self) -> Path:
+        """The plot's stem: .png and .pdf are written beside each other."""
+        return self.path / "loss-plot"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    def checkpoint_dirs(self) -> tuple[Path, Path, Path]:
+        """(current, being written, previous): a checkpoint is swapped in by renames."""
+        return self.checkpoint_dir, self.path / "checkpoint.tmp", self.path / "checkpoint.old"
+
+    def responses_file(self, split: str = "test", *, base: bool = False) -> Path:
+        return self.path / ("base-responses.json" if base else f"{split}-responses.json")
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.path / "evaluation.json"
+
+    @property
+    def report_files(self) -> tuple[Path, Path]:
+        return self.path / "report.md", self.path / "report.html"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.path / "judge-cache.jsonl"
+
+    # State ---------------------------------------------------------------------------------
+    def has_config(self) -> bool:
+        return self.config_file.exists()
+
+    def has_model(self) -> bool:
+        return all((self.path / name).exists() for name in MODEL_FILES)
+
+    def has_checkpoint(self) -> bool:
+        return any(folder.exists() for folder in self.checkpoint_dirs())
+
+    @property
+    def is_finished(self) -> bool:
+        return self.has_model() and not self.has_checkpoint()
+
+    def require_finished(self) -> "RunFolder":
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: no such run folder")
+        if not self.has_model():
+            raise UserError(f"{self.path}: no fine-tuned model here (model.json missing); is the run finished?")
+        if self.has_checkpoint():
+            raise UserError(f"{self.path}: the run is unfinished (a checkpoint is left); finish it with "
+                            f"`instructkit finetune --resume {self.path}`")
+        return self
+
+    # Readers -------------------------------------------------------------------------------
+    def config(self) -> dict:
+        if not self.config_file.exists():
+            raise UserError(f"{self.path}: no config.json, so not a fine-tuning run folder")
+        try:
+            return json.loads(self.config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{self.config_file}: not valid JSON ({exc.msg})") from None
+
+    def prompt_style(self) -> PromptStyle | None:
+        if not self.prompt_style_file.exists():
+            return None
+        return PromptStyle.from_dict(json.loads(self.prompt_style_file.read_text(encoding="utf-8")))
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_file)
+
+    def evals(self) -> list[dict]:
+        return [row for row in self.metrics() if row.get("kind") == "eval"]
+
+    def responses(self, split: str = "test", *, base: bool = False) -> list[dict]:
+        path = self.responses_file(split, base=base)
+        if not path.exists():
+            raise UserError(f"{path}: no responses yet; run `instructkit respond --run {self.path} --split {split}`")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    # Writers -------------------------------------------------------------------------------
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_start(self, config: dict, style: PromptStyle) -> None:
+        """What a run records before its first step: the resolved config and the prompt style."""
+        self.create()
+        atomic_write_json(self.config_file, config)
+        atomic_write_json(self.prompt_style_file, style.to_dict())
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        atomic_write_jsonl(self.metrics_file, rows)
+
+    def write_samples(self, rows: list[dict]) -> None:
+        atomic_write_jsonl(self.samples_file, rows)
+
+    def remove_checkpoints(self) -> None:
+        for folder in self.checkpoint_dirs():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def default_run_dir(data: str, root: str = "runs") -> str:
+    """A run folder named after the data (runs/builtin, runs/instruction-data), so runs on
+    different data never share a folder."""
+    stem = Path(data.rstrip("/")).name if not data.startswith("builtin") else data
+    stem = re.sub(r"\.(jsonl?|ndjson)$", "", stem, flags=re.IGNORECASE)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "run"
+    return str(Path(root) / stem)

@@ -1,0 +1,63 @@
+"""Determinism and exact resume at the size users run: short LoRA fine-tunes of the real
+embedded Gemma 3 270M (the tiny-model tests show the same on random weights)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _args(data, out):
+    return ["finetune", "--model", "gemma-3-270m", "--data", str(data), "--out", str(out), "--lora-rank", "8",
+            "--max-steps", "4", "--save-every", "1", "--eval-every", "4", "--eval-batches", "1", "--no-sample",
+            "--threads", "2"]
+
+
+def _weights(run):
+    return load_file(str(run / "adapter.safetensors")), load_file(str(run / "model.safetensors"))
+
+
+def _assert_identical(first, second):
+    for a, b in zip(_weights(first), _weights(second)):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_same_seed_same_weights_and_a_killed_run_resumes_to_them(chapter_data_path, tmp_path):
+    first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "killed"
+    for run in (first, second):
+        result = run_cli(*_args(chapter_data_path, run))
+        assert result.returncode == 0, result.stderr[-2000:]
+    _assert_identical(first, second)
+    losses = [[row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if row["kind"] == "step"] for run in (first, second)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_args(chapter_data_path, killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= 2:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
+    resumed = run_cli("finetune", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_identical(first, killed)
