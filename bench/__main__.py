@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("suites", nargs="*", default=list(SUITES), help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats for the train suite")
-    parser.add_argument("--run", default="runs/main", help="run folder for the quality suite")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
+    parser.add_argument("--run", default="runs/builtin", help="run folder for the quality suite")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if "generate" in args.suites:
         from bench import generate
 
-        results["generate"] = generate.run(args.quick)
+        results["generate"] = generate.run(args.quick, repeats=args.repeats)
     if "load" in args.suites:
         from bench import load
 

@@ -34,6 +34,35 @@ def machine_info() -> dict:
     return info
 
 
+def versions() -> dict:
+    """Versions of everything a measurement may depend on (absent packages are left out)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("torch", "numpy", "transformers", "trl", "accelerate", "llama_cpp_python", "gguf", "fastapi", "uvicorn"):
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def spread(values: list[float]) -> dict:
+    """Median with min and max: how every repeated number is reported."""
+    import statistics
+
+    values = [v for v in values if v == v]
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt_spread(s: dict, fmt: str = "{:.2f}", suffix: str = "") -> str:
+    if not s["n"]:
+        return "-"
+    return f"{fmt.format(s['median'])}{suffix} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [[str(h) for h in header]] + [[f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -49,7 +78,7 @@ def save_results(suite: str, payload: dict) -> Path:
 
     stamp = time.strftime("%Y%m%dT%H%M%S")
     path = RESULTS / f"{suite}-{stamp}.json"
-    atomic_write_json(path, {"suite": suite, "machine": machine_info(), **payload}, indent=2)
+    atomic_write_json(path, {"suite": suite, "machine": machine_info(), "versions": versions(), **payload}, indent=2)
     return path
 
 

@@ -170,7 +170,14 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
 
 
 def run_hf_trl(spec: dict) -> dict:
-    """HF transformers' Gemma3ForCausalLM with our converted weights, trained by TRL's SFTTrainer."""
+    """HF transformers' Gemma3ForCausalLM with our converted weights, trained by TRL's SFTTrainer.
+
+    Same work as ours where the spec says so: the same trainable parameters (`freeze_embedding`
+    freezes the tied embedding, so the optimizer skips it, as ours does), the same supervision
+    (completion-only loss), batch and data; gradient checkpointing as the spec says (TRL's
+    SFTConfig turns it on by default, which recomputes the forward pass). Real tokens are counted
+    from the batches the trainer actually ran (attention-mask sums, minus one per row: the
+    positions that predict a next token, as ours counts)."""
     import tempfile
 
     import transformers
@@ -199,6 +206,8 @@ def run_hf_trl(spec: dict) -> dict:
     model.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
     model.tie_weights()
     del ours
+    if spec.get("freeze_embedding"):
+        model.get_input_embeddings().weight.requires_grad_(False)  # tied: the head is frozen with it
     tokenizer_file = loaded.tokenizer_ref.get("file")
     if tokenizer_file is None:
         from instructkit.models.registry import embedded_gemma_folder
@@ -210,32 +219,42 @@ def run_hf_trl(spec: dict) -> dict:
     dataset = Dataset.from_list([{"prompt": style.prompt(r), "completion": r["output"]} for r in records])
     steps, warmup = spec["steps"], spec.get("warmup", 1)
     times: list[float] = []
+    step_tokens: list[int] = []
+    current = {"tokens": 0}
+
+    def count_tokens(module, args, kwargs):
+        if module.training:
+            mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids")
+            current["tokens"] += int(mask.sum()) - mask.shape[0] if mask is not None else ids.numel() - ids.shape[0]
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            current["tokens"] = 0
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
+            step_tokens.append(current["tokens"])
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=warmup + steps,
                          learning_rate=5e-5, weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True,
                          bf16=False, fp16=False, logging_steps=1000, eval_strategy="no", dataloader_num_workers=0,
                          completion_only_loss=spec.get("mask_instructions", True), packing=False, seed=123,
-                         max_length=None)
+                         max_length=None, gradient_checkpointing=spec.get("gradient_checkpointing", False))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[Timer()])
-        lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.train()
-    from bench.common import peak_rss_bytes
+    from bench.common import peak_rss_bytes, versions
 
-    measured = times[warmup:]
-    mean_real = sum(lengths) / len(lengths) - 1
-    real = mean_real * spec["batch"] * len(measured)
+    measured, real = times[warmup:], sum(step_tokens[warmup:])
     return {**spec, "step_seconds": measured, "real_tok_s": real / sum(measured), "real_tokens": real,
             "run_real_tok_s": real / sum(measured), "peak_rss_gb": peak_rss_bytes() / 1e9,
-            "note": "real tokens estimated from the mean tokenized length (TRL shuffles its own batches)"}
+            "trainable_parameters": trainable, "versions": versions()}
 
 
 def main() -> None:

@@ -13,17 +13,23 @@ def test_quick_bench_runs_and_reports(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "test prompts, greedy"):
+    for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "Gemma 3 270M, greedy"):
         assert title in out, title
     path = out.strip().splitlines()[-1].split("Raw results: ")[1]
     saved = json.loads(open(path).read())
     try:
         assert saved["quick"] is True and saved["peak"]["gflops"] > 0
         summary = saved["train"]["summary"]
-        assert summary["gpt2: ours"]["real_tok_s"] > 0 and summary["gpt2: chapter loop (naive)"]["real_tok_s"] > 0
-        assert "gpt2 ours / chapter loop (steps)" in saved["train"]["ratios"]
-        assert saved["generate"]["cache"]["speedup"] > 0 and saved["generate"]["test_set"]["ours"]["tokens"] > 0
-        assert "cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1
+        assert summary["gpt2: ours, chapter recipe"]["real_tok_s"]["median"] > 0
+        assert summary["gpt2: the chapter's loop"]["real_tok_s"]["median"] > 0
+        ratios = {r["what"]: r for r in saved["train"]["ratios"]}
+        same = ratios["gpt2-small, the chapter's recipe, incl. its evaluation"]
+        assert same["same_work"] and same["met"] in ("yes", "no") and same["ratio"]["n"] == 1
+        assert all(r["met"].startswith("-") for r in ratios.values() if not r["same_work"])
+        assert saved["generate"]["cache"]["speedup"]["median"] > 0
+        gemma = saved["generate"]["gemma"]["tok_s"]
+        assert gemma["batch 1: ours"]["median"] > 0 and gemma["batched: llama.cpp, 16 parallel slots"]["median"] > 0
+        assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
     finally:
         import os
 

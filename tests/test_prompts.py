@@ -45,3 +45,38 @@ def test_style_round_trips_through_its_saved_form():
     for name in ("alpaca", "phi3", "gemma"):
         style = get_prompt_style(name)
         assert PromptStyle.from_dict(style.to_dict()) == style
+
+
+def test_a_single_user_message_renders_as_the_record_prompt():
+    for name in ("alpaca", "phi3", "gemma"):
+        style = get_prompt_style(name)
+        for record in (WITH_INPUT, {"instruction": "Name a color.", "input": ""}):
+            assert style.conversation([{"role": "user", "content": style.user_content(record)}]) == style.prompt(record)
+
+
+def test_multi_turn_rule_with_a_system_message():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    # Gemma's own template: the system text opens the first user turn; answers close with <end_of_turn>.
+    assert GEMMA.conversation(messages) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    alpaca = get_prompt_style("alpaca")
+    assert alpaca.conversation(messages) == (
+        "Be brief.\n\n" + alpaca.prompt({"instruction": "Hi"}) + "Hello.\n\n" + alpaca.prompt({"instruction": "Bye"}))
+    phi3 = get_prompt_style("phi3")
+    assert phi3.conversation(messages) == "Be brief.\n\n<|user|>\nHi\n<|assistant|>:\nHello.\n\n<|user|>\nBye\n<|assistant|>:\n"
+
+
+def test_malformed_conversations_are_one_line_errors():
+    import pytest
+
+    from instructkit.errors import UserError
+
+    with pytest.raises(UserError, match="must end with a user message"):
+        GEMMA.conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(UserError, match="message 1 has role 'user'; expected 'assistant'"):
+        GEMMA.conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(UserError, match="at most one system message"):
+        GEMMA.conversation([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                            {"role": "user", "content": "c"}])

@@ -255,3 +255,17 @@ def test_checkpoint_state_loads_with_weights_only(chapter_data_path, tmp_path):
     process.wait()
     saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
     assert set(saved) == {"optimizer", "torch_rng"} and saved["optimizer"]["state"]
+
+
+def test_tied_weight_gradient_equals_the_plain_full_logits_gradient(tiny_gpt2_examples):
+    """The fused head, the ordering identity on the tied weight and the sparse embedding gradient
+    together give the same gradient as full logits + F.cross_entropy through autograd."""
+    loaded, examples = tiny_gpt2_examples
+    fused_model, plain_model = copy.deepcopy(loaded.model).train(), copy.deepcopy(loaded.model).train()
+    inputs, targets = collate(examples[:6], pad_id=loaded.tokenizer.pad_id)
+    loss_sum, count = supervised_loss_sum(fused_model, inputs, targets)
+    (loss_sum / count).backward()
+    masked_cross_entropy(plain_model(inputs), targets).backward()
+    for (name, a), (_, b) in zip(fused_model.named_parameters(), plain_model.named_parameters()):
+        torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense(), rtol=1e-4, atol=1e-6, msg=name)
+    assert not fused_model.lm_head.weight.grad.is_sparse

@@ -218,6 +218,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_respond(args: argparse.Namespace) -> int:
     from instructkit.data.pipeline import prepare_data
     from instructkit.models.registry import load_model
+    from instructkit.data.fewshot import BASE_MODEL_STYLE
     from instructkit.respond import respond, style_for
 
     _positive("max-new-tokens", args.max_new_tokens)
@@ -231,7 +232,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
     loaded = load_model(str(run.path) if run else args.model)
-    style = style_for(loaded, run, args.prompt_style)
+    style = style_for(loaded, run, args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
     prepared = prepare_data(data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
     entries = prepared.splits.by_name(args.split)
     out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None)
     resp.add_argument("--few-shot", type=int, default=0,
-                      help="K solved training examples before each question, answer = first line (for base models)")
+                      help="K solved training examples before each question, answer = first line (for base "
+                           "models; in the alpaca style unless --prompt-style is given)")
     resp.set_defaults(handler=cmd_respond)
 
     ev = subcommands.add_parser("evaluate", help="score responses: offline metrics, optional LLM judge, report")

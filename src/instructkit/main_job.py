@@ -1,5 +1,7 @@
 """The main job (`instructkit run`, what `make run` calls): fine-tune the embedded default model,
-answer the test split with the fine-tuned model and (few-shot) with the base model, evaluate,
+answer the test split with the fine-tuned model and with the base model (k solved training
+examples first, in the plain-text style the base model reads best; its answer is the first line
+it writes: data/fewshot.py), evaluate,
 write the report. The recipe lives here, so the CLI and the benchmarks use the same one.
 
 The recipe, chosen for a CPU: full fine-tuning of everything but the tied 262,144 x 640 token
@@ -18,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from instructkit.data.fewshot import DEFAULT_SHOTS
+from instructkit.data.fewshot import BASE_MODEL_STYLE, DEFAULT_SHOTS
 from instructkit.train.config import TrainConfig
 
 
@@ -54,6 +56,7 @@ def main_recipe(model: str, data: str, out: str, *, seed: int = 123, epochs: int
 def run_main_job(job: MainJob, say=print) -> dict:
     """Every stage of the main job, resumable; returns the evaluation result."""
     from instructkit.data.pipeline import prepare_data
+    from instructkit.data.prompts import get_prompt_style
     from instructkit.evaluate.evaluation import evaluate_file
     from instructkit.models.registry import load_model
     from instructkit.respond import respond, style_for
@@ -72,7 +75,8 @@ def run_main_job(job: MainJob, say=print) -> dict:
     del tuned
     say(f"{stamp()} fine-tuned responses written")
     base = load_model(job.model)
-    respond(base, style, data.splits.test, run.responses_file(base=True), max_new_tokens=job.base_max_new_tokens,
+    base_style = get_prompt_style(BASE_MODEL_STYLE) if job.base_shots else style
+    respond(base, base_style, data.splits.test, run.responses_file(base=True), max_new_tokens=job.base_max_new_tokens,
             shots=job.base_shots, shot_pool=data.splits.train)
     del base
     say(f"{stamp()} base-model responses written ({job.base_shots}-shot, first line)")

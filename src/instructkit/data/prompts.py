@@ -10,6 +10,21 @@ one definition used by training, generation, response extraction, the judge and 
 
 `alpaca` is byte-identical to the chapter's `format_input` plus "\\n\\n### Response:\\n";
 `phi3` is the chapter's exercise 7.1 format; `gemma` uses Gemma's own turn markers.
+
+A conversation (system, user and assistant messages; chat, serving, few-shot prompts and the
+templates that export writes) follows one rule, so a single user message renders exactly as
+`prompt` does for a record whose instruction is that message:
+
+    conversation = [system + "\\n\\n", unless the style puts it in the first turn]
+                   for each exchange: prompt({"instruction": user}) + assistant + turn_separator
+                   ... ending with prompt({"instruction": last user message})
+
+The system message stands before everything (alpaca, phi3) or, as Gemma's own template does,
+opens the first user message followed by a blank line. `turn_separator` closes an answer:
+Gemma's "<end_of_turn>\\n"; a blank line for alpaca and phi3, whose answers end with the
+tokenizer's end-of-sequence token when trained, which a prompt cannot hold as text.
+A record with an input is the user message `user_content(record)`: the instruction, the input
+prefix and the input, so `prompt(record) == conversation([user_content(record)])`.
 """
 
 from __future__ import annotations
@@ -28,6 +43,13 @@ class PromptStyle:
     # Text of a special token that ends a response (e.g. "<end_of_turn>"); None means the
     # tokenizer's own end-of-sequence token.
     end_marker: str | None = None
+    # What follows an assistant message before the next user turn, in a conversation.
+    turn_separator: str = "\n\n"
+    # Where a system message goes: inside the first user turn (Gemma) or before everything.
+    system_in_first_turn: bool = False
+    # Text that ends an answer when a model goes on with another turn instead of its end token
+    # (chat, serving, and the stop lists that export writes for llama.cpp and Ollama).
+    stop_strings: tuple[str, ...] = ()
 
     def format_input(self, record: dict) -> str:
         """Instruction and input, without the response header (the chapter's `format_input`)."""
@@ -40,6 +62,35 @@ class PromptStyle:
         """Everything the model sees before it starts answering."""
         return self.format_input(record) + self.response_prefix
 
+    def user_content(self, record: dict) -> str:
+        """The record as one user message (instruction, and the input under its prefix)."""
+        return self.format_input(record)[len(self.instruction_prefix):]
+
+    def conversation(self, messages: list[dict]) -> str:
+        """The text before the next assistant answer, for messages {"role": system|user|assistant,
+        "content": ...}: optional system first, then user and assistant alternating, ending with user."""
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(system) > 1 or (system and messages[0]["role"] != "system"):
+            raise UserError("a conversation has at most one system message, and it comes first")
+        if not turns or turns[-1]["role"] != "user":
+            raise UserError("a conversation must end with a user message")
+        for index, turn in enumerate(turns):
+            expected = "user" if index % 2 == 0 else "assistant"
+            if turn["role"] != expected:
+                raise UserError(f"message {index + len(system)} has role {turn['role']!r}; expected {expected!r} "
+                                "(user and assistant messages alternate, starting with user)")
+        text = system[0] + "\n\n" if system and system[0] and not self.system_in_first_turn else ""
+        for index, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                text += turn["content"] + self.turn_separator
+                continue
+            content = turn["content"]
+            if index == 0 and system and system[0] and self.system_in_first_turn:
+                content = system[0] + "\n\n" + content
+            text += self.prompt({"instruction": content})
+        return text
+
     def training_text(self, record: dict) -> str:
         return self.prompt(record) + record["output"]
 
@@ -49,7 +100,7 @@ class PromptStyle:
     @classmethod
     def from_dict(cls, value: dict) -> "PromptStyle":
         try:
-            return cls(**value)
+            return cls(**{**value, "stop_strings": tuple(value.get("stop_strings", ()))})
         except TypeError as exc:
             raise UserError(f"invalid prompt style definition: {exc}") from None
 
@@ -63,6 +114,7 @@ ALPACA = PromptStyle(
     ),
     input_prefix="\n\n### Input:\n",
     response_prefix="\n\n### Response:\n",
+    stop_strings=("### Instruction:", "### Response:"),
 )
 
 PHI3 = PromptStyle(
@@ -70,6 +122,7 @@ PHI3 = PromptStyle(
     instruction_prefix="<|user|>\n",
     input_prefix="\n",
     response_prefix="\n<|assistant|>:\n",
+    stop_strings=("<|user|>", "<|assistant|>"),
 )
 
 GEMMA = PromptStyle(
@@ -78,6 +131,9 @@ GEMMA = PromptStyle(
     input_prefix="\n\n",
     response_prefix="<end_of_turn>\n<start_of_turn>model\n",
     end_marker="<end_of_turn>",
+    turn_separator="<end_of_turn>\n",
+    system_in_first_turn=True,
+    stop_strings=("<end_of_turn>", "<start_of_turn>"),
 )
 
 PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA)}
