@@ -17,8 +17,12 @@ DATA ?= builtin
 # The run folder is named after the data (runs/builtin, runs/instruction-data) unless RUN_DIR is set,
 # so runs on different data never share a folder.
 RUN_DIR ?=
+# On the chapter's data, the report compares our test responses with the book's own gpt2-medium
+# responses (the chapter's instruction-data-with-response.json, beside the data file).
+BOOK_RESPONSES := $(dir $(DATA))instruction-data-with-response.json
+BASELINE ?= $(if $(and $(findstring instruction-data.json,$(DATA)),$(wildcard $(BOOK_RESPONSES))),$(BOOK_RESPONSES))
 
-.PHONY: run test install install-test clean
+.PHONY: run test test-min-torch install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +40,21 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(BIN)/instructkit run --data "$(DATA)" $(if $(RUN_DIR),--out "$(RUN_DIR)")
+	$(BIN)/instructkit run --data "$(DATA)" $(if $(RUN_DIR),--out "$(RUN_DIR)") \
+		$(if $(BASELINE),--baseline "$(BASELINE)" --baseline-label "the book's gpt2-medium")
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# The core tests on the oldest torch the package supports (pyproject: torch>=2.5), in a venv of its
+# own. PyPI's torch 2.5.1 is a CUDA build of several GB, so this is not part of `make test`.
+MIN_VENV ?= .venv-min-torch
+test-min-torch:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install "torch==2.5.1"
+	$(MIN_VENV)/bin/python -m pip install -e ".[test]"
+	$(MIN_VENV)/bin/python -m pytest -q tests/test_model_parity.py tests/test_generate.py tests/test_training.py \
+		tests/test_tokenize.py tests/test_batching.py tests/test_dpo.py
 
 clean:
 	rm -rf $(VENV) runs

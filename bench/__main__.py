@@ -1,6 +1,7 @@
 """`python -m bench [SUITE ...] [--quick]`: run benchmark suites, print tables, save JSON results.
 
-Suites: peak, train, generate, load, quality. Default: all. --quick runs small models and few
+Suites: peak, train, generate, load, quality, export, serve, dpo, recipes. Default: all but recipes (an hour of
+fine-tuning to choose the chapter-data recipe on its validation split). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "load", "quality")
+SUITES = ("peak", "train", "generate", "load", "quality", "export", "serve", "dpo", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=list(SUITES), help=f"any of: {', '.join(SUITES)}")
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s != "recipes"],
+                        help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
-    parser.add_argument("--run", default="runs/builtin", help="run folder for the quality suite")
+    parser.add_argument("--run", default=None,
+                        help="quality: read this finished main-job folder instead of running three seeds; "
+                             "export: export this run instead of the base model")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -44,10 +48,26 @@ def main(argv: list[str] | None = None) -> int:
         from bench import load
 
         results["load"] = load.run(args.quick)
+    if "export" in args.suites:
+        from bench import export
+
+        results["export"] = export.run(args.quick, repeats=args.repeats, run_dir=args.run)
+    if "serve" in args.suites:
+        from bench import serve
+
+        results["serve"] = serve.run(args.quick, repeats=args.repeats)
+    if "dpo" in args.suites:
+        from bench import dpo
+
+        results["dpo"] = dpo.run(args.run, quick=args.quick)
+    if "recipes" in args.suites:
+        from bench import recipes
+
+        results["recipes"] = recipes.run(args.quick)
     if "quality" in args.suites:
         from bench import quality
 
-        results["quality"] = quality.run(Path(args.run))
+        results["quality"] = quality.run(Path(args.run) if args.run else None, quick=args.quick)
     path = common.save_results("quick" if args.quick else "full", results)
     print(f"\nRaw results: {path}")
     return 0

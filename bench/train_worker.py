@@ -120,10 +120,14 @@ def run_naive(spec: dict) -> dict:
         loss.backward()
         optimizer.step()
 
+    # The chapter evaluates on 5 batches of a freshly shuffled training loader; the first 5 batches
+    # in file order here, the examples our loop evaluates on, so both sides do the same work.
+    train_eval_batches = batches_in_order(range(len(train)), spec["batch"], drop_last=False)
+
     def evaluate():
         model.eval()
         with torch.no_grad():
-            train_loss = sum(calc_loss_batch(train, b).item() for b in batches[:5]) / 5
+            train_loss = sum(calc_loss_batch(train, b).item() for b in train_eval_batches[:5]) / 5
             val_loss = sum(calc_loss_batch(val, b).item() for b in val_batches[:5]) / 5
         model.train()
         return train_loss, val_loss

@@ -24,6 +24,8 @@ def _add_data_options(parser: argparse.ArgumentParser, *, default_data: str | No
     )
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid records instead of stopping")
     parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records before splitting")
+    parser.add_argument("--group-near-duplicates", action="store_true",
+                        help="keep near-duplicate prompts on one side of the split (no test prompt with a twin in training)")
     parser.add_argument("--prompt-style", default=None, help="alpaca (default for GPT-2), phi3, gemma")
     parser.add_argument("--mask-instructions", action="store_true", help="supervise only the response and end token")
     parser.add_argument("--max-length", type=int, default=None, help="truncate examples to N training positions")
@@ -44,7 +46,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     _positive("batch-size", args.batch_size)
     style = get_prompt_style(args.prompt_style or "alpaca")
     tokenizer = load_tokenizer(args.tokenizer)
-    data = prepare_data(args.data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
+    data = prepare_data(args.data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed,
+                        group_near_duplicates=args.group_near_duplicates)
     encoded = encode_splits(
         data, style, tokenizer, mask_instructions=args.mask_instructions, max_length=args.max_length
     )
@@ -62,6 +65,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if families:
         print("Task families: " + ", ".join(f"{name} {count}" for name, count in sorted(families.items())))
     order = "shuffled with seed " + str(args.shuffle_seed) if args.shuffle_seed is not None else "file order"
+    if args.group_near_duplicates:
+        order += ", near-duplicate prompts grouped"
     print(f"Split ({order}): train {len(splits.train):,} | test {len(splits.test):,} | val {len(splits.val):,}")
     masking = "response and end token only" if args.mask_instructions else "all tokens (the chapter's default)"
     print(f"Prompt style: {style.name} | tokenizer: {tokenizer.name} | supervised: {masking}")
@@ -174,6 +179,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-instructions", action="store_true", default=None, help="supervise only the response and end token")
     parser.add_argument("--freeze-embedding", action="store_true", default=None, help="freeze the (tied) token embedding")
     parser.add_argument("--skip-invalid", action="store_true", default=None, help="drop invalid records instead of stopping")
+    parser.add_argument("--group-near-duplicates", action="store_true", default=None,
+                        help="keep near-duplicate prompts on one side of the split")
     parser.add_argument("--no-sample", dest="sample_prompt", action="store_false", default=None, help="skip the per-epoch sample")
 
 
@@ -184,7 +191,7 @@ def _train_config(args: argparse.Namespace, base):
         value = getattr(args, option.replace("-", "_"))
         if value is not None:
             values[option.replace("-", "_")] = value
-    for name in ("mask_instructions", "freeze_embedding", "skip_invalid", "sample_prompt"):
+    for name in ("mask_instructions", "freeze_embedding", "skip_invalid", "sample_prompt", "group_near_duplicates"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.lora_targets:
@@ -228,12 +235,16 @@ def cmd_respond(args: argparse.Namespace) -> int:
     if bool(args.run) == bool(args.model):
         raise UserError("respond needs exactly one of --run RUN_DIR or --model M")
     run = RunFolder(args.run).require_finished() if args.run else None
-    data = args.data or (run.config()["data"] if run is not None and run.has_config() else None)
+    saved = run.config() if run is not None and run.has_config() else {}
+    data = args.data or saved.get("data")
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
     loaded = load_model(str(run.path) if run else args.model)
     style = style_for(loaded, run, args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
-    prepared = prepare_data(data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed)
+    # The run's split, unless told otherwise: the same records stay held out.
+    prepared = prepare_data(data, skip_invalid=args.skip_invalid or saved.get("skip_invalid", False),
+                            shuffle_seed=args.shuffle_seed if args.shuffle_seed is not None else saved.get("shuffle_seed"),
+                            group_near_duplicates=args.group_near_duplicates or saved.get("group_near_duplicates", False))
     entries = prepared.splits.by_name(args.split)
     out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
     started = time.perf_counter()
@@ -241,6 +252,268 @@ def cmd_respond(args: argparse.Namespace) -> int:
             shots=args.few_shot, shot_pool=prepared.splits.train)
     print(f"Wrote {len(entries)} responses to {out} (and {out.with_suffix('.jsonl')}) in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _model_and_style(args: argparse.Namespace):
+    """The model and prompt style a command works on: a finished run folder (its saved style), or
+    any --model spec (its --prompt-style, else the model's default)."""
+    from instructkit.models.registry import load_model
+    from instructkit.respond import style_for
+
+    if bool(getattr(args, "run", None)) == bool(getattr(args, "model", None)):
+        raise UserError(f"{args.command} needs exactly one of --run RUN_DIR or --model SPEC")
+    run = RunFolder(args.run).require_finished() if args.run else None
+    loaded = load_model(str(run.path) if run else args.model)
+    return loaded, style_for(loaded, run, args.prompt_style)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from instructkit.export import export_model
+
+    started = time.perf_counter()
+    loaded, style = _model_and_style(args)
+    exported = export_model(loaded, style, args.format, Path(args.out), quant=args.quant, force=args.force)
+    total = sum(path.stat().st_size for path in exported.files)
+    print(f"Exported {loaded.name} ({args.format}, prompt style {style.name}) to {exported.folder}: "
+          f"{len(exported.files)} files, {total / 1e6:,.0f} MB, in {time.perf_counter() - started:.1f} s")
+    print("Next:")
+    for step in exported.next_steps:
+        print(f"  {step}")
+    return 0
+
+
+def _served_style(loaded, run, args: argparse.Namespace):
+    """A server or chat must know the prompt style: the run's saved one, else --prompt-style."""
+    from instructkit.data.prompts import get_prompt_style
+
+    saved = run.prompt_style() if run is not None else None
+    if args.prompt_style:
+        return get_prompt_style(args.prompt_style)
+    if saved is None:
+        raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style (alpaca, phi3 or gemma) "
+                        "so messages are rendered the way the model expects")
+    return saved
+
+
+def _load_for_talk(args: argparse.Namespace):
+    from instructkit.models.registry import load_model
+
+    if bool(args.run) == bool(args.model):
+        raise UserError(f"{args.command} needs exactly one of --run RUN_DIR or --model SPEC")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run = RunFolder(args.run).require_finished() if args.run else None
+    if run is None and RunFolder(args.model).has_config():
+        run = RunFolder(args.model).require_finished()  # a run folder given as a model spec keeps its style
+    loaded = load_model(str(run.path) if run else args.model)
+    return loaded, run, _served_style(loaded, run, args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from instructkit.serve.chat import ChatSession, run_chat
+
+    if not 0 <= args.temperature <= 2:
+        raise UserError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    _positive("max-new-tokens", args.max_new_tokens)
+    loaded, _, style = _load_for_talk(args)
+    run_chat(ChatSession(loaded, style, temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed,
+                         system=args.system or ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from instructkit.models.registry import load_model
+    from instructkit.serve.app import ServedModel, serve
+
+    _positive("max-batch", args.max_batch)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    loaded, run, style = _load_for_talk(args)
+    models = [ServedModel(run.path.name if run else loaded.name, loaded, style, "fine-tuned" if run else "model")]
+    if args.compare_base:
+        if run is None or not run.has_config():
+            raise UserError("--compare-base needs --run: the base model is the one the run started from")
+        base_spec = run.config()["model"]
+        models.append(ServedModel(Path(base_spec).name or base_spec, load_model(base_spec), style, "base"))
+        if models[1].id == models[0].id:
+            models[1].id += "-base"
+    serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
+    return 0
+
+
+# (option, type, help) of the dpo command; the defaults live in DPOConfig (the book's).
+DPO_OPTIONS = [
+    ("beta", float, "DPO's beta (default 0.1)"),
+    ("lr", float, "AdamW learning rate (default 5e-6)"),
+    ("weight-decay", float, "AdamW weight decay on matrices (default 0.01)"),
+    ("epochs", int, "passes over the training pairs (default 1)"),
+    ("batch-size", int, "preference pairs per step (default 8)"),
+    ("seed", int, "seed of the data order and LoRA init (default 123)"),
+    ("logp-reduction", str, "mean (the book's, length-normalised) or sum (TRL's default)"),
+    ("loss", str, "sigmoid (DPO, default), ipo or robust"),
+    ("label-smoothing", float, "for sigmoid (conservative DPO) and robust (default 0)"),
+    ("sft-weight", float, "weight of an SFT term on the chosen response (default 0)"),
+    ("max-steps", int, "stop after this many steps"),
+    ("max-length", int, "truncate each prompt + response to N positions (pairs left with no response are dropped)"),
+    ("warmup", int, "linear warm-up steps (default 0)"),
+    ("clip", float, "clip the gradient norm"),
+    ("eval-every", int, "steps between evaluations (default 5)"),
+    ("eval-batches", int, "train and validation batches per evaluation (default 5)"),
+    ("save-every", int, "steps between resumable checkpoints (default 50)"),
+    ("prompt-style", str, "alpaca, phi3 or gemma (default: the starting run's)"),
+    ("lora-rank", int, "LoRA rank; 0 = every parameter trains (default)"),
+    ("lora-alpha", float, "LoRA alpha; the update is scaled by alpha/rank"),
+    ("threads", int, "torch CPU threads"),
+]
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from instructkit.train.dpo import DPOConfig, dpo
+
+    if args.resume:
+        values = DPOConfig.from_dict(RunFolder(args.resume).config()).to_dict()
+        values["out"] = args.resume
+    else:
+        if bool(args.run) == bool(args.model):
+            raise UserError("dpo needs exactly one of --run SFT_RUN or --model SPEC (or --resume R2)")
+        if not args.data or not args.out:
+            raise UserError("dpo needs --data PREFS and --out R2")
+        values = DPOConfig(start=args.run or args.model, data=args.data, out=args.out).to_dict()
+    for option, _, _ in DPO_OPTIONS:
+        value = getattr(args, option.replace("-", "_"))
+        if value is not None:
+            values[option.replace("-", "_")] = value
+    for name in ("precompute_ref", "freeze_embedding", "skip_invalid", "append_eos"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.lora_targets:
+        values["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if args.resume and (args.data or args.run or args.model):
+        for name, value in (("data", args.data), ("start", args.run or args.model)):
+            if value:
+                values[name] = value
+    config = DPOConfig(**values).validate()
+    dpo(config, resume=bool(args.resume))
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from instructkit.data.sources import resolve_source
+    from instructkit.datatools.dedup import FIELDS, find_duplicates, read_any_records
+    from instructkit.fileio import atomic_write_json
+
+    path = resolve_source(args.data)
+    records = read_any_records(path)
+    fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    unknown = [f for f in fields if f not in FIELDS]
+    if unknown:
+        raise UserError(f"--fields: unknown field {unknown[0]!r} (choose from {', '.join(FIELDS)})")
+    drop = ("instruction", "input", "output") if args.drop_instruction_duplicates else ("input", "output")
+    started = time.perf_counter()
+    result = find_duplicates(records, fields=fields, threshold=args.threshold, method=args.method, drop_fields=drop)
+    print(f"{len(records):,} records of {path}, threshold {args.threshold:g}, method {result.method}, "
+          f"{time.perf_counter() - started:.1f} s")
+    for name, counts in result.per_field.items():
+        print(f"  {name:<12} exact duplicates {counts['exact']:>6,}   near-duplicates {counts['near']:>6,}")
+    print(f"{len(result.clusters):,} clusters; the chapter's rule drops {len(result.dropped):,} records "
+          f"(the later record of each pair found on {' or '.join(drop)})")
+    for pair in result.pairs[: args.show]:
+        kind = "exact" if pair.exact else f"{pair.similarity:.3f}"
+        print(f"  [{pair.first}] ~ [{pair.second}] {pair.field} ({kind}): "
+              f"{str(records[pair.first].get(pair.field, ''))[:60]!r} | {str(records[pair.second].get(pair.field, ''))[:60]!r}")
+    if args.out:
+        out = Path(args.out)
+        dropped = set(result.dropped)
+        atomic_write_json(out, [r for i, r in enumerate(records) if i not in dropped])
+        atomic_write_json(out.with_name(out.stem + "-duplicates.json"), {
+            "source": str(path), "threshold": args.threshold, "method": result.method, "per_field": result.per_field,
+            "pairs": [vars(p) for p in result.pairs], "clusters": result.clusters, "dropped": result.dropped})
+        print(f"Wrote {len(records) - len(dropped):,} kept records to {out} and the report to "
+              f"{out.with_name(out.stem + '-duplicates.json')}")
+    return 0
+
+
+def cmd_leakage(args: argparse.Namespace) -> int:
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.datatools.dedup import read_any_records
+    from instructkit.datatools.leakage import find_leaks
+    from instructkit.data.sources import resolve_source
+
+    if bool(args.data) == bool(args.train or args.test) or bool(args.train) != bool(args.test):
+        raise UserError("leakage needs --data D (its split) or both --train A and --test B")
+    if args.data:
+        prepared = prepare_data(args.data, skip_invalid=args.skip_invalid, shuffle_seed=args.shuffle_seed,
+                                group_near_duplicates=args.group_near_duplicates)
+        train, test, where = prepared.splits.train, prepared.splits.test, f"{args.data} (its train and test splits)"
+    else:
+        train, test = read_any_records(resolve_source(args.train)), read_any_records(resolve_source(args.test))
+        where = f"{args.test} against {args.train}"
+    cutoff = args.cutoff if args.cutoff is not None else (90.0 if args.method == "rapidfuzz" else 0.8)
+    leaks = find_leaks(train, test, cutoff=cutoff, method=args.method)
+    summary = leaks.summary()
+    print(f"Leakage, {where}: {summary['test']:,} test records against {summary['train']:,} training records")
+    print(f"  exact record {summary['exact_record']}, exact instruction {summary['exact_instruction']}, near prompt "
+          f"{summary['near']} ({args.method} >= {cutoff:g}), shared 13-gram of output {summary['ngram_13']}")
+    print(f"  test records with any leak: {summary['leaked_test_records']}")
+    for kind, items in (("exact record", leaks.exact_record), ("exact instruction", leaks.exact_instruction),
+                        ("near prompt", leaks.near), ("13-gram", leaks.ngram)):
+        for item in items[: args.show]:
+            t, i = item[0], item[1]
+            print(f"  {kind}: test [{t}] ~ train [{i}]: {test[t].get('instruction', '')[:50]!r} | "
+                  f"{train[i].get('instruction', '')[:50]!r}")
+    if args.out:
+        from instructkit.fileio import atomic_write_json
+
+        atomic_write_json(Path(args.out), {"summary": summary, "exact_record": leaks.exact_record,
+                                           "exact_instruction": leaks.exact_instruction, "near": leaks.near,
+                                           "ngram": leaks.ngram})
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import os
+
+    from instructkit.datatools.synth import SynthConfig, Synthesizer, respond_only
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    config = SynthConfig(url=args.url, api=args.api, model=args.model, preset=args.preset, n=args.n, out=args.out,
+                         seed=args.seed, concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
+                         query_temperature=args.query_temperature, response_temperature=args.response_temperature,
+                         api_key=key)
+    synthesizer = Synthesizer(config)
+    if args.dry_run:
+        for request in synthesizer.dry_run():
+            print(f"POST {request['url']}  ({request['stage']} stage)")
+            print(json.dumps(request["body"], indent=2, ensure_ascii=False))
+        return 0
+    if args.respond_only:
+        from instructkit.data.records import load_records
+        from instructkit.data.sources import resolve_source
+
+        if not args.data:
+            raise UserError("--respond-only needs --data FILE with the instructions to answer")
+        records = [{"instruction": r["instruction"], "input": r.get("input", "")} for r in
+                   load_records(resolve_source(args.data), skip_invalid=True).records]
+        result = respond_only(config, records)
+    else:
+        result = synthesizer.run()
+    print(f"Accepted {result['accepted']} of {result['attempted']} attempted items into {result['out']}")
+    for reason, count in sorted(result["dropped"].items()):
+        print(f"  dropped ({reason}): {count}")
+    for failure in result["failed"]:
+        print(f"  failed: item {failure['k']}: {failure['error']} (tried again on the next run)")
+    return 0 if not result["failed"] else 1
 
 
 def _judge_config(args: argparse.Namespace):
@@ -269,6 +542,25 @@ def _judge_config(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from instructkit.evaluate.evaluation import agreement, evaluate_file, load_scores
 
+    if args.preferences:
+        from instructkit.preference_eval import evaluate_preferences
+
+        _positive("max-new-tokens", args.max_new_tokens)
+        result = evaluate_preferences(RunFolder(args.preferences), data=args.data, split=args.split,
+                                      max_new_tokens=args.max_new_tokens, judge=_judge_config(args),
+                                      out_dir=Path(args.out) if args.out else None)
+        reward, likelihood = result["implicit_reward"], result["likelihood_preference"]
+        print(f"{result['pairs']} {result['split']} pairs: implicit-reward accuracy {reward['dpo']['accuracy']:.1%} "
+              f"(mean margin {reward['dpo']['mean_margin']:.3f}); likelihood prefers chosen: SFT {likelihood['sft']:.1%}, "
+              f"DPO {likelihood['dpo']:.1%}")
+        for name in ("sft", "dpo"):
+            scores = result["responses"][name]
+            print(f"{name.upper():>3} responses vs chosen: ROUGE-L {scores['vs_chosen']['rouge_l']:.3f}, chrF "
+                  f"{scores['vs_chosen']['chrf']:.1f}; vs rejected: ROUGE-L {scores['vs_rejected']['rouge_l']:.3f}")
+        out = Path(args.out) if args.out else Path(args.preferences)
+        print(f"Report: {out / 'report-preferences.md'} and {out / 'report-preferences.html'}")
+        return 0
+
     if args.agreement:
         first, second = (Path(p) for p in args.agreement)
         stats = agreement(load_scores(first), load_scores(second), (str(first), str(second)))
@@ -283,7 +575,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run) if args.run else (responses.parent if RunFolder(responses.parent).has_config() else None)
     result = evaluate_file(responses, out_dir=out_dir, judge=_judge_config(args),
                            baseline_path=Path(args.baseline) if args.baseline else None,
-                           compare_path=Path(args.compare) if args.compare else None, run_dir=run_dir)
+                           compare_path=Path(args.compare) if args.compare else None,
+                           against_path=Path(args.against) if args.against else None, against_label=args.against_label,
+                           run_dir=run_dir)
     _print_evaluation(result)
     markdown, html_file = RunFolder(out_dir).report_files
     print(f"Report: {markdown} and {html_file}")
@@ -300,6 +594,13 @@ def _print_evaluation(result: dict) -> None:
         base_checks = result.get("baseline", {}).get("checks")
         base_text = f" ({result['baseline']['label']}: {base_checks['accuracy']:.1%})" if base_checks else ""
         print(f"Exact-check accuracy: {result['checks']['accuracy']:.1%} over {result['checks']['n']} entries{base_text}")
+    if "against" in result:
+        against = result["against"]
+        for name, value in against["metrics"].items():
+            low, high = value["ci95"]
+            print(f"{name:<8} ours {value['ours']:.3f} vs {against['label']} {value['other']:.3f}: "
+                  f"{value['difference']:+.3f} (95% CI {low:+.3f} to {high:+.3f})")
+        print(f"Per item (ROUGE-L): {against['wins']} better, {against['ties']} equal, {against['losses']} worse")
     if "judge" in result:
         judge = result["judge"]
         print(f"Judge mean {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f}-{judge['ci95'][1]:.2f}), "
@@ -314,7 +615,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = MainJob(model=args.model, data=args.data, out=args.out or default_run_dir(args.data), seed=args.seed,
                   epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
                   max_new_tokens=args.max_new_tokens, base_max_new_tokens=args.base_max_new_tokens,
-                  base_shots=args.base_shots, judge=_judge_config(args))
+                  base_shots=args.base_shots, judge=_judge_config(args), baseline=args.baseline,
+                  baseline_label=args.baseline_label)
+    if job.baseline and not Path(job.baseline).is_file():
+        raise UserError(f"--baseline {job.baseline}: no such responses file")
     _positive("max-new-tokens", job.max_new_tokens)
     _positive("base-max-new-tokens", job.base_max_new_tokens)
     if job.base_shots < 0:
@@ -384,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--max-new-tokens", type=int, default=256)
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
     resp.add_argument("--skip-invalid", action="store_true")
-    resp.add_argument("--shuffle-seed", type=int, default=None)
+    resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
+    resp.add_argument("--group-near-duplicates", action="store_true", help="the grouped split (default: the run's)")
     resp.add_argument("--few-shot", type=int, default=0,
                       help="K solved training examples before each question, answer = first line (for base "
                            "models; in the alpaca style unless --prompt-style is given)")
@@ -394,11 +699,117 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--responses", default=None, help="responses file (the chapter's format)")
     ev.add_argument("--baseline", default=None, help="responses of a base model, shown side by side")
     ev.add_argument("--compare", default=None, help="another responses file to judge pairwise against")
+    ev.add_argument("--preferences", default=None, metavar="DPO_RUN",
+                    help="evaluate a DPO run against its starting model on held-out preference pairs (no judge needed)")
+    ev.add_argument("--data", default=None, help="with --preferences: the preference data (default: the run's)")
+    ev.add_argument("--split", default="test", help="with --preferences: train, test or val (default test)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="with --preferences: per generated response")
+    ev.add_argument("--against", default=None,
+                    help="another system's responses on the same entries: metrics side by side with a paired bootstrap")
+    ev.add_argument("--against-label", default=None, help="name for --against in the report (default: its file name)")
     ev.add_argument("--agreement", nargs=2, default=None, metavar=("A.json", "B.json"), help="agreement of two score files")
     ev.add_argument("--run", default=None, help="run folder (for the loss plot in the report)")
     ev.add_argument("--out", default=None, help="folder for evaluation.json and the report (default: beside the responses)")
     _add_judge_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
+
+    exp = subcommands.add_parser("export", help="export a model to Hugging Face, GGUF (llama.cpp) or Ollama")
+    exp.add_argument("--run", default=None, help="a finished fine-tuning run folder (LoRA runs are exported merged)")
+    exp.add_argument("--model", default=None, help="or any model spec, e.g. gemma-3-270m (the embedded base model)")
+    exp.add_argument("--prompt-style", default=None, help="with --model: the style to write into the templates")
+    exp.add_argument("--format", required=True, help="hf, gguf or ollama")
+    exp.add_argument("--quant", default=None,
+                     help="gguf/ollama: f32, f16 (gguf default), q8_0 (ollama default) or q4_k_m (needs llama-cpp-python)")
+    exp.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    exp.set_defaults(handler=cmd_export)
+
+    def talk_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--run", default=None, help="a finished fine-tuning run folder (its prompt style is used)")
+        parser.add_argument("--model", default=None, help="or any model spec (then --prompt-style is needed)")
+        parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    talk = subcommands.add_parser("chat", help="talk to a model in the terminal (streaming, multi-turn)")
+    talk_options(talk)
+    talk.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    talk.add_argument("--max-new-tokens", type=int, default=256)
+    talk.add_argument("--seed", type=int, default=None, help="seed for sampled answers (turn k uses seed + k)")
+    talk.add_argument("--system", default=None, help="a system prompt")
+    talk.set_defaults(handler=cmd_chat)
+
+    srv = subcommands.add_parser("serve", help="an OpenAI-compatible server and a chat page for a model")
+    talk_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the bound URL is printed)")
+    srv.add_argument("--api-key-env", default=None, help="environment variable holding the API key clients must send")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
+    srv.add_argument("--compare-base", action="store_true", help="also serve the run's base model, for the page's compare mode")
+    srv.set_defaults(handler=cmd_serve)
+
+    pref = subcommands.add_parser("dpo", help="preference tuning (DPO) of a fine-tuned model",
+                                  description="Direct Preference Optimization, the book's defaults. Unlike the book, "
+                                              "each response gets the end token appended (--no-append-eos: as the book), "
+                                              "so the model learns where to stop.")
+    pref.add_argument("--run", default=None, help="a finished fine-tuning run to start from (its prompt style is used)")
+    pref.add_argument("--model", default=None, help="or any model spec")
+    pref.add_argument("--data", default=None, help="preference records: instruction, input, chosen, rejected")
+    pref.add_argument("--out", default=None, help="run folder to create")
+    pref.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted DPO run")
+    for option, kind, text in DPO_OPTIONS:
+        pref.add_argument(f"--{option}", type=kind, default=None, help=text)
+    pref.add_argument("--lora-targets", default=None, help="comma list: attention, mlp, or layer names")
+    pref.add_argument("--precompute-ref", action="store_true", default=None,
+                      help="compute the reference log-probs once (eval mode) instead of keeping a second model")
+    pref.add_argument("--append-eos", dest="append_eos", action="store_true", default=None, help="(default)")
+    pref.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="as the book: no end token")
+    pref.add_argument("--freeze-embedding", action="store_true", default=None, help="freeze the (tied) token embedding")
+    pref.add_argument("--skip-invalid", action="store_true", default=None, help="drop invalid records instead of stopping")
+    pref.set_defaults(handler=cmd_dpo)
+
+    dd = subcommands.add_parser("dedup", help="exact and near-duplicate records (TF-IDF, MinHash-LSH or embeddings)")
+    dd.add_argument("--data", required=True, help="JSON/JSONL file, URL or named source")
+    dd.add_argument("--fields", default="instruction,input,output", help="comma list (default instruction,input,output)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="cosine for near-duplicates (default 0.8)")
+    dd.add_argument("--method", default="auto",
+                    help="auto (chunked TF-IDF, MinHash-LSH beyond 100k records), dense, chunked, minhash or embedding")
+    dd.add_argument("--out", default=None, help="write the kept records here, and the pairs beside it")
+    dd.add_argument("--drop-instruction-duplicates", action="store_true",
+                    help="also drop records whose instruction alone duplicates an earlier one")
+    dd.add_argument("--show", type=int, default=10, help="pairs to print (default 10)")
+    dd.set_defaults(handler=cmd_dedup)
+
+    lk = subcommands.add_parser("leakage", help="test records that are (nearly) training records")
+    lk.add_argument("--data", default=None, help="a dataset: its train and test splits (as finetune splits it)")
+    lk.add_argument("--train", default=None, help="or a training file ...")
+    lk.add_argument("--test", default=None, help="... and a test file")
+    lk.add_argument("--method", default="rapidfuzz", help="near prompts by rapidfuzz (default) or tfidf")
+    lk.add_argument("--cutoff", type=float, default=None, help="rapidfuzz ratio 0-100 (default 90) or cosine (default 0.8)")
+    lk.add_argument("--skip-invalid", action="store_true")
+    lk.add_argument("--shuffle-seed", type=int, default=None)
+    lk.add_argument("--group-near-duplicates", action="store_true", help="check the grouped split instead")
+    lk.add_argument("--show", type=int, default=5, help="leaks of each kind to print (default 5)")
+    lk.add_argument("--out", default=None, help="write every leak with its indices to this JSON file")
+    lk.set_defaults(handler=cmd_leakage)
+
+    sy = subcommands.add_parser("synth", help="new instruction data from a served model, Magpie-style")
+    sy.add_argument("--url", required=True, help="instructkit serve (http://127.0.0.1:8000) or Ollama (http://localhost:11434)")
+    sy.add_argument("--api", default="openai", help="openai (raw /v1/completions, default) or ollama (/api/generate, raw)")
+    sy.add_argument("--model", default="gemma-3-270m", help="the served model's name")
+    sy.add_argument("--preset", default="gemma", help="chat format: llama3, gemma, chatml, phi3 or alpaca")
+    sy.add_argument("--n", type=int, default=10, help="records to make (default 10)")
+    sy.add_argument("--out", required=True, help="JSONL file to grow (a log beside it records every item's fate)")
+    sy.add_argument("--seed", type=int, default=123, help="item k uses seed + k")
+    sy.add_argument("--query-temperature", type=float, default=1.0)
+    sy.add_argument("--response-temperature", type=float, default=0.7)
+    sy.add_argument("--concurrency", type=int, default=4)
+    sy.add_argument("--retries", type=int, default=3)
+    sy.add_argument("--timeout", type=float, default=120.0)
+    sy.add_argument("--api-key-env", default=None, help="environment variable holding an API key")
+    sy.add_argument("--dry-run", action="store_true", help="print the exact request bodies and stop")
+    sy.add_argument("--respond-only", action="store_true", help="add responses to the instructions in --data")
+    sy.add_argument("--data", default=None, help="with --respond-only: the instruction file")
+    sy.set_defaults(handler=cmd_synth)
 
     run = subcommands.add_parser("run", help="the main job: fine-tune, respond on the test split, evaluate, report")
     run.add_argument("--model", default="gemma-3-270m")
@@ -412,6 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=256)
     run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")
+    run.add_argument("--baseline", default=None,
+                     help="another system's responses to the test split (e.g. the book's, "
+                          "instruction-data-with-response.json), compared with ours in the report")
+    run.add_argument("--baseline-label", default=None, help="its name in the report")
     run.add_argument("--base-shots", type=int, default=3,
                      help="solved training examples before each question for the base model (default 3; its answer is "
                           "the first line it writes)")
@@ -420,10 +835,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_TORCH = (2, 5)  # pyproject.toml says the same; tests/test_torch_minimum.py checks both
+
+
+def check_torch() -> None:
+    import torch
+
+    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        raise UserError(f"torch {torch.__version__} is too old: instructkit needs {'.'.join(map(str, MIN_TORCH))} or newer "
+                        "(grouped-query attention in scaled_dot_product_attention); `pip install 'torch>=2.5'`")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_torch()
         return args.handler(args)
     except UserError as exc:
         print(f"instructkit: error: {exc}", file=sys.stderr)

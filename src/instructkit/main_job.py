@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from instructkit.data.fewshot import BASE_MODEL_STYLE, DEFAULT_SHOTS
 from instructkit.train.config import TrainConfig
@@ -39,6 +40,10 @@ class MainJob:
     base_max_new_tokens: int = 64
     base_shots: int = DEFAULT_SHOTS
     judge: object | None = field(default=None, repr=False)  # an evaluate.judge.JudgeConfig
+    # Another system's responses to the same test entries (the book's gpt2-medium ones, say):
+    # compared with ours in the report, with a paired bootstrap.
+    baseline: str | None = None
+    baseline_label: str | None = None
 
     def recipe(self) -> TrainConfig:
         return main_recipe(self.model, self.data, self.out, seed=self.seed, epochs=self.epochs, lr=self.lr,
@@ -51,6 +56,29 @@ def main_recipe(model: str, data: str, out: str, *, seed: int = 123, epochs: int
     return TrainConfig(model=model, data=data, out=out, seed=seed, epochs=epochs, lr=lr, warmup=warmup,
                        schedule=schedule, clip=1.0, mask_instructions=True, freeze_embedding=True,
                        eval_every=40, eval_batches=7, max_steps=max_steps, save_every=50)
+
+
+def validation_scorer(records: list[dict], max_new_tokens: int = 128):
+    """Scores of greedy responses to the validation split, for every evaluation of the run
+    (metrics.jsonl and the quality plot): ROUGE-L, chrF, BLEU, and exact-check accuracy where
+    the records carry checks."""
+    from instructkit.data.tokenize import end_token_id
+    from instructkit.evaluate.checks import score_checks
+    from instructkit.evaluate.metrics import summarize
+    from instructkit.generate import generate
+
+    def score(model, tokenizer, style) -> dict:
+        prompts = [tokenizer.encode(style.prompt(record)) for record in records]
+        stops = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
+        texts = [r.text.strip() for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)]
+        summary, _ = summarize(texts, [record["output"] for record in records])
+        scores = {"val_rouge_l": summary["rouge_l"], "val_chrf": summary["chrf"], "val_bleu": summary["bleu"]}
+        checks = score_checks([{**record, "model_response": text} for record, text in zip(records, texts)])
+        if checks is not None:
+            scores["val_accuracy"] = checks["accuracy"]
+        return scores
+
+    return score
 
 
 def run_main_job(job: MainJob, say=print) -> dict:
@@ -66,7 +94,9 @@ def run_main_job(job: MainJob, say=print) -> dict:
     started = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - started:.0f} s]"  # noqa: E731
     run = RunFolder(job.out)
-    finetune(job.recipe(), resume=run.has_config())  # refuses a folder made with other settings
+    validation = prepare_data(job.data).splits.val
+    finetune(job.recipe(), resume=run.has_config(),  # refuses a folder made with other settings
+             score_validation=validation_scorer(validation, min(job.max_new_tokens, 128)))
     say(f"{stamp()} fine-tuning done")
     data = prepare_data(job.data)
     tuned = load_model(str(run.path))
@@ -82,6 +112,7 @@ def run_main_job(job: MainJob, say=print) -> dict:
     say(f"{stamp()} base-model responses written ({job.base_shots}-shot, first line)")
     result = evaluate_file(run.responses_file("test"), out_dir=run.path, judge=job.judge,
                            baseline_path=run.responses_file(base=True),
-                           baseline_label=f"base model, {job.base_shots}-shot", run_dir=run.path)
+                           baseline_label=f"base model, {job.base_shots}-shot", run_dir=run.path,
+                           against_path=Path(job.baseline) if job.baseline else None, against_label=job.baseline_label)
     result["wall_seconds"] = time.perf_counter() - started
     return result

@@ -11,6 +11,7 @@ evaluate, export, chat and serve read it):
     metrics.jsonl          one row per optimizer step and per evaluation
     samples.jsonl          a greedy sample for a fixed validation prompt after each epoch
     loss-plot.png / .pdf   the chapter's plot
+    quality-plot.png / .pdf   validation-response metrics over training (when the run scores them)
     checkpoint/            resume state while the run is unfinished (train/checkpoint.py owns its insides)
     SPLIT-responses.json (+ .jsonl)   responses of the fine-tuned model; base-responses.json of the base model
     evaluation.json, report.md, report.html, judge-cache.jsonl, score-histogram.png   the evaluation
@@ -67,6 +68,11 @@ class RunFolder:
     def loss_plot(self) -> Path:
         """The plot's stem: .png and .pdf are written beside each other."""
         return self.path / "loss-plot"
+
+    @property
+    def quality_plot(self) -> Path:
+        """The loss plot's companion: metrics of generated validation responses over training."""
+        return self.path / "quality-plot"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from instructkit.data.batching import batches_in_order, chapter_shuffle_order, l
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.records import LoadedRecords, load_records
 from instructkit.data.sources import resolve_source
-from instructkit.data.split import SPLIT_NAMES, Splits, split_records
+from instructkit.data.split import SPLIT_NAMES, Splits, grouped_split, split_records
 from instructkit.data.tokenize import EncodedExample, EncodingReport, encode_records
 from instructkit.fileio import atomic_write_json
 from instructkit.models.tokenizer import Tokenizer
@@ -32,12 +33,20 @@ class PreparedData:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None) -> PreparedData:
+def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None,
+                 group_near_duplicates: bool = False) -> PreparedData:
+    """Load, validate and split. `group_near_duplicates`: clusters of near-duplicate prompts stay on
+    one side of the split (data/split.py's grouped_split), so none leaks into the test split."""
     builtin = parse_builtin_spec(source)
     if builtin is not None:
         loaded = LoadedRecords(path=Path(source), records=generate_builtin(*builtin), problems=[])
     else:
         loaded = load_records(resolve_source(source), skip_invalid=skip_invalid)
+    if group_near_duplicates:
+        records = list(loaded.records)
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(records)
+        return PreparedData(source=source, loaded=loaded, splits=grouped_split(records))
     return PreparedData(source=source, loaded=loaded, splits=split_records(loaded.records, shuffle_seed=shuffle_seed))
 
 

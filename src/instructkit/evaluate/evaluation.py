@@ -72,6 +72,8 @@ def evaluate_file(
     baseline_path: Path | None = None,
     baseline_label: str = "base model",
     compare_path: Path | None = None,
+    against_path: Path | None = None,
+    against_label: str | None = None,
     run_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
@@ -98,6 +100,11 @@ def evaluate_file(
         base_checks = score_checks(baseline)
         if base_checks is not None:
             result["baseline"]["checks"] = base_checks
+    if against_path is not None:
+        from instructkit.evaluate.compare import compare_entries
+
+        result["against"] = {"responses": str(against_path), "label": against_label or against_path.stem,
+                             **compare_entries(entries, load_responses(against_path))}
     if judge is not None:
         cache = RunFolder(out_dir).judge_cache
         verdicts = judge_responses(entries, judge, cache, progress=progress)

@@ -54,6 +54,13 @@ def _training_blocks(run: RunFolder) -> list[tuple]:
                             f"{evals[-1]['train_loss']:.3f}."))
     if run.loss_plot.with_suffix(".png").exists():
         blocks.append(("img", run.loss_plot.with_suffix(".png"), "Loss plot"))
+    if run.quality_plot.with_suffix(".png").exists():
+        scored = [row for row in evals if "val_rouge_l" in row]
+        blocks.append(("p", f"Generated validation responses: ROUGE-L {scored[0]['val_rouge_l']:.3f} -> "
+                            f"{scored[-1]['val_rouge_l']:.3f}, chrF {scored[0]['val_chrf']:.1f} -> {scored[-1]['val_chrf']:.1f}"
+                            + (f", exact-check accuracy {scored[0]['val_accuracy']:.1%} -> {scored[-1]['val_accuracy']:.1%}"
+                               if "val_accuracy" in scored[-1] else "") + "."))
+        blocks.append(("img", run.quality_plot.with_suffix(".png"), "Validation quality over training"))
     return blocks
 
 
@@ -90,6 +97,31 @@ def _checks_blocks(result: dict) -> list[tuple]:
     return blocks
 
 
+def _against_blocks(against: dict) -> list[tuple]:
+    """Ours against another system's responses on the same references (evaluate/compare.py)."""
+    label = against["label"]
+    blocks: list[tuple] = [("h", f"Against {label}")]
+    blocks.append(("p", f"The same {against['n']} references. Differences are ours minus {label}; the interval is a "
+                        "paired bootstrap (2,000 resamples of the items, both systems on the same resample): above "
+                        "zero throughout means ours is better beyond what the choice of items explains."))
+    rows = []
+    for name, value in against["metrics"].items():
+        low, high = value["ci95"]
+        verdict = "yes" if low > 0 else ("no, worse" if high < 0 else "not clearly")
+        rows.append([name, _fmt(value["ours"]), _fmt(value["other"]), f"{value['difference']:+.3f}",
+                     f"[{low:+.3f}, {high:+.3f}]", verdict])
+    blocks.append(("table", ["metric", "ours", label, "difference", "95% interval", "ours better?"], rows))
+    blocks.append(("p", f"Per item (ROUGE-L): ours better on {against['wins']}, equal on {against['ties']}, "
+                        f"worse on {against['losses']}."))
+    for title, items in (("Largest gains", against["largest_gains"]), ("Largest losses", against["largest_losses"])):
+        if items:
+            blocks.append(("p", f"{title} (ROUGE-L difference):"))
+            blocks.append(("table", ["instruction", "reference", "ours", label, "difference"],
+                           [[_short(i["instruction"], 100), _short(i["reference"], 80), _short(i["ours"], 100),
+                             _short(i["other"], 100), f"{i['rouge_l_difference']:+.2f}"] for i in items]))
+    return blocks
+
+
 def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path | None) -> list[tuple]:
     blocks: list[tuple] = [("h", "instructkit report"), ("p", f"Responses: `{result['responses']}`")]
     if run_dir is not None and RunFolder(run_dir).metrics_file.exists():
@@ -104,6 +136,8 @@ def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path
     blocks.append(("table", header, rows))
     if "checks" in result:
         blocks += _checks_blocks(result)
+    if "against" in result:
+        blocks += _against_blocks(result["against"])
     if "judge" in result:
         judge = result["judge"]
         blocks.append(("h", "LLM judge"))

@@ -259,3 +259,79 @@ def materialize(build, config, state: dict[str, torch.Tensor], source: str | Pat
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+# Writing: our state dicts in other tools' names (the inverse of the readers above) -------------
+def gpt2_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel names: ours are the same, with Conv1D weights stored (in, out)."""
+    return {name: (tensor.t() if name.endswith(_GPT2_CONV1D) else tensor).contiguous()
+            for name, tensor in state.items() if name != "lm_head.weight"}
+
+
+def gemma3_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Gemma3ForCausalLM names are ours; the head is tied (not stored)."""
+    return {name: tensor.contiguous() for name, tensor in state.items() if name != "lm_head.weight"}
+
+
+def gpt2_hf_config(config: GPT2Config) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.context_length, "n_ctx": config.context_length, "n_embd": config.emb_dim,
+            "n_layer": config.n_layers, "n_head": config.n_heads, "n_inner": None, "activation_function": "gelu_new",
+            "resid_pdrop": config.drop_rate, "embd_pdrop": config.drop_rate, "attn_pdrop": config.drop_rate,
+            "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+def gemma3_hf_config(config: Gemma3Config) -> dict:
+    """A Gemma3ForCausalLM config that transformers 4.5x (rope_theta, rope_local_base_freq,
+    sliding_window_pattern) and 5.x (rope_parameters, layer_types) both read."""
+    layer_types = [("sliding_attention" if config.is_sliding(i) else "full_attention") for i in range(config.n_layers)]
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": config.vocab_size,
+            "hidden_size": config.emb_dim, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": config.context_length,
+            "rms_norm_eps": config.rms_norm_eps,
+            # transformers' strict config wants an int where the value is whole (256, not 256.0).
+            "query_pre_attn_scalar": int(config.query_pre_attn_scalar) if float(config.query_pre_attn_scalar).is_integer()
+            else config.query_pre_attn_scalar,
+            "sliding_window": config.sliding_window, "sliding_window_pattern": config.sliding_window_pattern,
+            "layer_types": layer_types, "rope_theta": config.rope_base_global, "rope_local_base_freq": config.rope_base_local,
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": config.rope_base_global},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_base_local}},
+            "attention_bias": False, "attention_dropout": 0.0, "final_logit_softcapping": None,
+            "attn_logit_softcapping": None, "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+def gemma3_to_gguf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GGUF names, with every norm stored as 1 + w (llama.cpp multiplies by the stored value)."""
+    ours_to_gguf = {ours: gguf for gguf, ours in _GGUF_GEMMA3_LAYER.items()}
+    out = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            out["token_embd.weight"] = tensor
+        elif name == "model.norm.weight":
+            out["output_norm.weight"] = tensor + 1.0
+        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name):
+            gguf = ours_to_gguf[m.group(2)]
+            out[f"blk.{m.group(1)}.{gguf}.weight"] = tensor + 1.0 if gguf.endswith("norm") else tensor
+        else:
+            raise ValueError(f"no GGUF name for {name}")
+    return out
+
+
+def gpt2_to_gguf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    simple = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
+    ours_to_gguf = {ours: gguf for gguf, ours in _GGUF_GPT2_LAYER.items()}
+    out = {}
+    for name, tensor in state.items():
+        stem, _, kind = name.rpartition(".")
+        if name == "lm_head.weight":
+            continue
+        if stem in simple:
+            out[f"{simple[stem]}.{kind}"] = tensor
+        elif m := re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", stem):
+            out[f"blk.{m.group(1)}.{ours_to_gguf[m.group(2)]}.{kind}"] = tensor
+        else:
+            raise ValueError(f"no GGUF name for {name}")
+    return out

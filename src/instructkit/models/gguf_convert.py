@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from instructkit.errors import UserError
-from instructkit.models import checkpoints
+from instructkit.models.families import family_of
 from instructkit.models.gemma3 import Gemma3Config
 from instructkit.models.gpt2 import GPT2Config
 
@@ -166,7 +166,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     reader = read_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = dequantized_tensors(reader)
-    state = checkpoints.gemma3_from_gguf(tensors) if config.family == "gemma3" else checkpoints.gpt2_from_gguf(tensors)
+    state = family_of(config.family).from_gguf(tensors)
     tokenizer = tokenizer_from_gguf(reader, path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

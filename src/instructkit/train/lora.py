@@ -17,14 +17,6 @@ import math
 import torch
 import torch.nn as nn
 
-# Which linear layers each target group names, per family.
-TARGETS = {
-    "gpt2": {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
-    "gemma3": {
-        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    },
-}
 
 
 class LoRALinear(nn.Module):
@@ -53,7 +45,9 @@ class LoRALinear(nn.Module):
 def target_suffixes(family: str, targets: list[str]) -> tuple[str, ...]:
     from instructkit.errors import UserError
 
-    groups = TARGETS[family]
+    from instructkit.models.families import family_of
+
+    groups = family_of(family).lora_targets
     suffixes: list[str] = []
     for target in targets:
         if target in groups:

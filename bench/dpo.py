@@ -1,0 +1,82 @@
+"""DPO on Gemma 3 270M after the chapter-data fine-tune (the book's defaults: beta 0.1, lr 5e-6,
+one epoch, batch 8): held-out preference accuracy before and after (target: >= 80% of the test
+pairs), the wall time of the DPO run (target <= 10 minutes on 2 cores), and step time and peak
+RSS with and without --precompute-ref (short runs, median of the steps).
+
+    python -m bench dpo --run runs/instruction-data     # the chapter-data main job's folder
+Without --run, the chapter-data fine-tune is made first (the main job's recipe, ~5 minutes)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import print_table
+from bench.quality import CHAPTER
+
+PREFERENCES = CHAPTER.with_name("instruction-data-with-preference.json")
+TARGET_ACCURACY, TARGET_SECONDS = 0.8, 600
+
+
+def _cli(*args: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    if result.returncode != 0:
+        raise RuntimeError((result.stderr.strip().splitlines() or ["failed"])[-1])
+    return time.perf_counter() - started
+
+
+def _short_run(sft: Path, out: Path, precompute: bool, quick: bool) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--max-steps", "2" if quick else "6",
+         "--eval-every", "100", "--eval-batches", "1", *(["--precompute-ref"] if precompute else []))
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    return {"step_seconds": statistics.median(s["seconds"] for s in steps),
+            "peak_rss_gb": peak * 1024 / 1e9 if peak > before else float("nan")}
+
+
+def run(run_dir: str | None = None, quick: bool = False) -> dict:
+    if not PREFERENCES.exists():
+        print(f"\ndpo: {PREFERENCES} not found; skipped")
+        return {"skipped": str(PREFERENCES)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sft = Path(run_dir) if run_dir else tmp / "sft"
+        if not run_dir:
+            model = ["--model", "tiny-gemma3", "--max-steps", "3"] if quick else []
+            _cli("finetune", *model, "--data", str(CHAPTER), "--out", str(sft), "--lr", "1e-4", "--warmup", "10",
+                 "--schedule", "cosine", "--clip", "1.0", "--mask-instructions", "--freeze-embedding", "--epochs", "1",
+                 "--eval-every", "40", "--eval-batches", "7", "--no-sample")
+        # Short runs first (with and without the reference model in memory), each its own process.
+        without = _short_run(sft, tmp / "two-models", False, quick)
+        with_pre = _short_run(sft, tmp / "precomputed", True, quick)
+        out = tmp / "dpo"
+        seconds = _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--precompute-ref",
+                       *(["--max-steps", "3"] if quick else []))
+        _cli("evaluate", "--preferences", str(out), "--max-new-tokens", "8" if quick else "96")
+        evaluation = json.loads((out / "evaluation-preferences.json").read_text())
+    reward, likelihood = evaluation["implicit_reward"], evaluation["likelihood_preference"]
+    accuracy = reward["dpo"]["accuracy"]
+    print_table(f"DPO after the chapter-data fine-tune ({evaluation['pairs']} held-out test pairs)", ["measure", "value"], [
+        ["SFT model: likelihood prefers the chosen response", f"{likelihood['sft']:.1%}"],
+        ["DPO model: likelihood prefers the chosen response", f"{likelihood['dpo']:.1%}"],
+        [f"DPO model: implicit-reward accuracy (target >= {TARGET_ACCURACY:.0%})",
+         f"{accuracy:.1%} ({'met' if accuracy >= TARGET_ACCURACY else 'not met'})"],
+        ["DPO model: mean reward margin", f"{reward['dpo']['mean_margin']:.3f}"],
+        [f"DPO wall time, one epoch with --precompute-ref (target <= {TARGET_SECONDS // 60} min)",
+         f"{seconds:.0f} s ({'met' if seconds <= TARGET_SECONDS else 'not met'})"],
+        ["step time, reference model in memory", f"{without['step_seconds']:.2f} s"],
+        ["step time, --precompute-ref", f"{with_pre['step_seconds']:.2f} s"],
+        ["peak RSS, reference model in memory", f"{without['peak_rss_gb']:.2f} GB"],
+        ["peak RSS, --precompute-ref", f"{with_pre['peak_rss_gb']:.2f} GB"]])
+    return {"evaluation": {k: v for k, v in evaluation.items() if k != "samples"}, "dpo_seconds": seconds,
+            "two_models": without, "precomputed": with_pre, "accuracy_met": accuracy >= TARGET_ACCURACY,
+            "time_met": seconds <= TARGET_SECONDS}

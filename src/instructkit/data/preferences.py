@@ -1,0 +1,128 @@
+"""Preference data for DPO: records with an instruction, an optional input, and a `chosen` and a
+`rejected` response (JSON list or JSONL; other keys are kept).
+
+Validation is the instruction data's (data/records.py): one clear line per fault, or
+--skip-invalid to drop and count. Pairs whose chosen and rejected responses are identical carry
+no preference (6 in the chapter's file) and are dropped with a count, not an error. The split is
+the chapter's (85 / 10 / 5 in file order).
+
+Encoding: each pair becomes two examples, prompt + chosen and prompt + rejected (each followed by
+the end token unless `append_eos` is off, as in the book). The prompt/response boundary comes
+from token spans (the first token that ends past the prompt), not from a fixed offset; the
+prompt's own tokens must be a prefix of the whole, else the pair is dropped and counted, as is a
+pair whose response is truncated away by `max_length` (a zero-token response would give NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instructkit.data.prompts import PromptStyle
+from instructkit.data.records import CONTROL_TOKEN_LITERALS, RecordProblem, _kind, format_problems, parse_records
+from instructkit.data.sources import resolve_source
+from instructkit.data.split import Splits, split_records
+from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample, end_token_id
+from instructkit.errors import UserError
+from instructkit.models.tokenizer import Tokenizer
+
+FIELDS = ("instruction", "input", "chosen", "rejected")
+
+
+@dataclass
+class Preferences:
+    path: Path
+    records: list[dict]
+    splits: Splits
+    skipped_invalid: int = 0
+    identical: int = 0  # pairs dropped because chosen == rejected
+
+
+def check_preference(value: object) -> tuple[dict | None, str | None]:
+    if not isinstance(value, dict):
+        return None, f"is {_kind(value)}, expected an object with 'instruction', 'chosen' and 'rejected'"
+    for name in ("instruction", "chosen", "rejected"):
+        if name not in value:
+            return None, f"missing key '{name}'"
+    for name in FIELDS:
+        if name in value and not isinstance(value[name], str):
+            return None, f"field '{name}' is {_kind(value[name])}, expected a string"
+    for name in ("instruction", "chosen", "rejected"):
+        if not value[name].strip():
+            return None, f"empty {name}"
+    for name in FIELDS:
+        for literal in CONTROL_TOKEN_LITERALS:
+            if literal in value.get(name, ""):
+                return None, f"field '{name}' contains the literal control token {literal!r}"
+    return {**value, "input": value.get("input", "")}, None
+
+
+def load_preferences(source: str, *, skip_invalid: bool = False) -> Preferences:
+    path = resolve_source(source)
+    records, problems = [], []
+    for where, value in parse_records(path):
+        record, fault = check_preference(value)
+        if fault is not None:
+            problems.append(RecordProblem(where, fault))
+        else:
+            records.append(record)
+    if problems and not skip_invalid:
+        raise UserError(format_problems(path, problems))
+    kept = [r for r in records if r["chosen"] != r["rejected"]]
+    if not kept:
+        raise UserError(f"{path}: no preference pair with different chosen and rejected responses")
+    # The split is taken over the file's records, as the chapter does, before identical pairs go.
+    splits = split_records(records)
+    differ = lambda part: [r for r in part if r["chosen"] != r["rejected"]]  # noqa: E731
+    return Preferences(path, kept, Splits(differ(splits.train), differ(splits.test), differ(splits.val)),
+                       skipped_invalid=len(problems), identical=len(records) - len(kept))
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen: EncodedExample
+    rejected: EncodedExample
+
+
+@dataclass
+class PairReport:
+    pairs: int = 0
+    not_prefix: int = 0
+    truncated_away: int = 0
+    dropped_indices: list[int] = field(default_factory=list)
+
+
+def _encode_response(prompt: str, response: str, style: PromptStyle, tokenizer: Tokenizer, *, append_eos: bool,
+                     max_length: int | None) -> EncodedExample | None:
+    ids, ends = tokenizer.encode_with_offsets(prompt + response)
+    start = next((i for i, end in enumerate(ends) if end > len(prompt)), len(ids))
+    prompt_ids = tokenizer.encode(prompt)
+    if ids[: len(prompt_ids)] != prompt_ids or start != len(prompt_ids):
+        return None
+    if append_eos:
+        ids.append(end_token_id(style, tokenizer))
+    if max_length is not None:
+        ids = ids[: max_length + 1]
+    labels = [IGNORE_INDEX] * start + ids[start:]
+    return EncodedExample(ids, labels, start)
+
+
+def encode_pairs(records: list[dict], style: PromptStyle, tokenizer: Tokenizer, *, append_eos: bool = True,
+                 max_length: int | None = None) -> tuple[list[EncodedPair], PairReport]:
+    """Both responses of every pair, supervised on the response (and end token) only."""
+    report, pairs = PairReport(), []
+    for index, record in enumerate(records):
+        prompt = style.prompt(record)
+        chosen = _encode_response(prompt, record["chosen"], style, tokenizer, append_eos=append_eos, max_length=max_length)
+        rejected = _encode_response(prompt, record["rejected"], style, tokenizer, append_eos=append_eos, max_length=max_length)
+        report.pairs += 1
+        if chosen is None or rejected is None:
+            report.not_prefix += 1
+            report.dropped_indices.append(index)
+            continue
+        if chosen.num_supervised == 0 or rejected.num_supervised == 0:
+            report.truncated_away += 1
+            report.dropped_indices.append(index)
+            continue
+        pairs.append(EncodedPair(chosen, rejected))
+    return pairs, report

@@ -1,0 +1,92 @@
+"""`instructkit leakage`: test records that are (nearly) training records.
+
+Checked for every test record against every training record, each leak listed with its indices:
+  - exact: the whole record, and the instruction alone, after normalisation;
+  - near: the prompt (instruction + input) by rapidfuzz's `cdist` (the normalised Indel ratio,
+    0-100) at or above a cutoff, or by the TF-IDF cosine (`--method tfidf`);
+  - n-gram: outputs sharing a run of 13 words (the contamination check of GPT-3 and its successors).
+
+The split that prevents such leaks is data/split.py's grouped split (`--group-near-duplicates`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from instructkit.data.similarity import normalize
+
+NGRAM = 13
+
+
+@dataclass
+class Leaks:
+    train: int
+    test: int
+    exact_record: list[tuple[int, int]] = field(default_factory=list)
+    exact_instruction: list[tuple[int, int]] = field(default_factory=list)
+    near: list[tuple[int, int, float]] = field(default_factory=list)
+    ngram: list[tuple[int, int, str]] = field(default_factory=list)
+
+    @property
+    def leaked_test_records(self) -> set[int]:
+        return ({t for t, _ in self.exact_record} | {t for t, _ in self.exact_instruction} | {t for t, _, _ in self.near}
+                | {t for t, _, _ in self.ngram})
+
+    def summary(self) -> dict:
+        return {"train": self.train, "test": self.test, "exact_record": len(self.exact_record),
+                "exact_instruction": len(self.exact_instruction), "near": len(self.near), "ngram_13": len(self.ngram),
+                "leaked_test_records": len(self.leaked_test_records)}
+
+
+def prompt_text(record: dict) -> str:
+    return record.get("instruction", "") + ("\n" + record["input"] if record.get("input") else "")
+
+
+def _ngrams(text: str) -> set[tuple[str, ...]]:
+    words = normalize(text).split()
+    return {tuple(words[k : k + NGRAM]) for k in range(len(words) - NGRAM + 1)}
+
+
+def find_leaks(train: list[dict], test: list[dict], *, cutoff: float = 90.0, method: str = "rapidfuzz",
+               chunk: int = 256) -> Leaks:
+    """Every (test index, train index) leak. `cutoff` is rapidfuzz's 0-100 ratio, or a cosine in
+    (0, 1] with method "tfidf"."""
+    leaks = Leaks(len(train), len(test))
+    full = {normalize(prompt_text(r) + "\n" + r.get("output", "")): i for i, r in enumerate(train)}
+    instruction = {normalize(r.get("instruction", "")): i for i, r in enumerate(train)}
+    for t, record in enumerate(test):
+        if (i := full.get(normalize(prompt_text(record) + "\n" + record.get("output", "")))) is not None:
+            leaks.exact_record.append((t, i))
+        if (i := instruction.get(normalize(record.get("instruction", "")))) is not None:
+            leaks.exact_instruction.append((t, i))
+    train_prompts = [normalize(prompt_text(r)) for r in train]
+    test_prompts = [normalize(prompt_text(r)) for r in test]
+    if method == "rapidfuzz":
+        from rapidfuzz import fuzz, process
+
+        for start in range(0, len(test_prompts), chunk):
+            scores = process.cdist(test_prompts[start : start + chunk], train_prompts, scorer=fuzz.ratio,
+                                   score_cutoff=cutoff, dtype=np.uint8, workers=-1)
+            for t, i in zip(*np.nonzero(scores)):
+                leaks.near.append((start + int(t), int(i), float(scores[t, i])))
+    else:
+        from instructkit.data.similarity import tfidf
+
+        matrix = tfidf([prompt_text(r) for r in train] + [prompt_text(r) for r in test])  # tfidf preprocesses itself
+        train_rows, test_rows = matrix[: len(train)], matrix[len(train):]
+        for start in range(0, len(test), chunk):
+            block = (test_rows[start : start + chunk] @ train_rows.T).toarray()
+            for t, i in zip(*np.nonzero(block >= cutoff)):
+                leaks.near.append((start + int(t), int(i), float(block[t, i])))
+    owner: dict[tuple[str, ...], int] = {}
+    for i, record in enumerate(train):
+        for gram in _ngrams(record.get("output", "")):
+            owner.setdefault(gram, i)
+    for t, record in enumerate(test):
+        for gram in _ngrams(record.get("output", "")):
+            if gram in owner:
+                leaks.ngram.append((t, owner[gram], " ".join(gram)))
+                break
+    return leaks

@@ -1,0 +1,287 @@
+"""`instructkit serve`: an OpenAI-compatible server and a chat page, on our own engine.
+
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (the
+messages rendered with the model's prompt style, once), POST /v1/completions (the prompt passed
+raw, no template), and the page at / (static files shipped in the package; no CDN).
+
+Streaming is Server-Sent Events as OpenAI's clients expect: the first chunk carries the assistant
+role, every chunk has id, object, created, model and choices[i].index with finish_reason null
+until one terminal chunk, an optional usage chunk with empty choices, then `data: [DONE]`. Text
+comes from generate.TextStream (no broken UTF-8, no part of a stop string that is later cut), so
+the joined deltas equal the non-streamed answer. A failure mid-stream is an error event. A client
+that goes away cancels its row, which leaves the batch at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+
+# FastAPI reads the endpoints' annotations (strings, with postponed evaluation) from this module.
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from instructkit.data.prompts import PromptStyle
+from instructkit.data.tokenize import end_token_id
+from instructkit.errors import UserError
+from instructkit.generate import Request, Sampling, TextStream
+from instructkit.models.registry import LoadedModel
+from instructkit.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    model_card,
+    new_id,
+    now,
+    usage,
+)
+from instructkit.serve.worker import END, Worker
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class ServedModel:
+    id: str
+    loaded: LoadedModel
+    style: PromptStyle
+    role: str  # "fine-tuned", "base" or "model": what the page labels it
+    worker: Worker = field(init=False)
+    created: int = field(default_factory=now)
+
+    def start(self, max_batch: int) -> "ServedModel":
+        self.worker = Worker(self.loaded.model, self.loaded.tokenizer, max_batch=max_batch, name=self.id)
+        return self
+
+    @property
+    def context(self) -> int:
+        return self.loaded.model.config.context_length
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Generation:
+    """One request's run through a model's worker, read as text pieces."""
+
+    def __init__(self, served: ServedModel, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
+                 stop_ids: set[int], stop_strings: list[str]):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request = Request(prompt_ids, max_tokens, frozenset(stop_ids), sampling)
+        self.stream = TextStream(served.loaded.tokenizer, stop_strings)
+        self.prompt_tokens = len(prompt_ids)
+        served.worker.submit(self.request, lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item))
+
+    async def pieces(self, http_request=None):
+        """Text pieces until the end; raises the worker's exception if the forward pass failed."""
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if http_request is not None and await http_request.is_disconnected():
+                        return
+                    continue
+                if item is END:
+                    if rest := self.stream.finish():
+                        yield rest
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                piece = self.stream.push(item)
+                if piece:
+                    yield piece
+                if self.stream.stopped:
+                    self.request.cancelled = "stop_string"
+                    return
+        finally:
+            if not self.request.finished:
+                self.request.cancelled = self.request.cancelled or "client_gone"
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.request.finish_reason == "length" and not self.stream.stopped else "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.stream.ids)
+
+
+def create_app(models: list[ServedModel], *, api_key: str | None = None) -> FastAPI:
+    by_id = {served.id: served for served in models}
+    static = resources.files("instructkit.serve") / "static"
+    app = FastAPI(title="instructkit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+        return JSONResponse(ApiError(422, message, param=param, code="invalid_value").body(), status_code=422)
+
+    @app.middleware("http")
+    async def _guard(request: HttpRequest, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                error = ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
+                                 code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def pick(model_id: str) -> ServedModel:
+        if model_id in by_id:
+            return by_id[model_id]
+        raise ApiError(404, f"The model {model_id!r} does not exist (served: {', '.join(by_id)})",
+                       param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": {m.id: {"busy_rows": m.worker.busy_rows()} for m in models}}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{**model_card(m.id, m.created), "role": m.role} for m in models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        served = pick(model_id)
+        return {**model_card(served.id, served.created), "role": served.role}
+
+    def budget(served: ServedModel, ids: list[int], requested: int | None) -> int:
+        room = served.context - len(ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; {served.id} has a context of {served.context}",
+                           param="messages", code="context_length_exceeded")
+        return min(requested or DEFAULT_MAX_TOKENS, room)
+
+    def sampling(body) -> Sampling:
+        return Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http_request: HttpRequest):
+        served = pick(body.model)
+        if body.n != 1:
+            raise ApiError(400, "only n = 1 is supported", param="n")
+        messages = [{"role": "system" if m.role in ("system", "developer") else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            prompt = served.style.conversation(messages)
+        except UserError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        tokenizer = served.loaded.tokenizer
+        ids = tokenizer.encode(prompt)
+        generation = _Generation(served, ids, budget(served, ids, body.max_completion_tokens or body.max_tokens),
+                                 sampling(body), {tokenizer.eos_id, end_token_id(served.style, tokenizer)},
+                                 [*served.style.stop_strings, *body.stop_strings()])
+        return await _respond(generation, body, served, http_request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http_request: HttpRequest):
+        served = pick(body.model)
+        if body.n != 1:
+            raise ApiError(400, "only n = 1 is supported", param="n")
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported", param="prompt")
+            body.prompt = body.prompt[0]
+        tokenizer = served.loaded.tokenizer
+        ids = tokenizer.encode(body.prompt)
+        generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body), {tokenizer.eos_id},
+                                 body.stop_strings())
+        return await _respond(generation, body, served, http_request, chat=False)
+
+    async def _respond(generation: _Generation, body, served: ServedModel, http_request, *, chat: bool):
+        completion_id = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        if not body.stream:
+            try:
+                text = "".join([piece async for piece in generation.pieces(http_request)])
+            except Exception as exc:
+                raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
+            choice = {"index": 0, "logprobs": None, "finish_reason": generation.finish_reason}
+            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            return {"id": completion_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": served.id, "choices": [choice],
+                    "usage": usage(generation.prompt_tokens, generation.completion_tokens)}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_or_text, finish_reason=None) -> dict:
+            choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            choice |= {"delta": delta_or_text} if chat else {"text": delta_or_text}
+            payload = {"id": completion_id, "object": kind, "created": created, "model": served.id, "choices": [choice]}
+            return payload | ({"usage": None} if include_usage else {})
+
+        async def events():
+            if chat:
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+            try:
+                async for piece in generation.pieces():
+                    yield _sse(chunk({"content": piece} if chat else piece))
+            except Exception as exc:
+                error = ApiError(500, f"generation failed mid-stream: {type(exc).__name__}: {exc}", kind="server_error")
+                yield _sse(error.body())
+                return
+            yield _sse(chunk({} if chat else "", generation.finish_reason))
+            if include_usage:
+                yield _sse({"id": completion_id, "object": kind, "created": created, "model": served.id, "choices": [],
+                            "usage": usage(generation.prompt_tokens, generation.completion_tokens)})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/")
+    async def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+def serve(models: list[ServedModel], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8) -> None:
+    """Bind, say where (one line, so --port 0 is usable), serve until interrupted."""
+    import socket
+
+    import uvicorn
+
+    for served in models:
+        served.start(max_batch)
+    app = create_app(models, api_key=api_key)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    bound_port = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"instructkit serve: listening on http://{url_host}:{bound_port} (models: {', '.join(m.id for m in models)})",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for served in models:
+            served.worker.stop()

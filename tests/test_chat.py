@@ -1,0 +1,71 @@
+"""`instructkit chat` through a real pseudo-terminal, as a person types into it."""
+
+import re
+import sys
+
+import pytest
+
+from instructkit.data.prompts import get_prompt_style
+from instructkit.models.registry import load_model
+from instructkit.serve.chat import ChatSession
+
+from .conftest import require_module
+
+pexpect = require_module("pexpect")
+
+
+def test_chat_streams_answers_survives_ctrl_c_and_quits():
+    child = pexpect.spawn(sys.executable, ["-m", "instructkit", "chat", "--model", "tiny-gemma3", "--prompt-style", "gemma",
+                                           "--max-new-tokens", "400", "--threads", "1"],
+                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.expect("Chatting with tiny-gemma3 \\(prompt style gemma, greedy\\)")
+    child.expect(">>> ")
+    child.sendline("/max 12")
+    child.expect("max tokens 12")
+    child.expect(">>> ")
+    child.sendline("Hello there")
+    child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s\]")
+    assert int(child.match.group(1)) <= 12
+    first_answer = child.before
+    child.expect(">>> ")
+    # A long answer, interrupted once its first text has streamed in.
+    child.sendline("/max 400")
+    child.expect(">>> ")
+    child.sendline("Tell me a long story")
+    child.expect(r"\S")  # text arrives before the answer ends
+    child.sendintr()
+    child.expect(r"\[stopped; (\d+) tokens")
+    assert int(child.match.group(1)) < 400
+    child.expect(">>> ")  # the session goes on
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("/temp 0.7")
+    child.expect("temperature 0.7")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and first_answer.strip()
+
+
+def test_greedy_chat_is_reproducible_and_multi_turn_follows_the_rule():
+    loaded = load_model("tiny-gemma3")
+    style = get_prompt_style("gemma")
+    pieces: list[str] = []
+    one = ChatSession(loaded, style, max_tokens=10, system="Be brief.")
+    first, _, _ = one.answer("Hi", pieces.append)
+    second, _, _ = one.answer("And then?", pieces.append)
+    assert "".join(pieces) == first + second
+    again = ChatSession(loaded, style, max_tokens=10, system="Be brief.")
+    assert again.answer("Hi", lambda _: None)[0] == first
+    assert one.history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                           {"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
+    sampled = [ChatSession(loaded, style, max_tokens=10, temperature=1.0, seed=7).answer("Hi", lambda _: None)[0]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("line, said", [("/temp 9", "/temp takes 0 to 2"), ("/max x", "/max needs a number"),
+                                        ("/frobnicate", "unknown command /frobnicate")])
+def test_bad_commands_say_what_is_wrong(line, said):
+    session = ChatSession(load_model("tiny-gemma3"), get_prompt_style("gemma"))
+    assert re.search(re.escape(said), session.command(line))
