@@ -72,6 +72,8 @@ def run_ours(spec: dict) -> dict:
         apply_lora(model, ["attention", "mlp"], spec["lora_rank"], 16.0)
     if spec.get("freeze_embedding"):
         model.lm_head.weight.requires_grad_(False)
+    device, precision = torch.device(spec.get("device", "cpu")), spec.get("precision", "fp32")
+    model.to(device)
     model.train()
     optimizer = build_optimizer(model, config)
     batches = epoch_batches(train, config, 0)
@@ -89,8 +91,10 @@ def run_ours(spec: dict) -> dict:
     count = spec.get("eval_batches", 5)
     train_eval, val_eval = eval_batches(train, spec["batch"], count), eval_batches(val, spec["batch"], count)
     return _measure(spec, model, batches, train, pad,
-                    step=lambda batch: train_step(model, optimizer, train, [batch], pad_id=pad, lr=5e-5, clip=None),
-                    evaluate=lambda: (evaluate_loss(model, train, train_eval, pad), evaluate_loss(model, val, val_eval, pad)),
+                    step=lambda batch: train_step(model, optimizer, train, [batch], pad_id=pad, lr=5e-5, clip=None,
+                                                  device=device, precision=precision),
+                    evaluate=lambda: (evaluate_loss(model, train, train_eval, pad, device=device, precision=precision),
+                                      evaluate_loss(model, val, val_eval, pad, device=device, precision=precision)),
                     head_everywhere=full_head,
                     body_trains=not spec.get("lora_rank"), head_trains=not (spec.get("lora_rank") or spec.get("freeze_embedding")))
 
@@ -146,6 +150,12 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
     for batch in batches[:warmup]:
         step(batch)
     step_seconds, real, padded, supervised, flops = [], 0, 0, 0, 0.0
+    import torch
+
+    cuda = torch.cuda.is_available() and spec.get("device") == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for batch in batches[warmup : warmup + steps]:
         inputs, targets = collate([train[i] for i in batch], pad_id=pad)
         lengths = [len(train[i]) - 1 for i in batch]
@@ -155,6 +165,8 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
                              head_trains=head_trains, padded=True)
         start = time.perf_counter()
         step(batch)
+        if cuda:
+            torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - start)
         real, padded, supervised = real + sum(lengths), padded + inputs.numel(), supervised + n_supervised
     one_eval = 0.0
@@ -170,7 +182,8 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
             "real_tokens": real, "padded_tokens": padded, "supervised_tokens": supervised,
             "real_tok_s": real / train_time, "padded_tok_s": padded / train_time, "supervised_tok_s": supervised / train_time,
             "run_real_tok_s": real / (train_time + eval_seconds), "eval_share": eval_seconds / (train_time + eval_seconds),
-            "model_gflops": flops / train_time / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9}
+            "model_gflops": flops / train_time / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
+            **({"cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gpu": torch.cuda.get_device_name()} if cuda else {})}
 
 
 def run_hf_trl(spec: dict) -> dict:

@@ -33,7 +33,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("--model", "tiny-gemma3", "--prompt-style", "gemma", "--threads", "2") as (url, process, output):
+    with running_server("--model", "tiny-gemma3", "--prompt-style", "gemma", "--threads", "2", "--quantize", "none") as (url, process, output):
         yield url
 
 
@@ -155,7 +155,7 @@ def test_bad_requests_get_openai_shaped_errors(server):
 @pytest.fixture(scope="module")
 def real_server():
     """The real default model: ~10 tokens/s at batch 1, slow enough to watch a generation stop."""
-    with running_server("--model", "gemma-3-270m", "--prompt-style", "gemma", "--threads", "2") as (url, _, _):
+    with running_server("--model", "gemma-3-270m", "--prompt-style", "gemma", "--threads", "2", "--quantize", "none") as (url, _, _):
         yield url
 
 

@@ -254,7 +254,7 @@ def test_checkpoint_state_loads_with_weights_only(chapter_data_path, tmp_path):
     process.kill()
     process.wait()
     saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
-    assert set(saved) == {"optimizer", "torch_rng"} and saved["optimizer"]["state"]
+    assert set(saved) == {"optimizer", "torch_rng", "rank_rng"} and saved["optimizer"]["state"]
 
 
 def test_tied_weight_gradient_equals_the_plain_full_logits_gradient(tiny_gpt2_examples):

@@ -110,14 +110,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.data.prompts import get_prompt_style
     from instructkit.data.tokenize import end_token_id
     from instructkit.generate import Sampling, generate, stream_text
-    from instructkit.models.registry import load_model
+    from instructkit.models.registry import load_model, quantize_loaded
 
     _positive("max-new-tokens", args.max_new_tokens)
     if args.top_k is not None:
         _positive("top-k", args.top_k)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    loaded = load_model(args.model)
+    loaded = quantize_loaded(load_model(args.model), args.quantize)
     tokenizer = loaded.tokenizer
     stop_ids = {tokenizer.eos_id}
     text = args.prompt
@@ -169,6 +169,9 @@ TRAIN_OPTIONS = [
     ("batching", str, "grouped (length-grouped, default) or chapter (the chapter's shuffled order)"),
     ("shuffle-seed", int, "shuffle records before splitting"),
     ("threads", int, "torch CPU threads"),
+    ("device", str, "auto (CUDA when available, default), cpu or cuda"),
+    ("precision", str, "fp32 (default) or bf16 (autocast; CUDA only)"),
+    ("strategy", str, "with --nproc / torchrun: ddp (default, replicated weights) or fsdp (sharded, FSDP2)"),
 ]
 
 
@@ -204,9 +207,28 @@ def _train_config(args: argparse.Namespace, base):
     return TrainConfig.from_dict(values).validate()
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from instructkit.train import distributed
     from instructkit.train.config import TrainConfig
     from instructkit.train.finetune import finetune, load_run_config
+
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc must be positive, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
+        # One process per rank through PyTorch's own launcher (torch.distributed.run, standalone).
+        return distributed.relaunch(args.nproc, _without_nproc(args.argv))
 
     if args.resume:
         # The saved config, with any option given here applied: finetune refuses a difference.
@@ -224,7 +246,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_respond(args: argparse.Namespace) -> int:
     from instructkit.data.pipeline import prepare_data
-    from instructkit.models.registry import load_model
+    from instructkit.models.registry import load_model, quantize_loaded
     from instructkit.data.fewshot import BASE_MODEL_STYLE
     from instructkit.respond import respond, style_for
 
@@ -239,7 +261,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     data = args.data or saved.get("data")
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
-    loaded = load_model(str(run.path) if run else args.model)
+    loaded = quantize_loaded(load_model(str(run.path) if run else args.model), args.quantize)
     style = style_for(loaded, run, args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
     # The run's split, unless told otherwise: the same records stay held out.
     prepared = prepare_data(data, skip_invalid=args.skip_invalid or saved.get("skip_invalid", False),
@@ -282,6 +304,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# Chat and serving decode one or a few sequences at a time, which is bound by reading the weights:
+# the default is the quantization measured fastest while greedy output stays within the agreement
+# target (tests/test_quantize.py, bench generate).
+TALK_QUANTIZE = "int8"
+
+
 def _served_style(loaded, run, args: argparse.Namespace):
     """A server or chat must know the prompt style: the run's saved one, else --prompt-style."""
     from instructkit.data.prompts import get_prompt_style
@@ -296,7 +324,7 @@ def _served_style(loaded, run, args: argparse.Namespace):
 
 
 def _load_for_talk(args: argparse.Namespace):
-    from instructkit.models.registry import load_model
+    from instructkit.models.registry import load_model, quantize_loaded
 
     if bool(args.run) == bool(args.model):
         raise UserError(f"{args.command} needs exactly one of --run RUN_DIR or --model SPEC")
@@ -307,7 +335,7 @@ def _load_for_talk(args: argparse.Namespace):
     run = RunFolder(args.run).require_finished() if args.run else None
     if run is None and RunFolder(args.model).has_config():
         run = RunFolder(args.model).require_finished()  # a run folder given as a model spec keeps its style
-    loaded = load_model(str(run.path) if run else args.model)
+    loaded = quantize_loaded(load_model(str(run.path) if run else args.model), args.quantize)
     return loaded, run, _served_style(loaded, run, args)
 
 
@@ -326,7 +354,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from instructkit.models.registry import load_model
+    from instructkit.models.registry import load_model, quantize_loaded
     from instructkit.serve.app import ServedModel, serve
 
     _positive("max-batch", args.max_batch)
@@ -341,7 +369,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if run is None or not run.has_config():
             raise UserError("--compare-base needs --run: the base model is the one the run started from")
         base_spec = run.config()["model"]
-        models.append(ServedModel(Path(base_spec).name or base_spec, load_model(base_spec), style, "base"))
+        models.append(ServedModel(Path(base_spec).name or base_spec, quantize_loaded(load_model(base_spec), args.quantize),
+                                  style, "base"))
         if models[1].id == models[0].id:
             models[1].id += "-base"
     serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
@@ -405,12 +434,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from instructkit.data.sources import resolve_source
-    from instructkit.datatools.dedup import FIELDS, find_duplicates, read_any_records
+    from instructkit.datatools.dedup import FIELDS, find_duplicates, load_any_records
     from instructkit.fileio import atomic_write_json
 
-    path = resolve_source(args.data)
-    records = read_any_records(path)
+    path, records = load_any_records(args.data)
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
@@ -442,9 +469,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 def cmd_leakage(args: argparse.Namespace) -> int:
     from instructkit.data.pipeline import prepare_data
-    from instructkit.datatools.dedup import read_any_records
+    from instructkit.datatools.dedup import load_any_records
     from instructkit.datatools.leakage import find_leaks
-    from instructkit.data.sources import resolve_source
 
     if bool(args.data) == bool(args.train or args.test) or bool(args.train) != bool(args.test):
         raise UserError("leakage needs --data D (its split) or both --train A and --test B")
@@ -453,7 +479,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
                                 group_near_duplicates=args.group_near_duplicates)
         train, test, where = prepared.splits.train, prepared.splits.test, f"{args.data} (its train and test splits)"
     else:
-        train, test = read_any_records(resolve_source(args.train)), read_any_records(resolve_source(args.test))
+        (_, train), (_, test) = load_any_records(args.train), load_any_records(args.test)
         where = f"{args.test} against {args.train}"
     cutoff = args.cutoff if args.cutoff is not None else (90.0 if args.method == "rapidfuzz" else 0.8)
     leaks = find_leaks(train, test, cutoff=cutoff, method=args.method)
@@ -461,7 +487,8 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     print(f"Leakage, {where}: {summary['test']:,} test records against {summary['train']:,} training records")
     print(f"  exact record {summary['exact_record']}, exact instruction {summary['exact_instruction']}, near prompt "
           f"{summary['near']} ({args.method} >= {cutoff:g}), shared 13-gram of output {summary['ngram_13']}")
-    print(f"  test records with any leak: {summary['leaked_test_records']}")
+    print(f"  test records with an exact, near or 13-gram twin in training: {summary['leaked_test_records']} "
+          "(the same instruction alone is listed, not counted)")
     for kind, items in (("exact record", leaks.exact_record), ("exact instruction", leaks.exact_instruction),
                         ("near prompt", leaks.near), ("13-gram", leaks.ngram)):
         for item in items[: args.show]:
@@ -668,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--quantize", default="none", help="weight-only decoding: none (default), int8 or int4")
     gen.set_defaults(handler=cmd_generate)
 
     tune = subcommands.add_parser("finetune", help="fine-tune a model on instruction data (full or LoRA)")
@@ -675,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", default=None, help="JSON/JSONL file, URL, or chapter7 / alpaca52k")
     tune.add_argument("--out", default=None, help="run folder to create")
     tune.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    tune.add_argument("--nproc", type=int, default=None,
+                      help="data-parallel processes on this machine (torchrun, standalone); --batch-size is per process")
     _add_train_options(tune)
     tune.set_defaults(handler=cmd_finetune)
 
@@ -690,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
     resp.add_argument("--group-near-duplicates", action="store_true", help="the grouped split (default: the run's)")
+    resp.add_argument("--quantize", default="none", help="none (default: exact fp32), int8 or int4")
     resp.add_argument("--few-shot", type=int, default=0,
                       help="K solved training examples before each question, answer = first line (for base "
                            "models; in the alpaca style unless --prompt-style is given)")
@@ -729,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--model", default=None, help="or any model spec (then --prompt-style is needed)")
         parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
         parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        parser.add_argument("--quantize", default=TALK_QUANTIZE,
+                            help=f"weight-only decoding: none, int8 or int4 (default {TALK_QUANTIZE}: the fastest that keeps "
+                                 "greedy answers within the agreement target, docs/BENCHMARKS.md)")
 
     talk = subcommands.add_parser("chat", help="talk to a model in the terminal (streaming, multi-turn)")
     talk_options(talk)
@@ -850,6 +884,7 @@ def check_torch() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         check_torch()
         return args.handler(args)

@@ -99,7 +99,7 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, pad_id: int, *, prefill_batch: int = 16):
         self.model, self.pad_id, self.prefill_batch = model, pad_id, prefill_batch
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device
         self.rows: list[Request] = []
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None  # (B, V): the next token of each row comes from these
@@ -335,7 +335,7 @@ def generate_cacheless(
 ) -> Generated:
     """The chapter's `generate`: each step re-runs the last `context_length` tokens."""
     context = model.config.context_length
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = _generator(sampling)
     new: list[int] = []

@@ -45,6 +45,18 @@ class DedupResult:
     per_field: dict[str, dict] = field(default_factory=dict)
 
 
+def load_any_records(source: str) -> tuple[str, list[dict]]:
+    """(where, records) for a file, URL, named source or builtin spec, duplicates included."""
+    from instructkit.data.builtin import generate_builtin, parse_builtin_spec
+    from instructkit.data.sources import resolve_source
+
+    builtin = parse_builtin_spec(source)
+    if builtin is not None:
+        return source, generate_builtin(*builtin)
+    path = resolve_source(source)
+    return str(path), read_any_records(path)
+
+
 def read_any_records(path: Path) -> list[dict]:
     """Records as objects with string fields, duplicates included (dedup must see them)."""
     from instructkit.data.records import parse_records

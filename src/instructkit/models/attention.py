@@ -55,7 +55,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, device=None) -> "KVCache":
         """An empty cache shaped for `model` (its config names layers, KV heads and head size)."""
-        c, weight = model.config, model.lm_head.weight
+        c, weight = model.config, next(model.parameters())  # the embedding: fp32, on the model's device
         return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity,
                    device=device or weight.device, dtype=weight.dtype)
 

@@ -46,6 +46,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     tokenizer_ref: dict  # how to rebuild the tokenizer: saved in run folders
+    folder: Path | None = None  # the model folder it was read from, if any (caches live beside it)
 
     @property
     def default_prompt_style(self) -> str:
@@ -105,7 +106,7 @@ def load_model_folder(folder: Path, name: str | None = None) -> LoadedModel:
     ref = json.loads((folder / "tokenizer_ref.json").read_text())
     if "file" in ref:  # remember where the file is, so the model can be saved elsewhere
         ref = {**ref, "file": str((folder / ref["file"]).resolve())}
-    return LoadedModel(model.eval(), tokenizer_from_ref(ref), name or folder.name, ref)
+    return LoadedModel(model.eval(), tokenizer_from_ref(ref), name or folder.name, ref, folder)
 
 
 def embedded_gguf_path() -> Path:
@@ -180,6 +181,18 @@ def _download_hub(repo_id: str) -> Path:
             f"(and HF_TOKEN for gated models), or pass a local folder, .gguf or .pth file; "
             f"offline, use --model {EMBEDDED_DEFAULT}"
         ) from None
+
+
+def quantize_loaded(loaded: LoadedModel, mode: str, *, shortlist: int | None = 32) -> LoadedModel:
+    """Weight-only int8/int4 decoding (models/quantize.py), with the quantized weights cached
+    beside the model folder, so the next start skips the quantizing."""
+    from instructkit.models.quantize import quantize_model
+
+    folder = loaded.folder
+    cache = folder / f"quantized-{mode}.safetensors" if folder is not None and os.access(folder, os.W_OK) else None
+    quantize_model(loaded.model, mode, cache=cache, source=folder / "model.safetensors" if folder else None,
+                   shortlist=shortlist)
+    return loaded
 
 
 def load_model(spec: str, *, seed: int = 0) -> LoadedModel:

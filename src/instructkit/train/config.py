@@ -14,7 +14,7 @@ def config_differences(saved, requested) -> list[str]:
     """Settings in which `requested` differs from a saved config (dataclasses of one kind), as
     "name: saved -> requested". Ignored: where the run lives and how fast it goes (out, threads,
     save_every); a prompt style left unset takes the saved one."""
-    ignored = {"out", "threads", "save_every"}
+    ignored = {"out", "threads", "save_every", "device"}
     if getattr(requested, "prompt_style", None) is None:
         ignored.add("prompt_style")
     return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
@@ -57,6 +57,11 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between resumable checkpoints (also at each epoch end)
     sample_prompt: bool = True  # greedy sample for a fixed validation prompt after each epoch
     threads: int | None = None
+    # Where and how it runs: auto = CUDA when available; bf16 autocast on CUDA only; across
+    # processes (torchrun), ddp replicates the weights and fsdp shards them.
+    device: str = "auto"
+    precision: str = "fp32"
+    strategy: str = "ddp"
     # The sha256 of the validated records (set by finetune): a resumed run must read the same data.
     data_sha256: str | None = None
 
@@ -77,6 +82,10 @@ class TrainConfig:
             raise UserError(f"--clip must be positive, got {self.clip}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise UserError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.batching not in BATCHING:
             raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         return self

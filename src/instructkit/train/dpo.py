@@ -238,7 +238,7 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
     optimizer = build_optimizer(model, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows": [], "elapsed_s": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
         _say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
     else:
         run.remove_checkpoints()
@@ -319,11 +319,11 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
             if state["step"] % config.eval_every == 0:
                 evaluate()
             if state["step"] % config.save_every == 0:
-                save_checkpoint(run, model, optimizer, state)
+                save_checkpoint(run, state, model=model, optimizer=optimizer)
         if state["batch_in_epoch"] >= len(batches):
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            save_checkpoint(run, model, optimizer, state)
+            save_checkpoint(run, state, model=model, optimizer=optimizer)
     bar.close()
     if state["rows"][-1]["kind"] != "eval":
         evaluate()

@@ -11,6 +11,7 @@ same weights, and a killed run resumes to them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,9 @@ from instructkit.data.prompts import PromptStyle, get_prompt_style
 from instructkit.errors import UserError
 from instructkit.models.registry import load_model, save_model_folder
 from instructkit.runs import RunFolder
+from instructkit.train import distributed
 from instructkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from instructkit.train.distributed import World
 from instructkit.train.config import TrainConfig
 from instructkit.train.lora import apply_lora, lora_state_dict, merge_lora
 from instructkit.train.loop import (
@@ -56,17 +59,63 @@ def check_same_run(run: RunFolder, requested: TrainConfig) -> None:
 
 def _start_state() -> dict:
     return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "supervised_seen": 0, "skipped_steps": 0,
-            "truncated": 0, "rows": [], "best_val": None, "stale_evals": 0, "elapsed_s": 0.0, "samples": []}
+            "truncated": 0, "rows": [], "best_val": None, "stale_evals": 0, "elapsed_s": 0.0, "samples": [],
+            "world_size": 1}
+
+
+@dataclass
+class Session:
+    """What one process trains with: the model (and the DDP/FSDP wrapper its steps go through),
+    its optimizer, where it runs, and which rank of how many it is."""
+
+    model: torch.nn.Module  # the plain model (what is saved, sampled from and evaluated)
+    trained: torch.nn.Module  # what the steps call: the wrapper across processes, else the model
+    optimizer: torch.optim.Optimizer
+    world: World
+    device: torch.device
+    precision: str
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            _say(message)
+
+    def checkpoint_parts(self) -> dict:
+        return {"model": self.model, "optimizer": self.optimizer, "world": self.world, "device": self.device,
+                "trained": self.trained}
+
+
+def resolve_device(name: str, precision: str) -> torch.device:
+    """auto = CUDA when available; bf16 only on CUDA (on these CPUs a bf16 matmul is ~300x slower)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to this torch; use --device cpu (or auto)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if precision == "bf16" and name != "cuda":
+        raise UserError("--precision bf16 runs on CUDA only: bf16 matmuls on this CPU are ~300x slower than fp32")
+    return torch.device(name)
 
 
 def finetune(config: TrainConfig, *, resume: bool = False, score_validation=None) -> RunFolder:
-    """Run (or continue, with `resume`) the fine-tuning that `config` describes.
+    """Run (or continue, with `resume`) the fine-tuning that `config` describes, in this process or,
+    under torchrun, as one rank of several (train/distributed.py).
 
     `score_validation(model, tokenizer, style) -> {name: value}`, when given, runs at every
     evaluation (e.g. metrics of generated validation responses) and its values join the
     evaluation rows of metrics.jsonl and the quality plot."""
     config.validate()
+    device = resolve_device(config.device, config.precision)
+    world = distributed.init(device)
+    try:
+        return _finetune(config, resume, score_validation, device, world)
+    finally:
+        distributed.finish(world)
+
+
+def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch.device, world: World) -> RunFolder:
     run = RunFolder(config.out)
+    say = _say if world.is_main else (lambda message: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed,
@@ -79,45 +128,56 @@ def finetune(config: TrainConfig, *, resume: bool = False, score_validation=None
         check_same_run(run, config)
         config.prompt_style = config.prompt_style or load_run_config(run).prompt_style
         if run.is_finished:
-            _say(f"{run}: training already finished; nothing to resume")
+            say(f"{run}: training already finished; nothing to resume")
             return run
         checkpoint = find_checkpoint(run)
         if checkpoint is None:
-            _say(f"{run}: no checkpoint yet (the run stopped before its first save); starting it afresh")
+            say(f"{run}: no checkpoint yet (the run stopped before its first save); starting it afresh")
 
     loaded = load_model(config.model, seed=config.seed)
-    torch.manual_seed(config.seed)  # dropout and anything else drawn from the global generator
+    torch.manual_seed(config.seed + world.rank)  # dropout and anything else drawn from the global generator
     model, tokenizer = loaded.model, loaded.tokenizer
     style = get_prompt_style(config.prompt_style or loaded.default_prompt_style)
     config.prompt_style = style.name
-    train, val, truncated = _encode(data, style, loaded, config)
+    train, val, truncated = _encode(data, style, loaded, config, world)
 
     if config.lora_rank:
         wrapped = apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
-        _say(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} (scale alpha/rank) on {wrapped} linear layers")
+        say(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} (scale alpha/rank) on {wrapped} linear layers")
     if config.freeze_embedding:
         model.tie_weights()  # the head's weight is the embedding: freezing it freezes both
         model.lm_head.weight.requires_grad_(False)
+    model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    _say(f"Model {loaded.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; prompt style {style.name}")
-    optimizer = build_optimizer(model, config)
+    where = f"{device.type}" + (f", {world.size} processes ({config.strategy})" if world.distributed else "")
+    say(f"Model {loaded.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; prompt style {style.name}; "
+        f"on {where}")
+    trained = distributed.wrap(model, world, device, config.strategy)
+    optimizer = build_optimizer(trained, config, fused=config.strategy != "fsdp")
+    session = Session(model, trained, optimizer, world, device, config.precision)
 
     state = _start_state()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        _say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, world=world, device=device, trained=trained)
+        distributed.check_world(state.get("world_size", 1), world)
+        say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
     else:
-        run.remove_checkpoints()
-        run.write_start(config.to_dict(), style)
-        state["truncated"] = truncated
+        if world.is_main:
+            run.remove_checkpoints()
+            run.write_start(config.to_dict(), style)
+        state["truncated"], state["world_size"] = truncated, world.size
+    distributed.barrier(world)
 
-    _fit(model, tokenizer, style, config, train, val, data.splits.val[0], optimizer, state, run, score_validation)
-    _write_outputs(model, loaded, config, state, run)
+    _fit(session, tokenizer, style, config, train, val, data.splits.val[0], state, run, score_validation)
+    full = distributed.full_state(session.trained, world)  # every rank takes part in gathering a sharded model
+    if world.is_main:
+        _write_outputs(model, loaded, config, state, run, full)
+    distributed.barrier(world)
     return run
 
 
-def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig):
+def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig, world: World = distributed.SINGLE):
     """Encoded train and validation examples, cut to the model's context (the chapter's
     allowed_max_length): returns (train, val, how many training examples were cut)."""
     context = loaded.model.config.context_length
@@ -125,60 +185,66 @@ def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig)
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=config.mask_instructions,
                             max_length=max_length)
     (train, train_report), (val, val_report) = encoded["train"], encoded["val"]
-    if steps_per_epoch(len(train), config) == 0:
-        raise UserError(f"{config.data}: {len(train)} training examples make no full batch of {config.batch_size} x {config.grad_accum}")
+    if steps_per_epoch(len(train), config, world) == 0:
+        raise UserError(f"{config.data}: {len(train)} training examples make no full step of {config.batch_size} x "
+                        f"{config.grad_accum} x {world.size} process(es)")
     if not val:
         raise UserError(f"{config.data}: the validation split is empty; use a larger dataset")
     cut = train_report.truncated + val_report.truncated
-    if cut:
+    if cut and world.is_main:
         why = "--max-length" if config.max_length and config.max_length < context else "the model's context"
         _say(f"Truncated {cut} examples to {max_length} positions ({why}); they lose their end token")
     return train, val, train_report.truncated
 
 
-def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record, optimizer, state, run: RunFolder,
+def _fit(session: Session, tokenizer, style: PromptStyle, config, train, val, sample_record, state, run: RunFolder,
          score_validation=None) -> None:
     from tqdm import tqdm
 
+    world, device = session.world, session.device
     pad = tokenizer.pad_id
-    per_epoch = steps_per_epoch(len(train), config)
-    steps = total_steps(len(train), config)
+    per_epoch = steps_per_epoch(len(train), config, world)
+    steps = total_steps(len(train), config, world)
     train_eval = eval_batches(train, config.batch_size, config.eval_batches)
     val_eval = eval_batches(val, config.batch_size, config.eval_batches)
-    model.train()
+    session.trained.train()
 
     def evaluate() -> None:
-        train_loss = evaluate_loss(model, train, train_eval, pad)
-        val_loss = evaluate_loss(model, val, val_eval, pad)
+        measure = dict(world=world, device=device, precision=session.precision)
+        train_loss = evaluate_loss(session.trained, train, train_eval, pad, **measure)
+        val_loss = evaluate_loss(session.trained, val, val_eval, pad, **measure)
         row = {"kind": "eval", "step": state["step"], "epoch": state["step"] / per_epoch,
                "tokens_seen": state["tokens_seen"], "train_loss": train_loss, "val_loss": val_loss,
                "elapsed_s": state["elapsed_s"]}
-        if score_validation is not None:
-            model.eval()
-            row.update(score_validation(model, tokenizer, style))
-            model.train()
+        if score_validation is not None and world.is_main and not world.distributed:
+            session.model.eval()
+            row.update(score_validation(session.model, tokenizer, style))
+            session.model.train()
         state["rows"].append(row)
         epoch = min(state["epoch"] + 1, config.epochs)  # the final evaluation follows the last epoch
         scores = "".join(f", {name.removeprefix('val_')} {value:.3f}" for name, value in row.items()
                          if name.startswith("val_") and name != "val_loss")
-        _say(f"Ep {epoch} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{scores}")
+        session.say(f"Ep {epoch} (Step {state['step']:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{scores}")
         if state["best_val"] is None or val_loss < state["best_val"]:
             state["best_val"], state["stale_evals"] = val_loss, 0
         else:
             state["stale_evals"] += 1
-        run.write_metrics(state["rows"])
+        if world.is_main:
+            run.write_metrics(state["rows"])
 
     if state["step"] == 0 and not any(r["kind"] == "eval" for r in state["rows"]):
         evaluate()  # the losses before any training
-    bar = tqdm(total=steps, initial=state["step"], desc="fine-tune", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state["step"], desc="fine-tune", unit="step", dynamic_ncols=True,
+               disable=not world.is_main)
     stopped_early = False
     while state["step"] < steps and state["epoch"] < config.epochs and not stopped_early:
-        batches = epoch_batches(train, config, state["epoch"])[: per_epoch * config.grad_accum]
+        batches = epoch_batches(train, config, state["epoch"], world)[: per_epoch * config.grad_accum]
         while state["batch_in_epoch"] < len(batches) and state["step"] < steps:
             group = batches[state["batch_in_epoch"] : state["batch_in_epoch"] + config.grad_accum]
             lr = lr_at(state["step"], config, steps)
             started = time.perf_counter()
-            result = train_step(model, optimizer, train, group, pad_id=pad, lr=lr, clip=config.clip)
+            result = train_step(session.trained, session.optimizer, train, group, pad_id=pad, lr=lr, clip=config.clip,
+                                world=world, device=device, precision=session.precision)
             seconds = time.perf_counter() - started
             state["elapsed_s"] += seconds
             state["step"] += 1
@@ -194,27 +260,38 @@ def _fit(model, tokenizer, style: PromptStyle, config, train, val, sample_record
             if state["step"] % config.eval_every == 0:
                 evaluate()
                 if config.early_stop is not None and state["stale_evals"] >= config.early_stop:
-                    _say(f"Early stop: validation loss has not improved for {config.early_stop} evaluations")
+                    session.say(f"Early stop: validation loss has not improved for {config.early_stop} evaluations")
                     stopped_early = True
                     break
             if state["step"] % config.save_every == 0:
-                save_checkpoint(run, model, optimizer, state)
+                save_checkpoint(run, state, **session.checkpoint_parts())
         if state["batch_in_epoch"] >= len(batches):  # the epoch is complete
-            if config.sample_prompt:
-                text = sample_text(model, tokenizer, style, sample_record)
+            if config.sample_prompt and world.is_main and config.strategy != "fsdp":
+                # Rank 0 alone, from the plain model: no collective runs while the others wait.
+                text = sample_text(session.model, tokenizer, style, sample_record)
                 state["samples"].append({"epoch": state["epoch"] + 1, "step": state["step"], "text": text})
                 _say(f"Sample after epoch {state['epoch'] + 1}: {text!r}")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            save_checkpoint(run, model, optimizer, state)
+            save_checkpoint(run, state, **session.checkpoint_parts())
     bar.close()
     if not state["rows"] or state["rows"][-1]["kind"] != "eval":
         evaluate()
 
 
-def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFolder) -> None:
+def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFolder, full_state: dict | None) -> None:
     from safetensors.torch import save_file
 
+    if full_state is not None:  # a sharded model: its weights, gathered from every rank, into a plain copy
+        from instructkit.models.checkpoints import skip_weight_init
+        from instructkit.models.registry import build_model
+
+        with skip_weight_init():
+            model = build_model(model.config)
+        if config.lora_rank:
+            apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
+        model.load_state_dict(full_state)
+    model = model.cpu()
     if config.lora_rank:
         tmp = run / ".adapter.safetensors.tmp"
         save_file(lora_state_dict(model), str(tmp))

@@ -43,11 +43,11 @@ def _head_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows = _chunk_rows(weight.shape[0])
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = None  # (V, C), made by the first chunk's product: no separate zero fill of V x C
-    total = torch.zeros((), dtype=torch.float64)
-    positions = torch.empty(hidden.shape[0], dtype=hidden.dtype) if per_position else None
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    positions = torch.empty(hidden.shape[0], dtype=hidden.dtype, device=hidden.device) if per_position else None
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
-        columns = torch.arange(t.shape[0])
+        columns = torch.arange(t.shape[0], device=h.device)
         logits = torch.mm(weight, h.T)  # (V, n)
         target_logits = logits[t, columns]  # (n,)
         top = logits.amax(dim=0)  # (n,)
@@ -107,7 +107,7 @@ class _RowLogprobSums(torch.autograd.Function):
         losses, ctx.grad, _ = _head_loss_and_grads(hidden, weight, targets, need_hidden=ctx.needs_input_grad[0],
                                                    need_weight=False, per_position=True)
         ctx.save_for_backward(hidden, weight, targets, rows)
-        sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, -losses.double())
+        sums = torch.zeros(n_rows, dtype=torch.float64, device=hidden.device).index_add_(0, rows, -losses.double())
         return sums.to(hidden.dtype)
 
     @staticmethod
@@ -122,7 +122,7 @@ class _RowLogprobSums(torch.autograd.Function):
             for start in range(0, hidden.shape[0], step):
                 h, t = hidden[start : start + step], targets[start : start + step]
                 probabilities = torch.mm(weight, h.T).softmax(dim=0)  # (V, n)
-                probabilities[t, torch.arange(t.shape[0])] -= 1.0
+                probabilities[t, torch.arange(t.shape[0], device=h.device)] -= 1.0
                 probabilities.mul_(scale[start : start + step])
                 grad_weight = probabilities @ h if grad_weight is None else grad_weight.addmm_(probabilities, h)
         return grad_hidden, grad_weight, None, None, None
@@ -148,6 +148,10 @@ def fused_head_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, tar
     """Summed cross-entropy of the linear head `weight` (V, C) on `hidden` (N, C) against
     `targets` (N,), all supervised. Chunked; under no_grad nothing but the loss is computed."""
     _check_targets(weight, targets)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedHeadCrossEntropy.apply(hidden, weight, targets)
-    return _head_loss_and_grads(hidden, weight, targets, need_hidden=False, need_weight=False)[0]
+    # The head's logits are always fp32, also under bf16 autocast (a 262,144-way softmax in bf16
+    # loses the small probabilities that the loss and its gradient are made of).
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        hidden = hidden.float()
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _FusedHeadCrossEntropy.apply(hidden, weight, targets)
+        return _head_loss_and_grads(hidden, weight, targets, need_hidden=False, need_weight=False)[0]
