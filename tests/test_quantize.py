@@ -1,15 +1,18 @@
-"""Weight-only int8/int4 decoding: error within the quantizer's own bound, greedy agreement with fp32
-on the real default model, the engine's batching properties kept, a cache that is reused only for
-the same weights, and one clear line where a kernel is missing."""
+"""Low-precision decoding (models/quantize.py): each layer kind within its stated error bound and
+equal to x @ W_ref^T for the weights it stands for; greedy agreement with fp32 on the real default
+model; the engine's batching properties kept; a cache reused only for the same weights; and one
+clear line where a kernel is missing."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from instructkit.data.prompts import get_prompt_style
 from instructkit.generate import generate, generate_cacheless
-from instructkit.models.quantize import QuantizedLinear, dequantize, quantize_int4, quantize_int8, quantize_model
+from instructkit.models.quantize import Fp16Linear, Int4Linear, Int8RowLinear, ShortlistHead, quantize_model
 from instructkit.models.registry import load_model, quantize_loaded
 
 from .conftest import run_cli
@@ -22,24 +25,35 @@ QUESTIONS = ["Name a fruit.", "What is the capital of France?", "Give a synonym 
              "Which is bigger, a cat or a mouse?", "Spell the word 'house' backwards."]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_layer_error_stays_within_the_quantizers_bound(mode):
-    """Per output: |y - y_q| <= sum over groups of ||x_g||_1 * (the largest rounding error of a
-    weight in that group): scale / 2 per weight, scale = max|w_row| / 127 (int8) or the group's
-    range / 15 (int4). The kernel must also equal x @ dequantized(W)^T."""
+def _bound(kind, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Largest |x W^T - layer(x)| per output, from the format alone: each weight is off by at most
+    half a step of its grid, and (int8 only) FBGEMM's 8-bit input by half a step of its own."""
+    n, k = weight.shape
+    if kind is Fp16Linear:
+        return x.abs() @ (weight.abs() * 2.0**-11 + 2.0**-25).T  # fp16: 11 significant bits
+    if kind is Int8RowLinear:
+        weight_step = weight.abs().amax(dim=1) / 127  # (N,)
+        weight_part = x.abs().sum(dim=1, keepdim=True) * (weight_step / 2)[None, :]
+        span = x.amax(dim=1, keepdim=True).clamp(min=0) - x.amin(dim=1, keepdim=True).clamp(max=0)  # per row: rows run alone
+        input_part = (span / 255 / 2) * (weight.abs() + weight_step[:, None] / 2).sum(dim=1)[None, :]
+        return weight_part + input_part
+    grouped = weight.reshape(n, k // 32, 32)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / 15 / 2  # (N, K/32)
+    return x.abs().reshape(x.shape[0], k // 32, 32).sum(-1) @ step.T
+
+
+@pytest.mark.parametrize("kind", [Fp16Linear, Int8RowLinear, Int4Linear])
+def test_each_layer_kind_stays_within_its_formats_error_bound(kind):
     generator = torch.Generator().manual_seed(0)
     weight, x = torch.randn(96, 256, generator=generator), torch.randn(5, 256, generator=generator)
-    tensors = quantize_int8(weight) if mode == "int8" else quantize_int4(weight)
-    layer = QuantizedLinear(mode, tensors, 96, 256)
+    x[2] *= 40  # rows of very different size: int8's per-row input scale must not mix them
+    layer = kind(kind.quantize(weight), None)
     exact, quantized = x @ weight.T, layer(x)
-    torch.testing.assert_close(quantized, x @ dequantize(mode, tensors, (96, 256)).T, rtol=1e-4, atol=1e-4)
-    if mode == "int8":
-        bound = x.abs().sum(dim=1, keepdim=True) * (weight.abs().amax(dim=1) / 127 / 2)[None, :]
-    else:
-        grouped = weight.reshape(96, 8, 32)
-        step = (grouped.amax(-1) - grouped.amin(-1)) / 15 / 2  # (96, 8)
-        bound = x.abs().reshape(5, 8, 32).sum(-1) @ step.T
-    assert torch.all((quantized - exact).abs() <= bound * 1.001 + 1e-5)
+    assert torch.all((quantized - exact).abs() <= _bound(kind, weight, x) * 1.001 + 1e-4)
+    if kind is not Int8RowLinear:  # the others multiply fp32 inputs by exactly the reference weights
+        torch.testing.assert_close(quantized, x @ kind.reference(weight).T, rtol=1e-4, atol=1e-4)
+    alone = torch.cat([layer(row[None]) for row in x])
+    torch.testing.assert_close(quantized, alone, rtol=1e-6, atol=1e-5)  # a row's result ignores its batch
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +61,76 @@ def real():
     return load_model("gemma-3-270m")
 
 
-def _greedy_agreement(fp32_model, other_model, tokenizer, prompts, new_tokens=64):
-    """Per decode step with teacher forcing: run the fp32 greedy continuation through both models
-    and compare their next-token choices at every generated position."""
+@pytest.fixture(scope="module")
+def continuations(real):
+    """fp32 greedy continuations of the 20 prompts, 64 tokens each: (prompt ids, continuation ids)."""
+    style = get_prompt_style("gemma")
+    prompts = [real.tokenizer.encode(style.prompt({"instruction": q})) for q in QUESTIONS]
+    results = generate(real.model, real.tokenizer, prompts, max_new_tokens=64, stop_ids=())
+    return [(prompt, result.token_ids) for prompt, result in zip(prompts, results)]
+
+
+def _teacher_forced_agreement(reference, other, continuations) -> tuple[float, int]:
+    """Per decode step: feed both models the fp32 continuation and compare their next-token
+    choices at every generated position, so one early difference does not hide the rest."""
     agree = total = 0
-    continuations = generate(fp32_model, tokenizer, prompts, max_new_tokens=new_tokens)
-    for prompt, result in zip(prompts, continuations):
-        ids = torch.tensor([prompt + result.token_ids])
+    for prompt, continuation in continuations:
+        ids = torch.tensor([prompt + continuation])
         with torch.no_grad():
-            a = fp32_model.head(fp32_model(ids, return_hidden=True))[0, len(prompt) - 1 : -1].argmax(-1)
-            b = other_model.head(other_model(ids, return_hidden=True))[0, len(prompt) - 1 : -1].argmax(-1)
+            a = reference(ids)[0, len(prompt) - 1 : -1].argmax(-1)
+            b = other(ids)[0, len(prompt) - 1 : -1].argmax(-1)
         agree += int((a == b).sum())
         total += a.numel()
     return agree / total, total
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, target", [("int8", 0.99), ("int4", 0.95)])
-def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, mode, target):
-    style = get_prompt_style("gemma")
-    prompts = [real.tokenizer.encode(style.prompt({"instruction": q})) for q in QUESTIONS]
+@pytest.mark.parametrize("mode, target", [("fp16", 0.99), ("int8", 0.99)])
+def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations, mode, target):
     quantized = quantize_model(copy.deepcopy(real.model), mode)
-    agreement, steps = _greedy_agreement(real.model, quantized, real.tokenizer, prompts)
-    print(f"{mode}: {agreement:.2%} of {steps} decode steps agree with fp32")
-    assert steps >= 20 * 32 and agreement >= target
+    agreement, steps = _teacher_forced_agreement(real.model, quantized, continuations)
+    print(f"{mode}: {agreement:.2%} of {steps} teacher-forced decode steps agree with fp32")
+    if mode == "int8":  # the shortlist's worth: the same weights without the fp32 rescoring
+        quantized.lm_head = quantized.lm_head.rough
+        without, _ = _teacher_forced_agreement(real.model, quantized, continuations)
+        print(f"int8 without the shortlist's fp32 rescoring: {without:.2%}")
+    assert steps == 20 * 64 and agreement >= target
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.slow
+def test_int4_weights_agree_with_fp32_on_the_real_model(real, continuations):
+    """The int4 CPU kernel is slower than fp32 here (models/quantize.py), too slow to push 1,280
+    teacher-forced steps through in a test. So this checks the two halves: the kernel multiplies by
+    exactly the reference int4 weights on every layer shape of the real model, and a model made of
+    those reference weights (plain fp32 arithmetic) meets the agreement target."""
+    layers = {name: module for name, module in real.model.named_modules() if isinstance(module, torch.nn.Linear)}
+    shapes = {}
+    for name, layer in layers.items():
+        shapes.setdefault(tuple(layer.weight.shape), layer.weight.detach())
+    x = torch.randn(2, 1, generator=torch.Generator().manual_seed(0))
+    for (n, k), weight in shapes.items():
+        rows = x * torch.randn(2, k, generator=torch.Generator().manual_seed(n))
+        kernel = Int4Linear(Int4Linear.quantize(weight), None)(rows)
+        torch.testing.assert_close(kernel, rows @ Int4Linear.reference(weight).T, rtol=1e-4, atol=1e-3)
+    stand_in = copy.deepcopy(real.model)
+    with torch.no_grad():
+        for name, module in stand_in.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(Int4Linear.reference(module.weight))
+        rough_head = torch.nn.Linear(*reversed(real.model.lm_head.weight.shape), bias=False)
+        rough_head.weight = torch.nn.Parameter(Int4Linear.reference(real.model.lm_head.weight))
+    stand_in.lm_head = ShortlistHead(rough_head, real.model.lm_head.weight.detach())  # as quantize_model builds it
+    agreement, steps = _teacher_forced_agreement(real.model, stand_in, continuations)
+    print(f"int4: {agreement:.2%} of {steps} teacher-forced decode steps agree with fp32")
+    assert steps == 20 * 64 and agreement >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
 def test_batched_equals_single_and_cached_equals_cacheless_when_quantized(name, mode):
     loaded = load_model(name, seed=1)
     model = quantize_model(loaded.model, mode)
+    assert any(isinstance(module, (Fp16Linear, Int8RowLinear, Int4Linear)) for module in model.modules())
     prompts = [loaded.tokenizer.encode(text) for text in ["Hello", "The quick brown fox jumps over", "1 2 3", "A\tb"]]
     together = generate(model, loaded.tokenizer, prompts, max_new_tokens=20)
     alone = [generate(model, loaded.tokenizer, [p], max_new_tokens=20)[0] for p in prompts]
@@ -102,15 +155,21 @@ def test_quantized_weights_are_cached_beside_the_model_and_only_reused_for_the_s
     assert cache.stat().st_mtime_ns != stamp
 
 
-def test_a_missing_kernel_is_one_line():
+def test_a_missing_kernel_or_unknown_mode_is_one_line():
     code = ("import sys; import instructkit.models.quantize as q; q.kernels_available = lambda mode: False; "
             "from instructkit.cli import main; sys.exit(main(['generate', '--model', 'tiny-gpt2', '--prompt', 'Hi', "
-            "'--quantize', 'int4', '--max-new-tokens', '2']))")
-    import subprocess
-    import sys
-
+            "'--quantize', 'int8', '--max-new-tokens', '2']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("instructkit: error: --quantize int4: this torch")
+    assert result.stderr.strip().startswith("instructkit: error: --quantize int8: this torch")
     assert len(result.stderr.strip().splitlines()) == 1
-    assert run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hi", "--quantize", "int3").returncode == 2
+    unknown = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hi", "--quantize", "int3")
+    assert unknown.returncode == 2 and "--quantize must be one of none, fp16, int8, int4" in unknown.stderr
+
+
+def test_auto_falls_back_to_exact_weights_where_the_kernels_are_missing(monkeypatch):
+    import instructkit.models.quantize as quantize
+
+    monkeypatch.setattr(quantize, "kernels_available", lambda mode: False)
+    loaded = quantize_loaded(load_model("tiny-gpt2", seed=1), "auto")
+    assert not any(isinstance(m, (Fp16Linear, Int8RowLinear, Int4Linear)) for m in loaded.model.modules())

@@ -305,9 +305,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # Chat and serving decode one or a few sequences at a time, which is bound by reading the weights:
-# the default is the quantization measured fastest while greedy output stays within the agreement
-# target (tests/test_quantize.py, bench generate).
-TALK_QUANTIZE = "int8"
+# "auto" picks the mode measured fastest while greedy output stays within the agreement target
+# (models/quantize.py auto_mode: int8 where FBGEMM exists, else exact fp32).
+TALK_QUANTIZE = "auto"
 
 
 def _served_style(loaded, run, args: argparse.Namespace):
@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    gen.add_argument("--quantize", default="none", help="weight-only decoding: none (default), int8 or int4")
+    gen.add_argument("--quantize", default="none", help="low-precision decoding weights: none (default), fp16, int8, int4 or auto")
     gen.set_defaults(handler=cmd_generate)
 
     tune = subcommands.add_parser("finetune", help="fine-tune a model on instruction data (full or LoRA)")
@@ -720,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
     resp.add_argument("--group-near-duplicates", action="store_true", help="the grouped split (default: the run's)")
-    resp.add_argument("--quantize", default="none", help="none (default: exact fp32), int8 or int4")
+    resp.add_argument("--quantize", default="none", help="none (default: exact fp32), fp16, int8, int4 or auto")
     resp.add_argument("--few-shot", type=int, default=0,
                       help="K solved training examples before each question, answer = first line (for base "
                            "models; in the alpaca style unless --prompt-style is given)")
@@ -761,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
         parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         parser.add_argument("--quantize", default=TALK_QUANTIZE,
-                            help=f"weight-only decoding: none, int8 or int4 (default {TALK_QUANTIZE}: the fastest that keeps "
+                            help=f"decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                                  "greedy answers within the agreement target, docs/BENCHMARKS.md)")
 
     talk = subcommands.add_parser("chat", help="talk to a model in the terminal (streaming, multi-turn)")

@@ -1,21 +1,36 @@
-"""Weight-only quantization for decoding: int8 (one scale per output channel) and int4 (groups of
-32 weights with a scale and a zero point), on PyTorch's own CPU kernels, the ones gpt-fast and
-torchao use (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+"""Low-precision weights for decoding, on PyTorch's own CPU kernels.
 
 Batch-1 decoding reads every weight once per token, so its speed is memory bandwidth: fp32 Gemma
-3 270M reads ~1.07 GB a token (the tied 262,144 x 640 head alone 671 MB), int8 about a quarter of
-that, int4 about an eighth. Activations stay fp32; the training weights are untouched (the
-quantized copies replace the linear layers of a model loaded for inference only). The head is
-quantized as a separate copy of the tied embedding; the embedding lookup keeps its fp32 rows.
+3 270M reads ~1.07 GB a token (the tied 262,144 x 640 head alone 671 MB, the body ~400 MB). Each
+mode stores the weights smaller and multiplies them with fp32 activations; the training weights
+are untouched (the copies replace the linear layers of a model loaded for inference only).
 
-`shortlist`: the quantized head proposes its top candidates and the exact fp32 rows of those
-candidates rescore them, so the greedy choice is the fp32 one unless the true best token falls
-outside the shortlist. Quantized weights are made once and cached (safetensors) beside the model.
+| mode | body (attention, MLP) | head | kernel |
+| --- | --- | --- | --- |
+| fp16 | fp16 | fp16 | FBGEMM `linear_dynamic_fp16` (x86) |
+| int8 | fp16 | int8 per row, shortlist rescored in fp32 | FBGEMM `linear_dynamic` (x86) |
+| int4 | int4, groups of 32 | int4, shortlist rescored | aten `_weight_int4pack_mm_for_cpu` |
+
+Why int8 keeps an fp16 body: measured on the default model (docs/BENCHMARKS.md), an int8 body
+agrees with fp32 greedy decoding on 98.4% (weight-only int8) or 95.3% (FBGEMM's int8 activations)
+of teacher-forced steps, under the 99% target, and decodes no faster, because the head is 63% of
+the weights read. The head, though, is safe in int8: it only has to *propose* candidates (the
+`shortlist`), whose exact logits then come from the fp32 rows of the tied embedding, so a greedy
+or top-k choice is the fp32 one unless the best token falls outside the shortlist. FBGEMM
+quantizes its input per call, so the head runs one row at a time: a row's candidates never depend
+on what else is in the batch. PyTorch's weight-only `_weight_int8pack_mm` exists too, but on the
+processor we measure on (AMD EPYC, AVX-512) it decodes slower than fp32 (6.9 vs 10.0 tokens/s), and
+the int4 kernel, the only int4 matmul in torch, slower still (3.6; a 2048 x 640 layer takes 1.2 ms
+for one row, fp32 0.3 ms): int4 is here for its memory (an eighth of fp32) and for processors where
+that kernel is fast, not for speed on this one.
+
+Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
+the kernels' packed forms are rebuilt from them at load, which takes well under a second.
 """
 
 from __future__ import annotations
 
-import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,136 +38,219 @@ import torch.nn as nn
 
 from instructkit.errors import UserError
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "fp16", "int8", "int4")
 INT4_GROUP = 32
 INT4_INNER_TILES = 2
+INT4_ROWS_MULTIPLE = 16  # the int4 CPU packing works on tiles of 16 output rows
+SHORTLIST = 32
+
+
+class Fp16Linear(nn.Module):
+    """y = x W^T + b, W stored fp16 and packed for FBGEMM; x (..., K) fp32 -> y (..., N) fp32."""
+
+    kernel = "fbgemm"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.weight16 = tensors["weight16"]  # (N, K) fp16: the cached form
+        self.out_features, self.in_features = self.weight16.shape
+        self.packed = torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight16": weight.to(torch.float16).contiguous()}
+
+    @staticmethod
+    def reference(weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight this layer stands for, in plain torch (tests compare the kernel with it)."""
+        return weight.to(torch.float16).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float().contiguous()
+        return torch.ops.quantized.linear_dynamic_fp16(x2d, self.packed).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8RowLinear(nn.Module):
+    """Symmetric per-output-row int8 weights (W ~= q * scale[:, None]) on FBGEMM, which also
+    quantizes its input to 8 bits (one scale per call): called once per row of x, so a row's
+    result does not depend on the others. Used for the head, behind a shortlist."""
+
+    kernel = "fbgemm"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        q, scale = tensors["q"], tensors["scale"]  # (N, K) int8, (N,) fp32
+        self.out_features, self.in_features = q.shape
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; FBGEMM's prepack still takes only them
+            warnings.simplefilter("ignore", UserWarning)
+            per_row = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.int64), 0)
+        self.packed = torch.ops.quantized.linear_prepack(per_row, bias)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"q": q.contiguous(), "scale": scale.float().contiguous()}
+
+    @staticmethod
+    def reference(weight: torch.Tensor) -> torch.Tensor:
+        tensors = Int8RowLinear.quantize(weight)
+        return tensors["q"].float() * tensors["scale"][:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        # reduce_range=False: the full 8-bit input range (FBGEMM's AVX2 path does not overflow here)
+        out = [torch.ops.quantized.linear_dynamic(row[None].contiguous(), self.packed, False) for row in rows]
+        return torch.cat(out).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric int4 in groups of 32 along K: W ~= (q - 8) * scale + zero, q in 0..15, on aten's
+    `_weight_int4pack_mm_for_cpu`. packed (N, K/2) uint8, scales_and_zeros (K/32, N, 2)."""
+
+    kernel = "aten"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.packed, self.scales_and_zeros = tensors["packed"], tensors["scales_and_zeros"]
+        self.out_features = self.scales_and_zeros.shape[1]
+        self.in_features = self.scales_and_zeros.shape[0] * INT4_GROUP
+        self.bias = bias
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        n, k = weight.shape
+        return n % INT4_ROWS_MULTIPLE == 0 and k % INT4_GROUP == 0
+
+    @staticmethod
+    def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """weight (N, K) -> q (N, K/32, 32) in 0..15, low and scale (N, K/32)."""
+        n, k = weight.shape
+        grouped = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        scale = (high - low).clamp(min=1e-12) / 15.0
+        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
+        return q, low, scale
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, low, scale = Int4Linear._grid(weight)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(weight.shape), INT4_INNER_TILES)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        return {"packed": packed, "scales_and_zeros": torch.stack([scale.T, zero.T], dim=-1).contiguous()}
+
+    @staticmethod
+    def reference(weight: torch.Tensor) -> torch.Tensor:
+        q, low, scale = Int4Linear._grid(weight)
+        return (low[..., None] + q * scale[..., None]).reshape(weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float().contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# mode -> (body layer kind, head layer kind); see the module docstring's table.
+SCHEMES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "fp16": (Fp16Linear, Fp16Linear),
+    "int8": (Fp16Linear, Int8RowLinear),
+    "int4": (Int4Linear, Int4Linear),
+}
 
 
 def kernels_available(mode: str) -> bool:
-    ops = {"int8": ("_weight_int8pack_mm",), "int4": ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")}
-    return all(hasattr(torch.ops.aten, name) for name in ops.get(mode, ()))
+    """Whether this torch, on this processor, has the kernels a mode needs."""
+    if mode == "none":
+        return True
+    needs = {layer.kernel for layer in SCHEMES[mode]}
+    if "fbgemm" in needs and "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    if "aten" in needs and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return False
+    return True
 
 
-def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric per-output-channel int8: weight ~= q * scale. weight (N, K) -> q (N, K), scale (N,)."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return {"q": q.contiguous(), "scale": scale.float().contiguous()}
-
-
-def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> dict[str, torch.Tensor]:
-    """Asymmetric int4 in groups along K: weight ~= (q - 8) * scale + zero, q in 0..15.
-    weight (N, K) -> packed (N, K/2) uint8 (the CPU kernel's layout), scales_and_zeros (K/group, N, 2)."""
-    n, k = weight.shape
-    if k % group:
-        raise ValueError(f"int4 needs the input width ({k}) to be a multiple of {group}")
-    grouped = weight.float().reshape(n, k // group, group)
-    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scale = (high - low).clamp(min=1e-12) / 15.0
-    zero = low + 8 * scale
-    q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_TILES)
-    return {"packed": packed, "scales_and_zeros": torch.stack([scale.T, zero.T], dim=-1).contiguous()}
-
-
-def dequantize(mode: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """The fp32 weight a quantized one stands for (tests and the kernel-less fallback)."""
-    if mode == "int8":
-        return tensors["q"].float() * tensors["scale"][:, None]
-    n, k = shape
-    identity = torch.eye(k, dtype=torch.float32)
-    return QuantizedLinear.int4_matmul(identity, tensors, n).T.contiguous()
-
-
-class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W stored int8 or int4 (see the module docstring). x (..., K) fp32."""
-
-    def __init__(self, mode: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None):
-        super().__init__()
-        self.mode, self.out_features, self.in_features = mode, out_features, in_features
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @staticmethod
-    def int4_matmul(x2d: torch.Tensor, tensors: dict, out_features: int) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, tensors["packed"], INT4_GROUP, tensors["scales_and_zeros"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, self.in_features).float().contiguous()
-        if self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2d, self.q, self.scale)
-        else:
-            y = self.int4_matmul(x2d, {"packed": self.packed, "scales_and_zeros": self.scales_and_zeros}, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+def auto_mode() -> str:
+    """The mode chat and serving use by default: int8 (fastest within the agreement target,
+    docs/BENCHMARKS.md) where its kernels exist, else exact fp32."""
+    return "int8" if kernels_available("int8") else "none"
 
 
 class ShortlistHead(nn.Module):
-    """The quantized head proposes `k` candidates per row; their exact fp32 logits are computed
-    from the fp32 rows of the tied embedding. Logits outside the shortlist are -inf, so greedy
-    and top-k/top-p sampling see the exact values of every token they can pick."""
+    """The low-precision head proposes `k` candidates per row; their exact fp32 logits come from
+    the fp32 rows of the tied embedding. Logits outside the shortlist are -inf, so greedy and
+    top-k/top-p sampling see the exact values of every token they can pick."""
 
-    def __init__(self, quantized: QuantizedLinear, exact_weight: torch.Tensor, k: int = 32):
+    def __init__(self, rough: nn.Module, exact_weight: torch.Tensor, k: int = SHORTLIST):
         super().__init__()
-        self.quantized, self.exact_weight, self.k = quantized, exact_weight, k
+        self.rough, self.exact_weight, self.k = rough, exact_weight, k
 
     @property
     def weight(self) -> torch.Tensor:
         return self.exact_weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden (..., C)
-        rough = self.quantized(hidden)  # (..., V)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden (..., C) -> logits (..., V)
+        rough = self.rough(hidden)
         candidates = rough.topk(self.k, dim=-1).indices  # (..., k)
         exact = torch.einsum("...c,...kc->...k", hidden.float(), self.exact_weight[candidates])
         return torch.full_like(rough, float("-inf")).scatter_(-1, candidates, exact)
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name != "lm_head"]
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _layer_kind(mode: str, name: str, weight: torch.Tensor) -> type[nn.Module]:
+    body, head = SCHEMES[mode]
+    kind = head if name == "lm_head" else body
+    if kind is Int4Linear and not Int4Linear.fits(weight):
+        return Fp16Linear if kernels_available("fp16") else None  # documented fallback: that layer stays wider
+    return kind
 
 
 def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, source: Path | None = None,
-                   shortlist: int | None = 32) -> nn.Module:
-    """Replace every linear layer (and the head) of an inference model by a quantized one, in
+                   shortlist: int | None = SHORTLIST) -> nn.Module:
+    """Replace the linear layers and the head of an inference model by low-precision ones, in
     place; "none" returns the model unchanged. `cache`: a safetensors file for the quantized
     weights, reused while it records the same `source` file (size and modification time).
-    Raises UserError, in one line, when this torch has no kernel for the mode."""
+    Raises UserError, in one line, for an unknown mode, a missing kernel or a non-CPU model."""
     if mode == "none":
         return model
     if mode not in MODES:
         raise UserError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
     if not kernels_available(mode):
-        raise UserError(f"--quantize {mode}: this torch ({torch.__version__}) has no CPU kernel for weight-only {mode} "
-                        "matmuls; use --quantize none")
+        raise UserError(f"--quantize {mode}: this torch ({torch.__version__}) has no CPU kernel for {mode} weights on "
+                        f"this processor (quantized engines: {', '.join(torch.backends.quantized.supported_engines)}); "
+                        "use --quantize none")
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise UserError(f"--quantize {mode} runs on the CPU kernels; the model is on {device}")
-    identity = {}
+        raise UserError(f"--quantize {mode} runs on CPU kernels; the model is on {device} (use --quantize none)")
+    identity = {"mode": mode}
     if source is not None and source.exists():
         stat = source.stat()
-        identity = {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+        identity |= {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
     saved = _read_cache(cache, identity)
-    quantizer = quantize_int8 if mode == "int8" else quantize_int4
-    keys = ("q", "scale") if mode == "int8" else ("packed", "scales_and_zeros")
     made: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, linear in _linear_layers(model) + [("lm_head", model.lm_head)]:
-            if saved is not None and all(f"{name}.{key}" in saved for key in keys):
-                tensors = {key: saved[f"{name}.{key}"] for key in keys}
-            else:
-                tensors = quantizer(linear.weight.detach().float())
-            made.update({f"{name}.{key}": value for key, value in tensors.items()})
-            replacement = QuantizedLinear(mode, tensors, linear.out_features, linear.in_features, linear.bias)
-            if name == "lm_head" and shortlist:
-                replacement = ShortlistHead(replacement, model.lm_head.weight.detach(), shortlist)
+        for name, linear in _linear_layers(model):
+            kind = _layer_kind(mode, name, linear.weight)
+            if kind is None:
+                continue
+            prefix = f"{name}.{kind.__name__}."
+            tensors = ({key[len(prefix):]: value for key, value in saved.items() if key.startswith(prefix)}
+                       if saved is not None else {})
+            if not tensors:
+                tensors = kind.quantize(linear.weight.detach().float())
+            made.update({prefix + key: value for key, value in tensors.items()})
+            bias = None if linear.bias is None else linear.bias.detach().float().clone()
+            replacement = kind(tensors, bias)
+            if name == "lm_head" and shortlist and kind is not Fp16Linear:
+                replacement = ShortlistHead(replacement, linear.weight.detach(), shortlist)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
-    if cache is not None and saved is None and identity:
+    if cache is not None and saved is None and len(identity) > 1:
         from safetensors.torch import save_file
 
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +262,7 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
 
 
 def _read_cache(cache: Path | None, identity: dict) -> dict | None:
-    if cache is None or not identity or not cache.exists():
+    if cache is None or len(identity) == 1 or not cache.exists():
         return None
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -184,10 +184,11 @@ def _download_hub(repo_id: str) -> Path:
 
 
 def quantize_loaded(loaded: LoadedModel, mode: str, *, shortlist: int | None = 32) -> LoadedModel:
-    """Weight-only int8/int4 decoding (models/quantize.py), with the quantized weights cached
-    beside the model folder, so the next start skips the quantizing."""
-    from instructkit.models.quantize import quantize_model
+    """Low-precision decoding weights (models/quantize.py; "auto" = its auto_mode), cached beside
+    the model folder, so the next start skips the quantizing."""
+    from instructkit.models.quantize import auto_mode, quantize_model
 
+    mode = auto_mode() if mode == "auto" else mode
     folder = loaded.folder
     cache = folder / f"quantized-{mode}.safetensors" if folder is not None and os.access(folder, os.W_OK) else None
     quantize_model(loaded.model, mode, cache=cache, source=folder / "model.safetensors" if folder else None,
