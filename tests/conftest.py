@@ -78,3 +78,30 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def kill_at_checkpoint(args: list[str], run: Path, step: int, *, timeout: float = 300, group: bool = False) -> None:
+    """Start `instructkit ARGS`, wait until the checkpoint in `run` has reached `step`, then SIGKILL
+    it (with `group`, its whole process group: a launcher and its workers). The run must not have
+    finished by then."""
+    import json
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "instructkit", *args], start_new_session=group,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoint" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= step:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    if group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"

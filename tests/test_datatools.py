@@ -4,7 +4,6 @@ leakage found and prevented, and Magpie-style synthesis against a stand-in and a
 import http.server
 import json
 import random
-import socket
 import threading
 import time
 
@@ -174,7 +173,6 @@ def _script():
                 served["hang"] = True
                 return ("hang", 2)
             return ("text", (QUERIES[seed % len(QUERIES)], True))
-        instruction = prompt.split("user\n", 1)[1].split("<end_of_turn>")[0]
         return ("text", (f"Here is answer number {seed}.", seed != 1))
     return script
 

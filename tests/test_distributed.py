@@ -3,7 +3,6 @@ fail as a whole, and shard evaluation; FSDP2 agrees with DDP. Every run is bound
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, kill_at_checkpoint, run_cli
 
 TIMEOUT = 600
 WORKER = str(REPO / "tests" / "dist_worker.py")
@@ -81,19 +80,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(chapter_data_path,
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     args = lambda out: _args(chapter_data_path, out, "--batch-size", "4", "--nproc", "2", "--max-steps", "10")  # noqa: E731
     assert run_cli(*args(reference), timeout=TIMEOUT).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "instructkit", *args(killed)], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 4:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and torchrun; the workers die with it (PDEATHSIG)
-    process.wait()
+    kill_at_checkpoint(args(killed), killed, 4, timeout=TIMEOUT, group=True)  # the workers die with torchrun (PDEATHSIG)
     time.sleep(2)  # no worker left to write anything
     assert not (killed / "model.safetensors").exists()
     stamp = (killed / "checkpoint" / "state.json").stat().st_mtime_ns
@@ -150,6 +137,22 @@ def test_device_and_precision_options_are_checked(chapter_data_path, tmp_path):
     result = run_cli(*_args(chapter_data_path, tmp_path / "b", "--device", "cpu", "--precision", "bf16"))
     assert result.returncode == 2 and "--precision bf16 runs on CUDA only" in result.stderr
     assert not (tmp_path / "b").exists()
+    # The inference commands take the same options, checked the same way, before any work.
+    inference = {"generate": ["--model", "tiny-gpt2", "--prompt", "Hi", "--max-new-tokens", "2"],
+                 "respond": ["--model", "tiny-gpt2", "--data", str(chapter_data_path), "--split", "val",
+                             "--max-new-tokens", "2", "--out", str(tmp_path / "r.json")],
+                 "chat": ["--model", "tiny-gpt2", "--prompt-style", "alpaca"],
+                 "serve": ["--model", "tiny-gpt2", "--prompt-style", "alpaca"],
+                 "dpo": ["--model", "tiny-gpt2", "--data", "x.json", "--out", str(tmp_path / "d")]}
+    for command, args in inference.items():
+        bf16 = run_cli(command, *args, "--device", "cpu", "--precision", "bf16")
+        assert bf16.returncode == 2 and "--precision bf16 runs on CUDA only" in bf16.stderr, command
+        if not torch.cuda.is_available():
+            cuda = run_cli(command, *args, "--device", "cuda")
+            assert cuda.returncode == 2 and "--device cuda: no CUDA device" in cuda.stderr, command
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "d").exists()
+    on_cpu = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu")
+    assert on_cpu.returncode == 0, on_cpu.stderr[-1000:]
 
 
 def test_the_head_and_attention_run_on_the_meta_device():
@@ -169,3 +172,31 @@ def test_the_head_and_attention_run_on_the_meta_device():
     out = attend(q, kv, kv, positions=positions, valid=None, cache=None, cache_state=None, window=None, scale=0.25,
                  default_positions=True)
     assert out.shape == (2, 4, 3, 16) and out.device == meta
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory, chapter_data_path):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert run_cli("finetune", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--out", str(out),
+                   "--max-steps", "2", "--eval-batches", "1", "--no-sample").returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("extra", [[], ["--precompute-ref", "--sft-weight", "0.5"]])
+def test_dpo_on_two_processes_with_half_the_batch_equals_one_process(sft, shared_data, tmp_path, extra):
+    """DPO's step is the mean over a global batch of pairs: two ranks of 2 pairs each must train
+    as one process with 4 (the SFT term's token mean and the shared reference table included)."""
+    prefs = shared_data / "instruction-data-with-preference.json"
+    runs = {}
+    for name, batch, nproc in (("one", "4", []), ("two", "2", ["--nproc", "2"])):
+        out = tmp_path / name
+        result = run_cli("dpo", "--run", str(sft), "--data", str(prefs), "--out", str(out), "--max-steps", "4",
+                         "--batch-size", batch, "--eval-every", "2", "--eval-batches", "2", "--lr", "1e-4", *nproc, *extra,
+                         timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = out
+    assert _step_losses(runs["two"]) == pytest.approx(_step_losses(runs["one"]), rel=1e-5)
+    evals = [[row["val_reward_margin"] for row in map(json.loads, (runs[n] / "metrics.jsonl").read_text().splitlines())
+              if row["kind"] == "eval"] for n in ("one", "two")]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5, abs=1e-7)
+    assert _close(_weights(runs["two"]), _weights(runs["one"]))

@@ -4,17 +4,11 @@ boundaries from token spans, resume, and the command end to end on a tiny model.
 import copy
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from instructkit.data.batching import collate
 from instructkit.data.preferences import encode_pairs, load_preferences
 from instructkit.data.prompts import get_prompt_style
 from instructkit.data.tokenize import IGNORE_INDEX
@@ -22,7 +16,7 @@ from instructkit.errors import UserError
 from instructkit.models.registry import load_model
 from instructkit.train.dpo import dpo_loss, pair_batch, reference_logprobs, sequence_logprobs
 
-from .conftest import run_cli
+from .conftest import kill_at_checkpoint, run_cli
 
 POLICY_CHOSEN, POLICY_REJECTED = [-3.0, -2.5, -4.0, -1.5], [-5.0, -3.5, -6.0, -2.5]
 REF_CHOSEN, REF_REJECTED = [-2.8, -2.3, -3.8, -1.4], [-3.2, -2.7, -4.2, -1.8]
@@ -234,20 +228,7 @@ def test_dpo_command_writes_a_run_and_resumes_to_identical_weights(sft_run, shar
     assert rows[0]["kind"] == "eval" and rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert "Ep 1 (Step 000004): Train loss" in result.stdout + result.stderr
 
-    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_dpo_args(sft_run, data, killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 4:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists()
+    kill_at_checkpoint(_dpo_args(sft_run, data, killed), killed, 4)
     resumed = run_cli("dpo", "--resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, actual = load_file(str(reference / "model.safetensors")), load_file(str(killed / "model.safetensors"))

@@ -4,10 +4,7 @@ Go's text/template (Ollama's TEMPLATE; Ollama itself cannot run here)."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from instructkit.export import export_model
 from instructkit.export.templates import go_template
 from instructkit.models.registry import load_model
 
-from .conftest import require_module, require_program, run_cli
+from .conftest import require_module, require_program, kill_at_checkpoint, run_cli
 from .test_llama_cpp_parity import corpus
 
 transformers = require_module("transformers")
@@ -207,20 +204,7 @@ def test_export_of_a_resumed_run_equals_the_uninterrupted_one(chapter_data_path,
     args = ["finetune", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--max-steps", "16", "--save-every", "2",
             "--eval-every", "8", "--eval-batches", "1", "--no-sample"]
     assert run_cli(*args, "--out", str(tmp_path / "a")).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "instructkit", *args, "--out", str(tmp_path / "b")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "b" / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 6:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "b" / "model.safetensors").exists()
+    kill_at_checkpoint([*args, "--out", str(tmp_path / "b")], tmp_path / "b", 6)
     assert run_cli("finetune", "--resume", str(tmp_path / "b")).returncode == 0
     for run in ("a", "b"):
         assert run_cli("export", "--run", str(tmp_path / run), "--format", "hf", "--out", str(tmp_path / f"{run}-hf")).returncode == 0

@@ -59,3 +59,27 @@ def test_greedy_generation_on_cuda_equals_the_cpu():
     on_cpu = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=16)
     on_gpu = generate(loaded.model.cuda(), loaded.tokenizer, prompts, max_new_tokens=16)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
+
+
+def test_every_command_runs_on_cuda_in_both_precisions(chapter_data_path, shared_data, tmp_path):
+    from .conftest import run_cli
+
+    tuned = tmp_path / "ft"
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"ft-{precision}"
+        result = run_cli("finetune", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--out", str(out),
+                         "--max-steps", "2", "--eval-batches", "1", "--no-sample", "--device", "cuda", "--precision", precision)
+        assert result.returncode == 0, result.stderr[-2000:]
+        tuned = out
+        result = run_cli("respond", "--run", str(out), "--split", "val", "--max-new-tokens", "4", "--device", "cuda",
+                         "--precision", precision)
+        assert result.returncode == 0, result.stderr[-2000:]
+        result = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hello", "--max-new-tokens", "4",
+                         "--device", "cuda", "--precision", precision)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("dpo", "--run", str(tuned), "--data", str(shared_data / "instruction-data-with-preference.json"),
+                     "--out", str(tmp_path / "dpo"), "--max-steps", "2", "--batch-size", "2", "--eval-batches", "1",
+                     "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-2000:]
+    refused = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hi", "--device", "cuda", "--quantize", "int8")
+    assert refused.returncode == 2 and "--quantize int8 runs on CPU kernels" in refused.stderr

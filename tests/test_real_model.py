@@ -2,17 +2,12 @@
 embedded Gemma 3 270M (the tiny-model tests show the same on random weights)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import run_cli
+from .conftest import kill_at_checkpoint, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -44,20 +39,7 @@ def test_same_seed_same_weights_and_a_killed_run_resumes_to_them(chapter_data_pa
                if row["kind"] == "step"] for run in (first, second)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
-    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_args(chapter_data_path, killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 2:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
+    kill_at_checkpoint(_args(chapter_data_path, killed), killed, 2, timeout=600)
     resumed = run_cli("finetune", "--resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(first, killed)

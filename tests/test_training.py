@@ -2,8 +2,6 @@
 
 import copy
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from instructkit.train.lora import apply_lora, merge_lora
 from instructkit.train.loop import build_optimizer, supervised_loss_sum, train_step
 from instructkit.train.loss import masked_cross_entropy
 
-from .conftest import run_cli
+from .conftest import kill_at_checkpoint, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +124,7 @@ def test_killed_run_resumes_to_identical_weights(chapter_data_path, tmp_path):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     assert run_cli(*_finetune_args(chapter_data_path, reference)).returncode == 0
 
-    process = subprocess.Popen([sys.executable, "-m", "instructkit", *_finetune_args(chapter_data_path, interrupted)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = interrupted / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if json.loads(state_file.read_text())["step"] >= 8:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    kill_at_checkpoint(_finetune_args(chapter_data_path, interrupted), interrupted, 8)
 
     resumed = run_cli("finetune", "--resume", str(interrupted))
     assert resumed.returncode == 0, resumed.stderr

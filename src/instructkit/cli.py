@@ -106,18 +106,38 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_model(spec: str, args: argparse.Namespace):
+    """A model for generate/respond/chat/serve: loaded, its decoding weights made (CPU kernels
+    only: "auto" means exact weights on a GPU), then put on --device in --precision."""
+    from instructkit.devices import place_for_inference, resolve_device
+    from instructkit.models.registry import load_model, quantize_loaded
+
+    device = resolve_device(args.device, args.precision)
+    mode = args.quantize
+    if device.type != "cpu":
+        if mode not in ("none", "auto"):
+            raise UserError(f"--quantize {mode} runs on CPU kernels; with --device {device.type} use --quantize none")
+        mode = "none"
+    loaded = quantize_loaded(load_model(spec), mode)
+    place_for_inference(loaded.model, device, args.precision)
+    return loaded
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu or cuda")
+    parser.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (CUDA only)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.data.prompts import get_prompt_style
     from instructkit.data.tokenize import end_token_id
     from instructkit.generate import Sampling, generate, stream_text
-    from instructkit.models.registry import load_model, quantize_loaded
-
     _positive("max-new-tokens", args.max_new_tokens)
     if args.top_k is not None:
         _positive("top-k", args.top_k)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    loaded = quantize_loaded(load_model(args.model), args.quantize)
+    loaded = _inference_model(args.model, args)
     tokenizer = loaded.tokenizer
     stop_ids = {tokenizer.eos_id}
     text = args.prompt
@@ -219,16 +239,25 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _relaunch_for_nproc(args: argparse.Namespace) -> int | None:
+    """With --nproc N > 1 outside torchrun: run this command again as N processes through
+    PyTorch's own launcher (torch.distributed.run, standalone) and return its exit code."""
     from instructkit.train import distributed
-    from instructkit.train.config import TrainConfig
-    from instructkit.train.finetune import finetune, load_run_config
 
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be positive, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
-        # One process per rank through PyTorch's own launcher (torch.distributed.run, standalone).
         return distributed.relaunch(args.nproc, _without_nproc(args.argv))
+    return None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from instructkit.train.config import TrainConfig
+    from instructkit.train.finetune import finetune, load_run_config
+
+    relaunched = _relaunch_for_nproc(args)
+    if relaunched is not None:
+        return relaunched
 
     if args.resume:
         # The saved config, with any option given here applied: finetune refuses a difference.
@@ -246,7 +275,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_respond(args: argparse.Namespace) -> int:
     from instructkit.data.pipeline import prepare_data
-    from instructkit.models.registry import load_model, quantize_loaded
     from instructkit.data.fewshot import BASE_MODEL_STYLE
     from instructkit.respond import respond, style_for
 
@@ -261,7 +289,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     data = args.data or saved.get("data")
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
-    loaded = quantize_loaded(load_model(str(run.path) if run else args.model), args.quantize)
+    loaded = _inference_model(str(run.path) if run else args.model, args)
     style = style_for(loaded, run, args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
     # The run's split, unless told otherwise: the same records stay held out.
     prepared = prepare_data(data, skip_invalid=args.skip_invalid or saved.get("skip_invalid", False),
@@ -324,8 +352,6 @@ def _served_style(loaded, run, args: argparse.Namespace):
 
 
 def _load_for_talk(args: argparse.Namespace):
-    from instructkit.models.registry import load_model, quantize_loaded
-
     if bool(args.run) == bool(args.model):
         raise UserError(f"{args.command} needs exactly one of --run RUN_DIR or --model SPEC")
     if args.threads:
@@ -335,7 +361,7 @@ def _load_for_talk(args: argparse.Namespace):
     run = RunFolder(args.run).require_finished() if args.run else None
     if run is None and RunFolder(args.model).has_config():
         run = RunFolder(args.model).require_finished()  # a run folder given as a model spec keeps its style
-    loaded = quantize_loaded(load_model(str(run.path) if run else args.model), args.quantize)
+    loaded = _inference_model(str(run.path) if run else args.model, args)
     return loaded, run, _served_style(loaded, run, args)
 
 
@@ -354,7 +380,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from instructkit.models.registry import load_model, quantize_loaded
     from instructkit.serve.app import ServedModel, serve
 
     _positive("max-batch", args.max_batch)
@@ -369,8 +394,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if run is None or not run.has_config():
             raise UserError("--compare-base needs --run: the base model is the one the run started from")
         base_spec = run.config()["model"]
-        models.append(ServedModel(Path(base_spec).name or base_spec, quantize_loaded(load_model(base_spec), args.quantize),
-                                  style, "base"))
+        models.append(ServedModel(Path(base_spec).name or base_spec, _inference_model(base_spec, args), style, "base"))
         if models[1].id == models[0].id:
             models[1].id += "-base"
     serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
@@ -400,12 +424,17 @@ DPO_OPTIONS = [
     ("lora-rank", int, "LoRA rank; 0 = every parameter trains (default)"),
     ("lora-alpha", float, "LoRA alpha; the update is scaled by alpha/rank"),
     ("threads", int, "torch CPU threads"),
+    ("device", str, "auto (CUDA when available, default), cpu or cuda"),
+    ("precision", str, "fp32 (default) or bf16 (autocast; CUDA only)"),
 ]
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
     from instructkit.train.dpo import DPOConfig, dpo
 
+    relaunched = _relaunch_for_nproc(args)
+    if relaunched is not None:
+        return relaunched
     if args.resume:
         values = DPOConfig.from_dict(RunFolder(args.resume).config()).to_dict()
         values["out"] = args.resume
@@ -696,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--quantize", default="none", help="low-precision decoding weights: none (default), fp16, int8, int4 or auto")
+    _add_device_options(gen)
     gen.set_defaults(handler=cmd_generate)
 
     tune = subcommands.add_parser("finetune", help="fine-tune a model on instruction data (full or LoRA)")
@@ -721,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
     resp.add_argument("--group-near-duplicates", action="store_true", help="the grouped split (default: the run's)")
     resp.add_argument("--quantize", default="none", help="none (default: exact fp32), fp16, int8, int4 or auto")
+    _add_device_options(resp)
     resp.add_argument("--few-shot", type=int, default=0,
                       help="K solved training examples before each question, answer = first line (for base "
                            "models; in the alpaca style unless --prompt-style is given)")
@@ -761,8 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
         parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         parser.add_argument("--quantize", default=TALK_QUANTIZE,
-                            help=f"decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
+                            help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                                  "greedy answers within the agreement target, docs/BENCHMARKS.md)")
+        _add_device_options(parser)
 
     talk = subcommands.add_parser("chat", help="talk to a model in the terminal (streaming, multi-turn)")
     talk_options(talk)
@@ -785,11 +817,15 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Direct Preference Optimization, the book's defaults. Unlike the book, "
                                               "each response gets the end token appended (--no-append-eos: as the book), "
                                               "so the model learns where to stop.")
-    pref.add_argument("--run", default=None, help="a finished fine-tuning run to start from (its prompt style is used)")
+    pref.add_argument("--run", "--sft-run", dest="run", default=None,
+                      help="a finished fine-tuning run to start from (its prompt style is used); under a torchrun you "
+                           "start yourself write --sft-run, since torchrun's parser takes --run for its --run-path")
     pref.add_argument("--model", default=None, help="or any model spec")
     pref.add_argument("--data", default=None, help="preference records: instruction, input, chosen, rejected")
     pref.add_argument("--out", default=None, help="run folder to create")
     pref.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted DPO run")
+    pref.add_argument("--nproc", type=int, default=None,
+                      help="data-parallel processes on this machine (torchrun, standalone, DDP); --batch-size is per process")
     for option, kind, text in DPO_OPTIONS:
         pref.add_argument(f"--{option}", type=kind, default=None, help=text)
     pref.add_argument("--lora-targets", default=None, help="comma list: attention, mlp, or layer names")
@@ -882,7 +918,11 @@ def check_torch() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from instructkit.train import distributed
+
     parser = build_parser()
+    if argv is None:
+        argv = distributed.relaunched_argv()  # our own --nproc relaunch hands its arguments over this way
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:

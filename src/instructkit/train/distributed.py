@@ -18,6 +18,7 @@ What "exact" means here (each point tested against one process on this 2-core CP
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -51,13 +52,25 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
+RELAUNCH_ARGV = "INSTRUCTKIT_RELAUNCH_ARGV"
+
+
 def relaunch(nproc: int, args: list[str]) -> int:
-    """Run `instructkit ARGS` again under torchrun (one node, `nproc` processes); its exit code."""
+    """Run `instructkit ARGS` again under torchrun (one node, `nproc` processes); its exit code.
+    The arguments travel in the environment: torchrun's own parser would claim any option that
+    abbreviates one of its own (`dpo --run` reads as its `--run-path`)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(nproc), "-m", "instructkit", *args]
-    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+               "--nproc-per-node", str(nproc), "-m", "instructkit"]
+    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), RELAUNCH_ARGV: json.dumps(args),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     return subprocess.run(command, env=env).returncode
+
+
+def relaunched_argv() -> list[str] | None:
+    """The arguments `relaunch` handed to this torchrun worker; None otherwise."""
+    if RELAUNCH_ARGV in os.environ and launched_by_torchrun():
+        return json.loads(os.environ[RELAUNCH_ARGV])
+    return None
 
 
 def init(device: torch.device, timeout_s: float | None = None) -> World:

@@ -30,12 +30,15 @@ import torch.nn.functional as F
 from instructkit.data.batching import collate
 from instructkit.data.preferences import EncodedPair, encode_pairs, load_preferences
 from instructkit.data.prompts import get_prompt_style
+from instructkit.devices import resolve_device
 from instructkit.data.tokenize import IGNORE_INDEX
 from instructkit.errors import UserError
 from instructkit.models.registry import load_model, save_model_folder
 from instructkit.runs import RunFolder
 from instructkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from instructkit.train import distributed
 from instructkit.train.config import config_differences
+from instructkit.train.distributed import SINGLE, World, all_reduce_sum, shard, unwrap
 from instructkit.train.loss import sequence_logprob_sums
 
 LOSSES = ("sigmoid", "ipo", "robust")
@@ -75,6 +78,8 @@ class DPOConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
     freeze_embedding: bool = False
     threads: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
 
     def validate(self) -> "DPOConfig":
         for name in ("epochs", "batch_size", "eval_every", "eval_batches", "save_every"):
@@ -93,6 +98,8 @@ class DPOConfig:
             raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.logp_reduction not in REDUCTIONS:
             raise UserError(f"--logp-reduction must be mean or sum, got {self.logp_reduction!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -130,31 +137,42 @@ def pair_batch(pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each row's supervised tokens, summed or averaged: (rows,), and token counts (rows,)."""
+    """Log-probs of each row's supervised tokens, summed or averaged: (rows,), and token counts (rows,).
+    `model` may be a DDP wrapper: the forward goes through it, the tied head is read inside."""
     hidden = model(inputs, return_hidden=True)
     supervised = targets != IGNORE_INDEX
     rows = supervised.nonzero()[:, 0]
     counts = supervised.sum(dim=1)
-    sums = sequence_logprob_sums(hidden[supervised], model.lm_head.weight, targets[supervised], rows, inputs.shape[0])
+    sums = sequence_logprob_sums(hidden[supervised], unwrap(model).lm_head.weight, targets[supervised], rows, inputs.shape[0])
     return (sums / counts if reduction == "mean" else sums), counts
 
 
-def _pair_logprobs(model, pairs, pad_id, reduction):
+def _pair_logprobs(model, pairs, pad_id, reduction, device=None):
     inputs, targets = pair_batch(pairs, pad_id)
+    if device is not None:
+        inputs, targets = inputs.to(device), targets.to(device)
     logps, counts = sequence_logprobs(model, inputs, targets, reduction)
     b = len(pairs)
     return logps[:b], logps[b:], logps, counts
 
 
 @torch.no_grad()
-def reference_logprobs(reference, pairs: list[EncodedPair], pad_id: int, reduction: str, batch_size: int) -> torch.Tensor:
-    """(P, 2): chosen and rejected log-probs of every pair under the reference, in eval mode."""
+def reference_logprobs(reference, pairs: list[EncodedPair], pad_id: int, reduction: str, batch_size: int,
+                       *, world: World = SINGLE, device: torch.device | None = None) -> torch.Tensor:
+    """(P, 2): chosen and rejected log-probs of every pair under the reference, in eval mode.
+    Across processes each rank computes its share of the pairs and a sum of the (otherwise zero)
+    rows gives every rank all of them."""
     reference.eval()
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected, _, _ = _pair_logprobs(reference, pairs[start : start + batch_size], pad_id, reduction)
-        out.append(torch.stack([chosen, rejected], dim=1))
-    return torch.cat(out)
+    device = device or next(reference.parameters()).device
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64 if world.distributed else torch.float32, device=device)
+    mine = shard(list(range(len(pairs))), world)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        chosen, rejected, _, _ = _pair_logprobs(reference, [pairs[i] for i in chunk], pad_id, reduction, device)
+        table[chunk] = torch.stack([chosen, rejected], dim=1).to(table.dtype)
+    if world.distributed:
+        torch.distributed.all_reduce(table)
+    return table.float()
 
 
 def _disable_dropout(model, say) -> None:
@@ -187,12 +205,29 @@ def start_model(config: DPOConfig):
 
 
 def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
+    """Run (or continue) the DPO run `config` describes, in this process or, under torchrun, as
+    one rank of several: the same exactness as finetune (train/distributed.py), each step's
+    pairs are one global batch sliced per rank and its loss the mean over all of them."""
+    config.validate()
+    device = resolve_device(config.device, config.precision)
+    world = distributed.init(device)
+    try:
+        return _dpo(config, resume, device, world)
+    finally:
+        distributed.finish(world)
+
+
+def _metric_sums(row: dict, pairs: int) -> dict:
+    return {name: value * pairs for name, value in row.items()}
+
+
+def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) -> RunFolder:
     from instructkit.train.config import TrainConfig
     from instructkit.train.lora import apply_lora
-    from instructkit.train.loop import build_optimizer, lr_at
+    from instructkit.train.loop import autocast, build_optimizer, lr_at
 
-    config.validate()
     run = RunFolder(config.out)
+    say = _say if world.is_main else (lambda message: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     checkpoint = None
@@ -203,24 +238,26 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
         if differences:
             raise UserError(f"{run}: holds a run with other settings ({'; '.join(differences)}); choose another --out")
         if run.is_finished:
-            _say(f"{run}: DPO already finished; nothing to resume")
+            say(f"{run}: DPO already finished; nothing to resume")
             return run
         checkpoint = find_checkpoint(run)
     prefs = load_preferences(config.data, skip_invalid=config.skip_invalid)
     loaded, style = start_model(config)
     config.prompt_style = style.name
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + world.rank)
     model, tokenizer = loaded.model, loaded.tokenizer
     train, train_report = encode_pairs(prefs.splits.train, style, tokenizer, append_eos=config.append_eos,
                                        max_length=config.max_length)
     val, _ = encode_pairs(prefs.splits.val, style, tokenizer, append_eos=config.append_eos, max_length=config.max_length)
-    _say(f"Preference pairs: train {len(train)}, validation {len(val)}; dropped: {prefs.identical} with identical "
-         f"responses, {train_report.not_prefix} whose prompt is no token prefix, {train_report.truncated_away} "
-         f"truncated to an empty response" + (f", {prefs.skipped_invalid} invalid" if prefs.skipped_invalid else ""))
-    if len(train) < config.batch_size or not val:
-        raise UserError(f"{config.data}: {len(train)} training and {len(val)} validation pairs are too few for batch {config.batch_size}")
+    say(f"Preference pairs: train {len(train)}, validation {len(val)}; dropped: {prefs.identical} with identical "
+        f"responses, {train_report.not_prefix} whose prompt is no token prefix, {train_report.truncated_away} "
+        f"truncated to an empty response" + (f", {prefs.skipped_invalid} invalid" if prefs.skipped_invalid else ""))
+    global_batch = config.batch_size * world.size
+    if len(train) < global_batch or not val:
+        raise UserError(f"{config.data}: {len(train)} training and {len(val)} validation pairs are too few for batch "
+                        f"{config.batch_size} x {world.size} process(es)")
 
-    _disable_dropout(model, _say)
+    _disable_dropout(model, say)
     reference = copy.deepcopy(model).eval()
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
@@ -228,84 +265,118 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
         apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
     if config.freeze_embedding:
         model.lm_head.weight.requires_grad_(False)
+    model.to(device)
+    reference.to(device)
     pad = tokenizer.pad_id
     ref_train = ref_val = None
     if config.precompute_ref:
-        ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size)
-        ref_val = reference_logprobs(reference, val, pad, config.logp_reduction, config.batch_size)
+        common = dict(world=world, device=device)
+        ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size, **common)
+        ref_val = reference_logprobs(reference, val, pad, config.logp_reduction, config.batch_size, **common)
         del reference
         reference = None
-    optimizer = build_optimizer(model, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows": [], "elapsed_s": 0.0}
+    trained = distributed.wrap(model, world, device, "ddp")
+    optimizer = build_optimizer(trained, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
+    parts = dict(model=model, optimizer=optimizer, world=world, device=device, trained=trained)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows": [], "elapsed_s": 0.0, "world_size": world.size}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
-        _say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
-    else:
+        state = load_checkpoint(checkpoint, **parts)
+        distributed.check_world(state.get("world_size", 1), world)
+        say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
+    elif world.is_main:
         run.remove_checkpoints()
         run.write_start(config.to_dict(), style)
+    distributed.barrier(world)
 
-    per_epoch = len(train) // config.batch_size
+    per_epoch = len(train) // global_batch
     steps = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
     schedule = TrainConfig(lr=config.lr, warmup=config.warmup)
 
-    def batch_metrics(indices, pairs, refs):
-        chosen, rejected, logps, counts = _pair_logprobs(model, [pairs[i] for i in indices], pad, config.logp_reduction)
-        if refs is not None:
-            ref_c, ref_r = refs[indices, 0], refs[indices, 1]
-        else:
-            with torch.no_grad():
-                ref_c, ref_r, _, _ = _pair_logprobs(reference, [pairs[i] for i in indices], pad, config.logp_reduction)
+    def pair_terms(net, indices, pairs, refs):
+        """This rank's pairs `indices`: per-pair DPO losses, the chosen responses' summed token
+        log-probs and token count (for the SFT term), and the metrics' sums over the pairs."""
+        with autocast(device, config.precision):
+            chosen, rejected, logps, counts = _pair_logprobs(net, [pairs[i] for i in indices], pad, config.logp_reduction, device)
+            if refs is not None:
+                ref_c, ref_r = refs[indices, 0], refs[indices, 1]
+            else:
+                with torch.no_grad():
+                    ref_c, ref_r, _, _ = _pair_logprobs(reference, [pairs[i] for i in indices], pad, config.logp_reduction, device)
+        chosen, rejected, ref_c, ref_r = chosen.float(), rejected.float(), ref_c.float(), ref_r.float()
         losses, reward_c, reward_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=config.beta, loss=config.loss,
                                               label_smoothing=config.label_smoothing)
-        loss = losses.mean()
-        if config.sft_weight:
-            chosen_sum = chosen * counts[: len(indices)] if config.logp_reduction == "mean" else chosen
-            loss = loss + config.sft_weight * (-chosen_sum.sum() / counts[: len(indices)].sum())
+        chosen_counts = counts[: len(indices)]
+        chosen_token_sum = (chosen * chosen_counts if config.logp_reduction == "mean" else chosen).sum()
         margins = reward_c - reward_r
-        row = {"loss": float(loss), "reward_chosen": float(reward_c.mean()), "reward_rejected": float(reward_r.mean()),
-               "reward_margin": float(margins.mean()), "reward_accuracy": float((margins > 0).float().mean()),
-               "logp_chosen": float(chosen.mean()), "logp_rejected": float(rejected.mean()),
-               "ref_logp_chosen": float(ref_c.mean()), "ref_logp_rejected": float(ref_r.mean())}
+        sums = {"dpo_loss": float(losses.detach().sum()), "reward_chosen": float(reward_c.sum()),
+                "reward_rejected": float(reward_r.sum()), "reward_margin": float(margins.sum()),
+                "reward_accuracy": float((margins > 0).float().sum()), "logp_chosen": float(chosen.detach().sum()),
+                "logp_rejected": float(rejected.detach().sum()), "ref_logp_chosen": float(ref_c.sum()),
+                "ref_logp_rejected": float(ref_r.sum()), "chosen_nll": float(-chosen_token_sum.detach()),
+                "chosen_tokens": float(chosen_counts.sum()), "pairs": float(len(indices))}
+        return losses.sum(), chosen_token_sum, sums
+
+    def row_from(sums: dict) -> dict:
+        """Means over all ranks' pairs: the loss is the step's (DPO mean + SFT weight x token-mean NLL)."""
+        sums = {name: all_reduce_sum(value, world, device) for name, value in sums.items()}
+        pairs = max(sums.pop("pairs"), 1.0)
+        tokens = max(sums.pop("chosen_tokens"), 1.0)
+        nll = sums.pop("chosen_nll") / tokens
+        row = {name: value / pairs for name, value in sums.items()}
+        row["loss"] = row.pop("dpo_loss") + config.sft_weight * nll
         row["reward_margin_unscaled"] = row["reward_margin"] / config.beta
-        return loss, row
+        return row
 
     def evaluate() -> None:
-        model.eval()
+        trained.eval()
         rows = []
         with torch.no_grad():
             for name, pairs, refs in (("train", train, ref_train), ("val", val, ref_val)):
-                order = list(range(len(pairs)))[: config.eval_batches * config.batch_size]
-                parts = [batch_metrics(order[s : s + config.batch_size], pairs, refs)[1]
-                         for s in range(0, len(order), config.batch_size)]
-                rows.append({f"{name}_{k}": sum(p[k] for p in parts) / len(parts) for k in parts[0]})
-        model.train()
+                mine = shard(list(range(len(pairs)))[: config.eval_batches * global_batch], world)
+                totals: dict = {}
+                for start in range(0, len(mine), config.batch_size):
+                    _, _, sums = pair_terms(model, mine[start : start + config.batch_size], pairs, refs)
+                    totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+                keys = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
+                        "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "chosen_nll", "chosen_tokens", "pairs")
+                rows.append({f"{name}_{k}": v for k, v in row_from({k: totals.get(k, 0.0) for k in keys}).items()})
+        trained.train()
         row = {"kind": "eval", "step": state["step"], "epoch": state["step"] / max(per_epoch, 1), **rows[0], **rows[1]}
         state["rows"].append(row)
-        _say(f"Ep {min(state['epoch'] + 1, config.epochs)} (Step {state['step']:06d}): Train loss {row['train_loss']:.3f}, "
-             f"Val loss {row['val_loss']:.3f}, Train reward margins {row['train_reward_margin']:.3f}, "
-             f"Val reward margins {row['val_reward_margin']:.3f}")
-        run.write_metrics(state["rows"])
+        say(f"Ep {min(state['epoch'] + 1, config.epochs)} (Step {state['step']:06d}): Train loss {row['train_loss']:.3f}, "
+            f"Val loss {row['val_loss']:.3f}, Train reward margins {row['train_reward_margin']:.3f}, "
+            f"Val reward margins {row['val_reward_margin']:.3f}")
+        if world.is_main:
+            run.write_metrics(state["rows"])
 
     from tqdm import tqdm
 
-    model.train()
+    trained.train()
     if state["step"] == 0 and not state["rows"]:
         evaluate()
-    bar = tqdm(total=steps, initial=state["step"], desc="dpo", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state["step"], desc="dpo", unit="step", dynamic_ncols=True, disable=not world.is_main)
     while state["step"] < steps:
         order = list(range(len(train)))
         random.Random(config.seed + state["epoch"]).shuffle(order)
-        batches = [order[s : s + config.batch_size] for s in range(0, per_epoch * config.batch_size, config.batch_size)]
+        # One global order; each step takes batch x world pairs, rank r its r-th slice.
+        mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+        batches = [order[s : s + global_batch][mine] for s in range(0, per_epoch * global_batch, global_batch)]
         while state["batch_in_epoch"] < len(batches) and state["step"] < steps:
             started = time.perf_counter()
             lr = lr_at(state["step"], schedule, steps)
             optimizer.zero_grad(set_to_none=True)
-            loss, row = batch_metrics(batches[state["batch_in_epoch"]], train, ref_train)
-            if not math.isfinite(float(loss)):
-                raise UserError(f"DPO loss became {float(loss)} at step {state['step'] + 1}; lower --lr or --beta")
-            loss.backward()
+            indices = batches[state["batch_in_epoch"]]
+            loss_sum, chosen_token_sum, sums = pair_terms(trained, indices, train, ref_train)
+            total_tokens = all_reduce_sum(sums["chosen_tokens"], world, device)
+            loss = loss_sum / global_batch
+            if config.sft_weight:
+                loss = loss + config.sft_weight * (-chosen_token_sum / total_tokens)
+            row = row_from(sums)
+            if not math.isfinite(row["loss"]):
+                raise UserError(f"DPO loss became {row['loss']} at step {state['step'] + 1}; lower --lr or --beta")
+            (loss * world.size).backward()  # DDP averages gradients over ranks: this makes it the sum
             if config.clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip)
+                torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], config.clip)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
@@ -319,15 +390,17 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
             if state["step"] % config.eval_every == 0:
                 evaluate()
             if state["step"] % config.save_every == 0:
-                save_checkpoint(run, state, model=model, optimizer=optimizer)
+                save_checkpoint(run, state, **parts)
         if state["batch_in_epoch"] >= len(batches):
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            save_checkpoint(run, state, model=model, optimizer=optimizer)
+            save_checkpoint(run, state, **parts)
     bar.close()
     if state["rows"][-1]["kind"] != "eval":
         evaluate()
-    _finish(model, loaded, config, state, run)
+    if world.is_main:
+        _finish(model.cpu(), loaded, config, state, run)
+    distributed.barrier(world)
     return run
 
 

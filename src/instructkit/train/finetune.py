@@ -17,6 +17,7 @@ import torch
 
 from instructkit.data.pipeline import PreparedData, encode_splits, prepare_data
 from instructkit.data.prompts import PromptStyle, get_prompt_style
+from instructkit.devices import resolve_device
 from instructkit.errors import UserError
 from instructkit.models.registry import load_model, save_model_folder
 from instructkit.runs import RunFolder
@@ -82,19 +83,6 @@ class Session:
     def checkpoint_parts(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "world": self.world, "device": self.device,
                 "trained": self.trained}
-
-
-def resolve_device(name: str, precision: str) -> torch.device:
-    """auto = CUDA when available; bf16 only on CUDA (on these CPUs a bf16 matmul is ~300x slower)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available to this torch; use --device cpu (or auto)")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if precision == "bf16" and name != "cuda":
-        raise UserError("--precision bf16 runs on CUDA only: bf16 matmuls on this CPU are ~300x slower than fp32")
-    return torch.device(name)
 
 
 def finetune(config: TrainConfig, *, resume: bool = False, score_validation=None) -> RunFolder:
