@@ -1,6 +1,6 @@
 """`python -m bench [SUITE ...] [--quick]`: run benchmark suites, print tables, save JSON results.
 
-Suites: peak, train, generate, load, quality, export, serve, dpo, scale, recipes. Default: all but recipes (an hour of
+Suites: peak, train, generate, load, quality, export, serve, dpo, scale, dedup, recipes. Default: all but recipes (an hour of
 fine-tuning to choose the chapter-data recipe on its validation split). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "load", "quality", "export", "serve", "dpo", "scale", "recipes")
+SUITES = ("peak", "train", "generate", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import scale
 
         results["scale"] = scale.run(args.quick, repeats=args.repeats)
+    if "dedup" in args.suites:
+        from bench import dedup
+
+        results["dedup"] = dedup.run(args.quick, repeats=args.repeats)
     if "recipes" in args.suites:
         from bench import recipes
 

@@ -16,6 +16,7 @@ in that time; the ratio is only claimed when our responses beat the book's on ev
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from bench.common import fmt_spread, print_table, run_worker, spread
 CHAPTER = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
 BOOK = CHAPTER.with_name("instruction-data-with-response.json")
 SEEDS = (123, 7, 2026)
+KEPT = Path(__file__).resolve().parents[1] / "runs" / "bench-quality"
 
 
 def _main_job(seed: int, out: Path, quick: bool) -> dict:
@@ -34,6 +36,7 @@ def _main_job(seed: int, out: Path, quick: bool) -> dict:
             "--baseline", str(BOOK), "--baseline-label", "the book's gpt2-medium"]
     if quick:
         args += ["--model", "tiny-gemma3", "--max-steps", "3", "--max-new-tokens", "8", "--base-max-new-tokens", "4"]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh job each time: a finished folder would only be reread
     started = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
@@ -70,9 +73,11 @@ def run(run_dir: Path | None = None, quick: bool = False) -> dict:
         evaluation = json.loads((run_dir / "evaluation.json").read_text())
         runs = [{"seed": "?", "wall_s": float("nan"), "metrics": evaluation["metrics"],
                  "against": evaluation.get("against", {}).get("metrics", {})}]
-    else:
+    elif quick:
         with tempfile.TemporaryDirectory() as tmp:
-            runs = [_main_job(seed, Path(tmp) / f"seed-{seed}", quick) for seed in (SEEDS[:1] if quick else SEEDS)]
+            runs = [_main_job(SEEDS[0], Path(tmp) / f"seed-{SEEDS[0]}", quick)]
+    else:  # kept: `python -m bench dpo --run runs/bench-quality/seed-123` starts from one
+        runs = [_main_job(seed, KEPT / f"seed-{seed}", quick) for seed in SEEDS]
     good = [r for r in runs if "error" not in r]
     if not good:
         print(f"\nquality: every main job failed ({runs[0]['error']})")
