@@ -38,7 +38,8 @@ def _short_run(sft: Path, out: Path, precompute: bool, quick: bool) -> dict:
     _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--max-steps", "2" if quick else "6",
          "--eval-every", "100", "--eval-batches", "1", *(["--precompute-ref"] if precompute else []))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [row for row in rows if row["kind"] == "step"][1:]  # the first step warms up
     return {"step_seconds": statistics.median(s["seconds"] for s in steps),
             "peak_rss_gb": peak * 1024 / 1e9 if peak > before else float("nan")}
 

@@ -34,3 +34,22 @@ def test_quick_bench_runs_and_reports(tmp_path):
         import os
 
         os.remove(path)  # quick results are not kept
+
+
+def test_quick_dpo_suite_reports_step_times_and_accuracy():
+    """The dpo suite end to end on a tiny model: short runs with and without --precompute-ref, one
+    DPO run, the held-out evaluation."""
+    result = subprocess.run([sys.executable, "-m", "bench", "dpo", "--quick"], cwd=REPO, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
+    saved = json.loads(open(path).read())
+    try:
+        dpo = saved["dpo"]
+        assert dpo["two_models"]["step_seconds"] > 0 and dpo["precomputed"]["step_seconds"] > 0
+        assert 0.0 <= dpo["evaluation"]["implicit_reward"]["dpo"]["accuracy"] <= 1.0
+        assert dpo["evaluation"]["pairs"] > 0
+    finally:
+        import os
+
+        os.remove(path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from instructkit.generate import Sampling, generate, generate_cacheless, sample_next_token, stream_text
+from instructkit.generate import Sampling, generate, generate_cacheless, repeats_itself, sample_next_token, stream_text
 from instructkit.models.registry import load_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3", "A\tb  c\n\nd"]
@@ -87,3 +87,29 @@ def test_streaming_yields_the_same_text(tiny):
     pieces = list(stream_text(model, tokenizer, ids, max_new_tokens=20))
     assert "".join(pieces) == generate(model, tokenizer, [ids], max_new_tokens=20)[0].text
     assert len(pieces) > 1
+
+
+def test_repeats_itself_finds_an_earlier_copy_of_the_tail():
+    assert repeats_itself([1, 2, 3, 9, 1, 2, 3], 3)
+    assert repeats_itself([5, 5, 5, 5], 3)  # overlapping: one token four times
+    assert not repeats_itself([5, 5, 5], 3)
+    assert not repeats_itself([1, 2, 3, 9, 1, 2, 4], 3)
+    assert not repeats_itself([1, 2], 3)
+
+
+def test_repeat_stop_only_cuts_a_loop_off():
+    """A random tiny model decodes greedily into loops; with repeat_stop each row is the plain row cut
+    just before its first repeated window, and a row without a loop is unchanged."""
+    loaded = load_model("tiny-gpt2", seed=0)
+    prompts = [loaded.tokenizer.encode(text) for text in ("Hello there", "The list is", "One two three four")]
+    plain = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=80)
+    guarded = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=80, repeat_stop=4)
+    assert any(g.finish_reason == "repeat" for g in guarded)
+    for p, g in zip(plain, guarded):
+        kept = len(g.token_ids)
+        assert g.token_ids == p.token_ids[:kept]
+        assert not any(repeats_itself(g.token_ids[:end], 4) for end in range(1, kept + 1))
+        if g.finish_reason == "repeat":
+            assert repeats_itself(p.token_ids[: kept + 4], 4)
+        else:
+            assert g.token_ids == p.token_ids

@@ -280,6 +280,8 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
     _positive("max-new-tokens", args.max_new_tokens)
     _positive("batch-size", args.batch_size)
+    if args.stop_on_repeat < 0:
+        raise UserError(f"--stop-on-repeat must be 0 (off) or more, got {args.stop_on_repeat}")
     if args.few_shot < 0:
         raise UserError(f"--few-shot must be 0 or more, got {args.few_shot}")
     if bool(args.run) == bool(args.model):
@@ -299,7 +301,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
     started = time.perf_counter()
     respond(loaded, style, entries, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            shots=args.few_shot, shot_pool=prepared.splits.train)
+            shots=args.few_shot, shot_pool=prepared.splits.train, repeat_stop=args.stop_on_repeat)
     print(f"Wrote {len(entries)} responses to {out} (and {out.with_suffix('.jsonl')}) in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -676,6 +678,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if job.baseline and not Path(job.baseline).is_file():
         raise UserError(f"--baseline {job.baseline}: no such responses file")
     _positive("max-new-tokens", job.max_new_tokens)
+    _positive("epochs", job.epochs)
     _positive("base-max-new-tokens", job.base_max_new_tokens)
     if job.base_shots < 0:
         raise UserError(f"--base-shots must be 0 or more, got {job.base_shots}")
@@ -746,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     resp.add_argument("--out", default=None, help="responses .json (default: RUN_DIR/SPLIT-responses.json)")
     resp.add_argument("--prompt-style", default=None)
     resp.add_argument("--max-new-tokens", type=int, default=256)
+    resp.add_argument("--stop-on-repeat", type=int, default=0, metavar="N",
+                      help="end a response when its last N tokens already appeared in it (a greedy loop), "
+                           "dropping the repeat; 0 = off (default; the main job uses 16)")
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
@@ -886,12 +892,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default="builtin", help="default: the built-in verifiable dataset (offline)")
     run.add_argument("--out", default=None, help="run folder (default: runs/ and the data's name, e.g. runs/builtin)")
     run.add_argument("--seed", type=int, default=123, help="seed of every random draw (default 123)")
-    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--epochs", type=int, default=None,
+                     help="default: 1 on the built-in data, 2 on any other (chosen on each one's validation split)")
     run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     run.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     run.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
     run.add_argument("--max-steps", type=int, default=None)
-    run.add_argument("--max-new-tokens", type=int, default=256)
+    run.add_argument("--max-new-tokens", type=int, default=None,
+                     help="per test response (default: twice the longest training response, at most 256)")
     run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")
     run.add_argument("--baseline", default=None,
                      help="another system's responses to the test split (e.g. the book's, "

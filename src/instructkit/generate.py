@@ -74,7 +74,10 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     sampling: Sampling = Sampling()
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
-    finish_reason: str | None = None  # "stop_token", "length", or what cancelled it
+    finish_reason: str | None = None  # "stop_token", "length", "repeat", or what cancelled it
+    # > 0: end the row when its last `repeat_stop` tokens already appeared, in that order, earlier
+    # in its output (greedy decoding in a loop), dropping the repeat.
+    repeat_stop: int = 0
     cancelled: str | None = None
     generator: torch.Generator | None = None
 
@@ -86,6 +89,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def repeats_itself(tokens: list[int], window: int) -> bool:
+    """Whether the last `window` tokens occur, in order, earlier in `tokens` (overlap allowed, so a
+    token repeated window + 1 times counts)."""
+    if len(tokens) <= window:
+        return False
+    tail = tokens[-window:]
+    first = tail[0]
+    return any(tokens[i] == first and tokens[i : i + window] == tail for i in range(len(tokens) - window))
 
 
 def _fit_prompt(prompt: list[int], max_new_tokens: int, context_length: int) -> list[int]:
@@ -190,6 +203,10 @@ class Decoder:
             if len(request.tokens) >= request.max_new_tokens:
                 request.finish_reason = "length"
                 continue
+            if request.repeat_stop and repeats_itself(request.tokens, request.repeat_stop):
+                del request.tokens[-request.repeat_stop :]
+                request.finish_reason = "repeat"
+                continue
             keep.append(slot)
         step_tokens = torch.tensor([token for _, token in produced], dtype=torch.long)
         kept_tokens = step_tokens[[i for i, (request, _) in enumerate(produced) if not request.finished]]
@@ -253,7 +270,7 @@ class TextStream:
 class Generated:
     token_ids: list[int]  # generated tokens, without the prompt and without the stop token
     text: str
-    finish_reason: str  # "stop_token", "stop_string", "length"
+    finish_reason: str  # "stop_token", "stop_string", "length", "repeat"
 
 
 @torch.no_grad()
@@ -268,14 +285,16 @@ def generate(
     sampling: Sampling = Sampling(),
     on_token: Callable[[int, int], None] | None = None,
     prefill_batch: int = 16,
+    repeat_stop: int = 0,
 ) -> list[Generated]:
     """Generate for every prompt (lists of token ids) in one batch with a KV cache. With a seed,
-    row i samples from seed + i, so its tokens do not depend on the other rows."""
+    row i samples from seed + i, so its tokens do not depend on the other rows. `repeat_stop`: see
+    Request."""
     if not prompts:
         return []
     requests = [Request(list(p), max_new_tokens, frozenset(stop_ids),
                         Sampling(sampling.temperature, sampling.top_k, sampling.top_p,
-                                 None if sampling.seed is None else sampling.seed + row))
+                                 None if sampling.seed is None else sampling.seed + row), repeat_stop=repeat_stop)
                 for row, p in enumerate(prompts)]
     row_of = {request: row for row, request in enumerate(requests)}
     streams = [TextStream(tokenizer, stop_strings) for _ in requests]

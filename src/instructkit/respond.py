@@ -60,8 +60,10 @@ def respond(
     shots: int = 0,
     shot_pool: list[dict] | None = None,
     progress: bool = True,
+    repeat_stop: int = 0,
 ) -> list[dict]:
-    """Generate responses for `entries`, appending to out.jsonl and finally writing out (JSON)."""
+    """Generate responses for `entries`, appending to out.jsonl and finally writing out (JSON).
+    `repeat_stop` > 0 ends a response that starts repeating its last that many tokens (generate.Request)."""
     from tqdm import tqdm
 
     if out.suffix != ".json":
@@ -69,6 +71,8 @@ def respond(
     if shots and not shot_pool:
         raise UserError("few-shot responses need a pool of solved examples (the training split)")
     settings = {"model": loaded.name, "prompt_style": style.name, "max_new_tokens": max_new_tokens, "shots": shots}
+    if repeat_stop:
+        settings["repeat_stop"] = repeat_stop
     jsonl = jsonl_path_for(out)
     done = read_finished(jsonl)
     for index, row in done.items():
@@ -97,7 +101,7 @@ def respond(
         chunk = todo[start : start + batch_size]
         results = generate(loaded.model, tokenizer, [tokenizer.encode(prompts[i]) for i in chunk],
                            max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                           stop_strings=FEW_SHOT_STOPS if shots else ())
+                           stop_strings=FEW_SHOT_STOPS if shots else (), repeat_stop=repeat_stop)
         rows = []
         for index, result in zip(chunk, results):
             text = first_line(result.text) if shots else result.text.strip()

@@ -43,6 +43,17 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _recipe_line(config: dict) -> str:
+    """The recipe in one sentence, from the run's saved config."""
+    trained = (f"LoRA rank {config['lora_rank']} on {', '.join(config.get('lora_targets', []))}" if config.get("lora_rank")
+               else "everything but the tied embedding" if config.get("freeze_embedding") else "every weight")
+    return (f"Recipe: {config.get('epochs')} epoch(s), batch {config.get('batch_size')}, AdamW peak lr {config.get('lr')} "
+            f"({config.get('schedule')}, {config.get('warmup')} warm-up steps), trains {trained}, loss on "
+            f"{'the responses only' if config.get('mask_instructions') else 'every token'}, prompt style "
+            f"{config.get('prompt_style') or 'the model default'}, seed {config.get('seed')}. The main job's recipe and "
+            "why it was chosen (on the validation split): src/instructkit/main_job.py, docs/BENCHMARKS.md.")
+
+
 def _training_blocks(run: RunFolder) -> list[tuple]:
     evals = run.evals()
     config = run.config() if run.has_config() else {}
@@ -52,6 +63,8 @@ def _training_blocks(run: RunFolder) -> list[tuple]:
                             f"{evals[-1]['step']} steps. Validation loss {evals[0]['val_loss']:.3f} before, "
                             f"{evals[-1]['val_loss']:.3f} after; training loss {evals[0]['train_loss']:.3f} -> "
                             f"{evals[-1]['train_loss']:.3f}."))
+    if config:
+        blocks.append(("p", _recipe_line(config)))
     if run.loss_plot.with_suffix(".png").exists():
         blocks.append(("img", run.loss_plot.with_suffix(".png"), "Loss plot"))
     if run.quality_plot.with_suffix(".png").exists():
