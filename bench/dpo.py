@@ -57,8 +57,9 @@ def run(run_dir: str | None = None, quick: bool = False) -> dict:
                  "--schedule", "cosine", "--clip", "1.0", "--mask-instructions", "--freeze-embedding", "--epochs", "1",
                  "--eval-every", "40", "--eval-batches", "7", "--no-sample")
         # Short runs first (with and without the reference model in memory), each its own process.
-        without = _short_run(sft, tmp / "two-models", False, quick)
+        # The smaller run first: peak RSS is read as the largest child so far.
         with_pre = _short_run(sft, tmp / "precomputed", True, quick)
+        without = _short_run(sft, tmp / "two-models", False, quick)
         out = tmp / "dpo"
         seconds = _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--precompute-ref",
                        *(["--max-steps", "3"] if quick else []))

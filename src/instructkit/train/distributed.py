@@ -150,8 +150,7 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, strategy: s
     if not world.distributed:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard = _fsdp2().fully_shard
         for layer in _layers(model):
             fully_shard(layer)
         # The root (embedding, tied head, final norm) stays gathered after its forward: the fused
@@ -192,9 +191,20 @@ def is_sharded(model: torch.nn.Module) -> bool:
     """An FSDP2 model (fully_shard makes its class an FSDPModule)."""
     if not dist.is_available():
         return False
-    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, _fsdp2().FSDPModule)
 
-    return isinstance(model, FSDPModule)
+
+def _fsdp2():
+    """FSDP2's module: public in torch.distributed.fsdp since torch 2.6, under _composable before."""
+    try:
+        from torch.distributed import fsdp
+
+        fsdp.FSDPModule  # noqa: B018 (present since 2.6)
+        return fsdp
+    except (ImportError, AttributeError):
+        from torch.distributed._composable import fsdp
+
+        return fsdp
 
 
 def _options(**kwargs):
