@@ -259,3 +259,23 @@ def test_dpo_refuses_bad_options_with_one_line(sft_run, shared_data, tmp_path):
                          (["--logp-reduction", "max"], "--logp-reduction must be mean or sum")):
         result = run_cli(*_dpo_args(sft_run, data, tmp_path / "x"), *extra)
         assert result.returncode == 2 and words in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_epoch_batches_are_full_disjoint_and_grouping_pads_less(tiny, shared_data):
+    """Both orders give len // batch full batches with no pair twice; length grouping pads the
+    chapter's pairs less than the book's shuffled order."""
+    from instructkit.data.batching import padding_share
+    from instructkit.train.dpo import _pair_length, epoch_batches
+
+    prefs = load_preferences(str(shared_data / "instruction-data-with-preference.json"))
+    pairs, _ = encode_pairs(prefs.splits.train, get_prompt_style("alpaca"), tiny.tokenizer)
+    lengths = [_pair_length(p) for p in pairs]
+    shares = {}
+    for batching in ("grouped", "chapter"):
+        batches = epoch_batches(pairs, 8, batching=batching, seed=123)
+        flat = [i for batch in batches for i in batch]
+        assert len(batches) == len(pairs) // 8 and all(len(batch) == 8 for batch in batches)
+        assert len(set(flat)) == len(flat)
+        assert epoch_batches(pairs, 8, batching=batching, seed=123) == batches  # a resume sees the same order
+        shares[batching] = padding_share(batches, lengths)
+    assert shares["grouped"] < shares["chapter"] / 3

@@ -27,7 +27,7 @@ QUESTIONS = ["Name a fruit.", "What is the capital of France?", "Give a synonym 
 
 def _bound(kind, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Largest |x W^T - layer(x)| per output, from the format alone: each weight is off by at most
-    half a step of its grid, and (int8 only) FBGEMM's 8-bit input by half a step of its own."""
+    half a step of its grid, and (int8 only) FBGEMM's 7-bit input (reduce_range) by half a step of its own."""
     n, k = weight.shape
     if kind is Fp16Linear:
         return x.abs() @ (weight.abs() * 2.0**-11 + 2.0**-25).T  # fp16: 11 significant bits
@@ -35,7 +35,7 @@ def _bound(kind, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         weight_step = weight.abs().amax(dim=1) / 127  # (N,)
         weight_part = x.abs().sum(dim=1, keepdim=True) * (weight_step / 2)[None, :]
         span = x.amax(dim=1, keepdim=True).clamp(min=0) - x.amin(dim=1, keepdim=True).clamp(max=0)  # per row: rows run alone
-        input_part = (span / 255 / 2) * (weight.abs() + weight_step[:, None] / 2).sum(dim=1)[None, :]
+        input_part = (span / 127 / 2) * (weight.abs() + weight_step[:, None] / 2).sum(dim=1)[None, :]
         return weight_part + input_part
     grouped = weight.reshape(n, k // 32, 32)
     step = (grouped.amax(-1) - grouped.amin(-1)) / 15 / 2  # (N, K/32)
@@ -53,7 +53,11 @@ def test_each_layer_kind_stays_within_its_formats_error_bound(kind):
     if kind is not Int8RowLinear:  # the others multiply fp32 inputs by exactly the reference weights
         torch.testing.assert_close(quantized, x @ kind.reference(weight).T, rtol=1e-4, atol=1e-4)
     alone = torch.cat([layer(row[None]) for row in x])
-    torch.testing.assert_close(quantized, alone, rtol=1e-6, atol=1e-5)  # a row's result ignores its batch
+    if kind is Int8RowLinear:  # runs row by row: a row's result ignores its batch exactly
+        torch.testing.assert_close(quantized, alone, rtol=1e-6, atol=1e-5)
+    else:  # FBGEMM / aten block the sum by batch size on some CPUs (AVX2): equal up to fp32 rounding of a K-term sum
+        rounding = weight.shape[1] * 2.0**-24 * (x.abs() @ kind.reference(weight).abs().T)
+        assert torch.all((quantized - alone).abs() <= rounding)
 
 
 @pytest.fixture(scope="module")

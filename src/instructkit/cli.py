@@ -415,6 +415,7 @@ DPO_OPTIONS = [
     ("loss", str, "sigmoid (DPO, default), ipo or robust"),
     ("label-smoothing", float, "for sigmoid (conservative DPO) and robust (default 0)"),
     ("sft-weight", float, "weight of an SFT term on the chosen response (default 0)"),
+    ("batching", str, "grouped (pairs of similar length together, default) or chapter (the book's shuffled order)"),
     ("max-steps", int, "stop after this many steps"),
     ("max-length", int, "truncate each prompt + response to N positions (pairs left with no response are dropped)"),
     ("warmup", int, "linear warm-up steps (default 0)"),
