@@ -27,14 +27,15 @@ QUESTIONS = ["Name a fruit.", "What is the capital of France?", "Give a synonym 
 
 def _bound(kind, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Largest |x W^T - layer(x)| per output, from the format alone: each weight is off by at most
-    half a step of its grid, and (int8 only) FBGEMM's 7-bit input (reduce_range) by half a step of its own."""
+    half a step of its grid, and (int8 only) FBGEMM's 7-bit input (reduce_range, on the grid of
+    [-max|x|, max|x|] of its row) by half a step of its own."""
     n, k = weight.shape
     if kind is Fp16Linear:
         return x.abs() @ (weight.abs() * 2.0**-11 + 2.0**-25).T  # fp16: 11 significant bits
     if kind is Int8RowLinear:
         weight_step = weight.abs().amax(dim=1) / 127  # (N,)
         weight_part = x.abs().sum(dim=1, keepdim=True) * (weight_step / 2)[None, :]
-        span = x.amax(dim=1, keepdim=True).clamp(min=0) - x.amin(dim=1, keepdim=True).clamp(max=0)  # per row: rows run alone
+        span = 2 * x.abs().amax(dim=1, keepdim=True)  # per row: each row is scaled onto the grid of [-1, 1]
         input_part = (span / 127 / 2) * (weight.abs() + weight_step[:, None] / 2).sum(dim=1)[None, :]
         return weight_part + input_part
     grouped = weight.reshape(n, k // 32, 32)
@@ -53,7 +54,7 @@ def test_each_layer_kind_stays_within_its_formats_error_bound(kind):
     if kind is not Int8RowLinear:  # the others multiply fp32 inputs by exactly the reference weights
         torch.testing.assert_close(quantized, x @ kind.reference(weight).T, rtol=1e-4, atol=1e-4)
     alone = torch.cat([layer(row[None]) for row in x])
-    if kind is Int8RowLinear:  # runs row by row: a row's result ignores its batch exactly
+    if kind is Int8RowLinear:  # one grid for every row, exact integer sums: a row's result ignores its batch exactly
         torch.testing.assert_close(quantized, alone, rtol=1e-6, atol=1e-5)
     else:  # FBGEMM / aten block the sum by batch size on some CPUs (AVX2): equal up to fp32 rounding of a K-term sum
         rounding = weight.shape[1] * 2.0**-24 * (x.abs() @ kind.reference(weight).abs().T)

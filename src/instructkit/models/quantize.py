@@ -17,11 +17,12 @@ of teacher-forced steps, under the 99% target, and decodes no faster, because th
 the weights read. The head, though, is safe in int8: it only has to *propose* candidates (the
 `shortlist`), whose exact logits then come from the fp32 rows of the tied embedding, so a greedy
 or top-k choice is the fp32 one unless the best token falls outside the shortlist. FBGEMM
-quantizes its input per call, so the head runs one row at a time: a row's candidates never depend
-on what else is in the batch. PyTorch's weight-only `_weight_int8pack_mm` exists too, but on the
-processor we measure on (AMD EPYC, AVX-512) it decodes slower than fp32 (6.9 vs 10.0 tokens/s), and
-the int4 kernel, the only int4 matmul in torch, slower still (3.6; a 2048 x 640 layer takes 1.2 ms
-for one row, fp32 0.3 ms): int4 is here for its memory (an eighth of fp32) and for processors where
+quantizes its input per call; rows scaled to max |x| = 1 and an anchor row that fixes the call's
+range make a row's candidates independent of what else is in the batch (Int8RowLinear).
+PyTorch's weight-only `_weight_int8pack_mm` exists too, but on the processor we first measured
+on (AMD EPYC, AVX-512) it decodes slower than fp32 (6.9 vs 10.0 tokens/s), and the int4 kernel,
+the only int4 matmul in torch, slower still (3.6; a 2048 x 640 layer takes 1.2 ms for one row,
+fp32 0.3 ms): int4 is here for its memory (an eighth of fp32) and for processors where
 that kernel is fast, not for speed on this one.
 
 Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
@@ -72,8 +73,12 @@ class Fp16Linear(nn.Module):
 
 class Int8RowLinear(nn.Module):
     """Symmetric per-output-row int8 weights (W ~= q * scale[:, None]) on FBGEMM, which also
-    quantizes its input to 7 bits (one scale per call): called once per row of x, so a row's
-    result does not depend on the others. Used for the head, behind a shortlist."""
+    quantizes its input (7 bits, one scale and zero point per call). One call serves the whole
+    batch, so the weights are read once a step, and yet a row's result never depends on the others:
+    each row is divided by its own max |x| (the product is linear, so its output row is
+    multiplied back before the bias), and a fixed anchor row [1, -1, 0, ...] pins the call's input range to
+    exactly [-1, 1], so every row is quantized on the same grid and summed in exact integers.
+    Used for the head, behind a shortlist."""
 
     kernel = "fbgemm"
 
@@ -84,7 +89,8 @@ class Int8RowLinear(nn.Module):
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; FBGEMM's prepack still takes only them
             warnings.simplefilter("ignore", UserWarning)
             per_row = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.int64), 0)
-        self.packed = torch.ops.quantized.linear_prepack(per_row, bias)
+        self.packed = torch.ops.quantized.linear_prepack(per_row, None)  # the bias is added after the rows are scaled back
+        self.bias = bias
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,12 +104,18 @@ class Int8RowLinear(nn.Module):
         return tensors["q"].float() * tensors["scale"][:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
+        rows = x.reshape(-1, self.in_features).float()  # (M, K)
+        size = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (M, 1)
+        anchor = torch.zeros(1, self.in_features)
+        anchor[0, 0], anchor[0, 1] = 1.0, -1.0
         # reduce_range=True: 7-bit inputs. Without AVX-512 VNNI, FBGEMM adds pairs of u8 x s8
         # products in int16, which saturates with full-range inputs (seen on AVX2: errors of 0.4
         # where the format allows 0.01); PyTorch's own dynamic quantization on fbgemm does the same.
-        out = [torch.ops.quantized.linear_dynamic(row[None].contiguous(), self.packed, True) for row in rows]
-        return torch.cat(out).reshape(*x.shape[:-1], self.out_features)
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows / size, anchor]).contiguous(), self.packed, True)
+        out = out[:-1] * size  # (M, N)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
