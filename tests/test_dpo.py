@@ -124,6 +124,10 @@ def test_precomputed_reference_equals_on_the_fly(tiny, pairs):
         torch.testing.assert_close(precomputed[start : start + len(chunk)], torch.stack([logps[: len(chunk)],
                                                                                           logps[len(chunk):]], 1),
                                    atol=1e-6, rtol=0)
+    # Only the pairs a run reads: the same rows, and NaN (never a silent 0) for the others.
+    some = reference_logprobs(tiny.model, pairs, tiny.tokenizer.pad_id, "mean", 3, needed=[5, 0, 2])
+    torch.testing.assert_close(some[[0, 2, 5]], precomputed[[0, 2, 5]], atol=1e-6, rtol=0)
+    assert torch.isnan(some[[1, 3, 4]]).all() and torch.isnan(some[6:]).all()
 
 
 @pytest.mark.parametrize("model, style", [("tiny-gpt2", "alpaca"), ("tiny-gemma3", "gemma")])
@@ -279,3 +283,14 @@ def test_epoch_batches_are_full_disjoint_and_grouping_pads_less(tiny, shared_dat
         assert epoch_batches(pairs, 8, batching=batching, seed=123) == batches  # a resume sees the same order
         shares[batching] = padding_share(batches, lengths)
     assert shares["grouped"] < shares["chapter"] / 3
+
+
+def test_drift_warning_only_when_the_chosen_responses_lose_likelihood():
+    from instructkit.train.dpo import drift_warning
+
+    holding = {"step": 40, "val_logp_chosen": -1.68, "val_ref_logp_chosen": -1.82}
+    assert drift_warning(holding) is None
+    drifting = dict(holding, step=60, val_logp_chosen=-2.64)
+    line = drift_warning(drifting)
+    assert "step 60" in line and "-2.640" in line and "-1.820" in line and "--max-steps" in line
+    assert "\n" not in line

@@ -164,21 +164,27 @@ def _pair_logprobs(model, pairs, pad_id, reduction, device=None):
 
 @torch.no_grad()
 def reference_logprobs(reference, pairs: list[EncodedPair], pad_id: int, reduction: str, batch_size: int,
-                       *, world: World = SINGLE, device: torch.device | None = None) -> torch.Tensor:
-    """(P, 2): chosen and rejected log-probs of every pair under the reference, in eval mode.
+                       *, world: World = SINGLE, device: torch.device | None = None,
+                       needed: list[int] | None = None) -> torch.Tensor:
+    """(P, 2): chosen and rejected log-probs of the pairs under the reference, in eval mode; only
+    the rows `needed` (default: all) are computed, the others are NaN so a stray read shows.
     Across processes each rank computes its share of the pairs and a sum of the (otherwise zero)
     rows gives every rank all of them."""
     reference.eval()
     device = device or next(reference.parameters()).device
     table = torch.zeros(len(pairs), 2, dtype=torch.float64 if world.distributed else torch.float32, device=device)
+    needed = sorted(set(range(len(pairs)) if needed is None else needed))
     # Chunks of similar length pad little; the table is indexed by pair, so the order is free.
-    mine = sorted(shard(list(range(len(pairs))), world), key=lambda i: _pair_length(pairs[i]))
+    mine = sorted(shard(needed, world), key=lambda i: _pair_length(pairs[i]))
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         chosen, rejected, _, _ = _pair_logprobs(reference, [pairs[i] for i in chunk], pad_id, reduction, device)
         table[chunk] = torch.stack([chosen, rejected], dim=1).to(table.dtype)
     if world.distributed:
         torch.distributed.all_reduce(table)
+    unused = torch.ones(len(pairs), dtype=torch.bool, device=device)
+    unused[needed] = False
+    table[unused] = float("nan")
     return table.float()
 
 
@@ -194,6 +200,19 @@ def epoch_batches(pairs: list[EncodedPair], global_batch: int, *, batching: str,
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     return batches_in_order(order, global_batch, drop_last=True)
+
+
+def drift_warning(row: dict) -> str | None:
+    """A line for the log when an evaluation `row` shows the chosen responses losing likelihood on
+    the validation pairs (their log-prob below the starting model's): DPO then pushes both
+    responses down, and past that point a model tends to stop ending its answers (measured on the
+    chapter's pairs: docs/BENCHMARKS.md, "DPO"). None while the chosen ones hold."""
+    policy, reference = row["val_logp_chosen"], row["val_ref_logp_chosen"]
+    if policy >= reference:
+        return None
+    return (f"Warning: at step {row['step']} the chosen responses' log-prob on the validation pairs ({policy:.3f}) "
+            f"fell below the starting model's ({reference:.3f}); the model may stop ending its answers. "
+            f"Fewer steps (--max-steps), a lower --lr or --sft-weight keep it")
 
 
 def _disable_dropout(model, say) -> None:
@@ -289,11 +308,23 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
     model.to(device)
     reference.to(device)
     pad = tokenizer.pad_id
+    per_epoch = len(train) // global_batch
+    steps = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
+    evaluated = config.eval_batches * global_batch  # evaluate() reads the first pairs of each split
     ref_train = ref_val = None
     if config.precompute_ref:
+        # Only the pairs the run will read: a --max-steps run short of an epoch needs a fraction.
+        used = set(range(min(evaluated, len(train))))
+        for step in range(steps):
+            epoch, batch = divmod(step, per_epoch)
+            if batch == 0:
+                order = epoch_batches(train, global_batch, batching=config.batching, seed=config.seed + epoch)
+            used.update(order[batch])
         common = dict(world=world, device=device)
-        ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size, **common)
-        ref_val = reference_logprobs(reference, val, pad, config.logp_reduction, config.batch_size, **common)
+        ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size,
+                                       needed=sorted(used), **common)
+        ref_val = reference_logprobs(reference, val, pad, config.logp_reduction, config.batch_size,
+                                     needed=list(range(min(evaluated, len(val)))), **common)
         del reference
         reference = None
     trained = distributed.wrap(model, world, device, "ddp")
@@ -309,8 +340,6 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
         run.write_start(config.to_dict(), style)
     distributed.barrier(world)
 
-    per_epoch = len(train) // global_batch
-    steps = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
     schedule = TrainConfig(lr=config.lr, warmup=config.warmup)
 
     def pair_terms(net, indices, pairs, refs):
@@ -348,12 +377,14 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
         row["reward_margin_unscaled"] = row["reward_margin"] / config.beta
         return row
 
+    warned: list[int] = []  # the step of the first drift warning, once per process
+
     def evaluate() -> None:
         trained.eval()
         rows = []
         with torch.no_grad():
             for name, pairs, refs in (("train", train, ref_train), ("val", val, ref_val)):
-                mine = shard(list(range(len(pairs)))[: config.eval_batches * global_batch], world)
+                mine = shard(list(range(len(pairs)))[:evaluated], world)
                 totals: dict = {}
                 for start in range(0, len(mine), config.batch_size):
                     _, _, sums = pair_terms(model, mine[start : start + config.batch_size], pairs, refs)
@@ -367,6 +398,10 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
         say(f"Ep {min(state['epoch'] + 1, config.epochs)} (Step {state['step']:06d}): Train loss {row['train_loss']:.3f}, "
             f"Val loss {row['val_loss']:.3f}, Train reward margins {row['train_reward_margin']:.3f}, "
             f"Val reward margins {row['val_reward_margin']:.3f}")
+        warning = drift_warning(row)
+        if warning and not warned:
+            warned.append(state["step"])
+            say(warning)
         if world.is_main:
             run.write_metrics(state["rows"])
 
