@@ -92,6 +92,15 @@ def run_worker(module: str, spec: dict, timeout: float = 3600) -> dict:
 
 
 def peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux, VmHWM: getrusage's ru_maxrss survives exec, so a
+    worker started from a bench process that already holds 2 GB reports at least those 2 GB."""
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -416,7 +416,8 @@ DPO_OPTIONS = [
     ("label-smoothing", float, "for sigmoid (conservative DPO) and robust (default 0)"),
     ("sft-weight", float, "weight of an SFT term on the chosen response (default 0)"),
     ("batching", str, "grouped (pairs of similar length together, default) or chapter (the book's shuffled order)"),
-    ("max-steps", int, "stop after this many steps"),
+    ("max-steps", int, "stop after this many steps (the chapter's pairs: 40 of the epoch's 116, chosen on the "
+                       "validation split; a full epoch makes the model stop ending its answers)"),
     ("max-length", int, "truncate each prompt + response to N positions (pairs left with no response are dropped)"),
     ("warmup", int, "linear warm-up steps (default 0)"),
     ("clip", float, "clip the gradient norm"),
