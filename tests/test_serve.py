@@ -165,10 +165,13 @@ def test_a_client_that_goes_away_stops_its_generation(real_server):
             "temperature": 0, "max_tokens": 300, "stream": True, "stop": []}
     busy = lambda: httpx.get(real_server + "/health").json()["models"]["gemma-3-270m"]["busy_rows"]  # noqa: E731
     with httpx.stream("POST", real_server + "/v1/chat/completions", json=body, timeout=60) as response:
-        for count, _ in enumerate(response.iter_lines()):
-            if count > 6:
+        lines = []
+        for line in response.iter_lines():
+            lines.append(line)
+            if len(lines) > 7:  # the role chunk and 3 tokens, each event followed by a blank line
                 break
-        assert busy() == 1
+        # What the stream held, if the row is not there: an error event or an early finish says why.
+        assert busy() == 1, [line[:300] for line in lines if line]
     gone = time.perf_counter()
     while busy() and time.perf_counter() - gone < 10:
         time.sleep(0.01)

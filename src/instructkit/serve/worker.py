@@ -8,12 +8,15 @@ marked cancelled (a client gone, a stop string reached) leaves the batch at the 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from instructkit.generate import Decoder, Request
+
+log = logging.getLogger("instructkit.serve")
 
 END = object()  # delivered once a request has finished (its finish_reason says why)
 
@@ -74,6 +77,7 @@ class Worker:
                 for request, token in self.decoder.step():
                     self.jobs[request].deliver(token)
             except Exception as exc:  # a failed forward pass ends every row with an error, never silently
+                log.exception("decoding failed; ending %d request(s) with an error", len(self.jobs) + len(admitted))
                 for job in list(self.jobs.values()) + admitted:
                     job.deliver(exc)
                 self.jobs.clear()
