@@ -311,15 +311,18 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
     per_epoch = len(train) // global_batch
     steps = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
     evaluated = config.eval_batches * global_batch  # evaluate() reads the first pairs of each split
+
+    def global_batches(epoch: int) -> list[list[int]]:
+        """Epoch `epoch`'s global batches of training pairs, the same on every rank and on resume."""
+        return epoch_batches(train, global_batch, batching=config.batching, seed=config.seed + epoch)
+
     ref_train = ref_val = None
     if config.precompute_ref:
         # Only the pairs the run will read: a --max-steps run short of an epoch needs a fraction.
         used = set(range(min(evaluated, len(train))))
-        for step in range(steps):
-            epoch, batch = divmod(step, per_epoch)
-            if batch == 0:
-                order = epoch_batches(train, global_batch, batching=config.batching, seed=config.seed + epoch)
-            used.update(order[batch])
+        for epoch in range(math.ceil(steps / per_epoch)):
+            for batch in global_batches(epoch)[: steps - epoch * per_epoch]:
+                used.update(batch)
         common = dict(world=world, device=device)
         ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size,
                                        needed=sorted(used), **common)
@@ -377,9 +380,10 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
         row["reward_margin_unscaled"] = row["reward_margin"] / config.beta
         return row
 
-    warned: list[int] = []  # the step of the first drift warning, once per process
+    warned = False  # the drift warning is said once per process
 
     def evaluate() -> None:
+        nonlocal warned
         trained.eval()
         rows = []
         with torch.no_grad():
@@ -400,7 +404,7 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
             f"Val reward margins {row['val_reward_margin']:.3f}")
         warning = drift_warning(row)
         if warning and not warned:
-            warned.append(state["step"])
+            warned = True
             say(warning)
         if world.is_main:
             run.write_metrics(state["rows"])
@@ -414,8 +418,7 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
     while state["step"] < steps:
         # One global order; each step takes batch x world pairs, rank r its r-th slice.
         mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
-        batches = [batch[mine] for batch in epoch_batches(train, global_batch, batching=config.batching,
-                                                         seed=config.seed + state["epoch"])]
+        batches = [batch[mine] for batch in global_batches(state["epoch"])]
         while state["batch_in_epoch"] < len(batches) and state["step"] < steps:
             started = time.perf_counter()
             lr = lr_at(state["step"], schedule, steps)
