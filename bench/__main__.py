@@ -1,7 +1,8 @@
 """`python -m bench [SUITE ...] [--quick]`: run benchmark suites, print tables, save JSON results.
 
-Suites: peak, train, generate, quantized (generate's quantized-decoding rows alone), load, quality,
-export, serve, dpo, scale, dedup, recipes. Default: all but quantized (inside generate) and recipes
+Suites: peak, train, generate, quantized (generate's quantized-decoding rows alone), kernels (batch-1
+matmuls by weight format and kernel, behind quantized), load, quality,
+export, serve, dpo, scale, dedup, recipes. Default: all but quantized (inside generate), kernels and recipes
 (an hour of fine-tuning to choose the chapter-data recipe on its validation split). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
@@ -11,12 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "quantized", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes")
+SUITES = ("peak", "train", "generate", "quantized", "kernels", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "quantized")],
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "quantized", "kernels")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import generate
 
         results["quantized"] = generate.quantized_decoding(args.quick, args.repeats or (1 if args.quick else 3))
+    if "kernels" in args.suites:
+        from bench import kernels
+
+        results["kernels"] = kernels.run(args.quick, repeats=args.repeats)
     if "load" in args.suites:
         from bench import load
 

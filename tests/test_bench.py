@@ -9,11 +9,12 @@ from .conftest import REPO
 
 
 def test_quick_bench_runs_and_reports(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "peak", "train", "generate", "--quick", "--repeats", "1"],
+    result = subprocess.run([sys.executable, "-m", "bench", "peak", "train", "generate", "kernels", "--quick", "--repeats", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "Gemma 3 270M, greedy"):
+    for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "Gemma 3 270M, greedy",
+                  "Batch-1 matmul by weight format"):
         assert title in out, title
     path = out.strip().splitlines()[-1].split("Raw results: ")[1]
     saved = json.loads(open(path).read())
@@ -29,6 +30,12 @@ def test_quick_bench_runs_and_reports(tmp_path):
         assert saved["generate"]["cache"]["speedup"]["median"] > 0
         gemma = saved["generate"]["gemma"]["tok_s"]
         assert gemma["batch 1: ours"]["median"] > 0 and gemma["batched: llama.cpp, 16 parallel slots"]["median"] > 0
+        kernels = saved["kernels"]["kernels"]
+        exact = next(row for name, row in kernels.items() if name.endswith("fp32 x @ W.T (exact)"))
+        assert exact["max_rel_error"] == 0 and exact["weight_gb_per_s"]["median"] > 0
+        # every kernel computes the same product as the exact one, within its format's rounding
+        assert all(row["max_rel_error"] < 0.2 and row["ms"]["median"] > 0 for row in kernels.values()), kernels
+        assert any("inductor" in name for name in kernels)
         assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
     finally:
         import os

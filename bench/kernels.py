@@ -1,0 +1,103 @@
+"""`python -m bench kernels`: one batch-1 matmul (one decode step's product, x (1, K) @ W.T) on
+each weight format and kernel this torch offers on a CPU, for the default model's two shapes:
+the tied head (262,144 x 640) and an MLP projection (2,048 x 640).
+
+Batch-1 decoding is bound by reading weights, so the figure of merit is the weight bytes read per
+second: a kernel that reads a quarter of the bytes but at a tenth of the speed loses. The rows are
+the kernels behind `--quantize` (models/quantize.py) and the candidates it does not use:
+
+- fp32 `x @ W.T` (aten / oneDNN), the exact baseline;
+- fp16 and per-row int8 on FBGEMM (`--quantize fp16`, int8's head);
+- int8 weight-only on aten's `_weight_int8pack_mm` (what gpt-fast and torchao call on CPU);
+- int4 in groups of 32 on aten's `_weight_int4pack_mm_for_cpu` (`--quantize int4`);
+- int8 weight-only written as plain torch and compiled by inductor (torch.compile), in the two
+  spellings whose dequantization inductor could fuse into the product: `F.linear(x, q.float()) * s`
+  and `(x * q.float()).sum(-1) * s`.
+
+Each row: the median (min-max) over `repeats` rounds of the mean time of a burst of calls, after
+warm-up (inductor compiles in its warm-up; the compile time is its own column)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import fmt_spread, print_table, spread
+
+SHAPES = {"head 262,144 x 640": (262_144, 640), "MLP 2,048 x 640": (2_048, 640)}
+QUICK_SHAPES = {"head-shaped 16,384 x 640": (16_384, 640)}
+
+
+def _int8_linear(x, q, scale):
+    return F.linear(x, q.to(x.dtype)) * scale
+
+
+def _int8_mul_sum(x, q, scale):
+    return (x[:, None, :] * q.to(x.dtype)[None]).sum(-1) * scale
+
+
+def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
+    """name -> (a function of x (1, K) giving (1, N), weight bytes it reads per call)."""
+    from instructkit.models.quantize import Fp16Linear, Int4Linear, Int8RowLinear, kernels_available
+
+    weight = torch.randn(n, k) * 0.02
+    kernels: dict[str, tuple[object, int]] = {"fp32 x @ W.T (exact)": (lambda x: x @ weight.T, n * k * 4)}
+    if kernels_available("fp16"):
+        fp16 = Fp16Linear(Fp16Linear.quantize(weight), None)
+        kernels["fp16, FBGEMM linear_dynamic_fp16"] = (fp16, n * k * 2)
+        int8_row = Int8RowLinear(Int8RowLinear.quantize(weight), None)
+        kernels["int8 per row, FBGEMM linear_dynamic"] = (int8_row, n * k)
+    q8 = Int8RowLinear.quantize(weight)
+    q, scale = q8["q"], q8["scale"]
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        kernels["int8 per row, aten _weight_int8pack_mm"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale), n * k)
+    if kernels_available("int4"):
+        int4 = Int4Linear(Int4Linear.quantize(weight), None)
+        kernels["int4 groups of 32, aten _weight_int4pack_mm_for_cpu"] = (int4, n * k // 2 + n * k // 32 * 8)
+    linear, mul_sum = torch.compile(_int8_linear), torch.compile(_int8_mul_sum)
+    kernels["int8 per row, inductor: F.linear(x, q.float()) * s"] = (lambda x: linear(x, q, scale), n * k)
+    kernels["int8 per row, inductor: (x * q.float()).sum(-1) * s"] = (lambda x: mul_sum(x, q, scale), n * k)
+    return kernels
+
+
+def _seconds_per_call(fn, x, budget_s: float) -> float:
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < budget_s:
+        fn(x)
+        calls += 1
+    return (time.perf_counter() - started) / calls
+
+
+def run(quick: bool = False, repeats: int | None = None) -> dict:
+    repeats = repeats or (1 if quick else 3)
+    burst_s = 0.2 if quick else 1.5
+    results: dict[str, dict] = {}
+    rows = []
+    for shape_name, (n, k) in (QUICK_SHAPES if quick else SHAPES).items():
+        x = torch.randn(1, k)
+        kernels = _kernels(n, k)
+        exact = kernels["fp32 x @ W.T (exact)"][0](x)
+        warmup_s, errors = {}, {}
+        with torch.no_grad():
+            for name, (fn, _) in kernels.items():
+                started = time.perf_counter()
+                out = fn(x)  # inductor compiles here
+                warmup_s[name] = time.perf_counter() - started
+                errors[name] = float((out - exact).abs().max() / exact.abs().max())
+            times: dict[str, list[float]] = {name: [] for name in kernels}
+            for _ in range(repeats):  # rounds interleave the kernels, so drift hits them all alike
+                for name, (fn, _) in kernels.items():
+                    times[name].append(_seconds_per_call(fn, x, burst_s))
+        for name, (_, nbytes) in kernels.items():
+            ms = spread([t * 1e3 for t in times[name]])
+            gbps = spread([nbytes / t / 1e9 for t in times[name]])
+            results[f"{shape_name} | {name}"] = {"ms": ms, "weight_gb_per_s": gbps, "weight_bytes": nbytes,
+                                                 "first_call_s": warmup_s[name], "max_rel_error": errors[name]}
+            rows.append([shape_name, name, fmt_spread(ms, "{:.2f}"), fmt_spread(gbps, "{:.1f}"),
+                         f"{nbytes / 1e6:.0f}", f"{warmup_s[name]:.1f}", f"{errors[name]:.1e}"])
+    print_table(f"Batch-1 matmul by weight format and kernel ({torch.get_num_threads()} threads; median (min-max) of "
+                f"{repeats} rounds)", ["shape", "kernel", "ms a call", "weight GB/s", "weight MB", "first call s",
+                                       "max error / max |y|"], rows)
+    return {"repeats": repeats, "threads": torch.get_num_threads(), "kernels": results}
