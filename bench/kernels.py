@@ -43,14 +43,12 @@ def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
     from instructkit.models.quantize import Fp16Linear, Int4Linear, Int8RowLinear, kernels_available
 
     weight = torch.randn(n, k) * 0.02
+    int8 = Int8RowLinear.quantize(weight)  # q (N, K) int8, scale (N,): every int8 row below reads these
+    q, scale = int8["q"], int8["scale"]
     kernels: dict[str, tuple[object, int]] = {"fp32 x @ W.T (exact)": (lambda x: x @ weight.T, n * k * 4)}
     if kernels_available("fp16"):
-        fp16 = Fp16Linear(Fp16Linear.quantize(weight), None)
-        kernels["fp16, FBGEMM linear_dynamic_fp16"] = (fp16, n * k * 2)
-        int8_row = Int8RowLinear(Int8RowLinear.quantize(weight), None)
-        kernels["int8 per row, FBGEMM linear_dynamic"] = (int8_row, n * k)
-    q8 = Int8RowLinear.quantize(weight)
-    q, scale = q8["q"], q8["scale"]
+        kernels["fp16, FBGEMM linear_dynamic_fp16"] = (Fp16Linear(Fp16Linear.quantize(weight), None), n * k * 2)
+        kernels["int8 per row, FBGEMM linear_dynamic"] = (Int8RowLinear(int8, None), n * k)
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         kernels["int8 per row, aten _weight_int8pack_mm"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale), n * k)
     if kernels_available("int4"):
