@@ -2,8 +2,9 @@
 
 Suites: peak, train, generate, quantized (generate's quantized-decoding rows alone), kernels (batch-1
 matmuls by weight format and kernel, behind quantized), load, quality,
-export, serve, dpo, scale, dedup, recipes. Default: all but quantized (inside generate), kernels and recipes
-(an hour of fine-tuning to choose the chapter-data recipe on its validation split). --quick runs small models and few
+export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), kernels,
+recipes (an hour of fine-tuning to choose the chapter-data recipe on its validation split) and decoding
+(the test responses' decoding, chosen on the validation split of a finished main job: --run). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "quantized", "kernels", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes")
+SUITES = ("peak", "train", "generate", "quantized", "kernels", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "quantized", "kernels")],
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "kernels")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     parser.add_argument("--run", default=None,
                         help="quality: read this finished main-job folder instead of running three seeds; "
-                             "export: export this run instead of the base model")
+                             "export: export this run instead of the base model; decoding: the main-job folder "
+                             "whose validation responses choose the decoding")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import recipes
 
         results["recipes"] = recipes.run(args.quick)
+    if "decoding" in args.suites:
+        from bench import decoding
+
+        results["decoding"] = decoding.run(Path(args.run) if args.run else None, quick=args.quick)
     if "quality" in args.suites:
         from bench import quality
 

@@ -60,3 +60,25 @@ def test_quick_dpo_suite_reports_step_times_and_accuracy():
         import os
 
         os.remove(path)
+
+
+def test_quick_decoding_suite_scores_every_candidate_on_both_splits():
+    """The decoding suite end to end on a 3-step tiny model: every candidate answers the validation
+    and test splits through `instructkit respond`; the choice comes from validation ranks only."""
+    result = subprocess.run([sys.executable, "-m", "bench", "decoding", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
+    saved = json.loads(open(path).read())
+    try:
+        decoding = saved["decoding"]
+        assert [c["beams"] for c in decoding["candidates"]] == [1, 4, 4, 8, 8]
+        for candidate in decoding["candidates"]:
+            for split in ("val", "test"):
+                assert candidate[split]["respond_s"] > 0 and 0.0 <= candidate[split]["rouge_l"] <= 1.0
+        chosen = next(c for c in decoding["candidates"] if c["name"] == decoding["chosen"])
+        assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in decoding["candidates"] if "ranks" in c)
+    finally:
+        import os
+
+        os.remove(path)

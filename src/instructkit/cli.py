@@ -301,7 +301,8 @@ def cmd_respond(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
     started = time.perf_counter()
     respond(loaded, style, entries, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            shots=args.few_shot, shot_pool=prepared.splits.train, repeat_stop=args.stop_on_repeat)
+            shots=args.few_shot, shot_pool=prepared.splits.train, repeat_stop=args.stop_on_repeat, beams=args.beams,
+            length_penalty=args.length_penalty)
     print(f"Wrote {len(entries)} responses to {out} (and {out.with_suffix('.jsonl')}) in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -674,13 +675,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = MainJob(model=args.model, data=args.data, out=args.out or default_run_dir(args.data), seed=args.seed,
                   epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
-                  max_new_tokens=args.max_new_tokens, base_max_new_tokens=args.base_max_new_tokens,
+                  max_new_tokens=args.max_new_tokens, beams=args.beams, length_penalty=args.length_penalty,
+                  base_max_new_tokens=args.base_max_new_tokens,
                   base_shots=args.base_shots, judge=_judge_config(args), baseline=args.baseline,
                   baseline_label=args.baseline_label)
     if job.baseline and not Path(job.baseline).is_file():
         raise UserError(f"--baseline {job.baseline}: no such responses file")
     _positive("max-new-tokens", job.max_new_tokens)
     _positive("epochs", job.epochs)
+    _positive("beams", job.beams)
     _positive("base-max-new-tokens", job.base_max_new_tokens)
     if job.base_shots < 0:
         raise UserError(f"--base-shots must be 0 or more, got {job.base_shots}")
@@ -690,6 +693,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Report: {markdown} and {html_file}")
     print(f"Wall time: {result['wall_seconds']:.0f} s")
     return 0
+
+
+def _add_beam_options(parser: argparse.ArgumentParser, default: int | None, default_text: str) -> None:
+    parser.add_argument("--beams", type=int, default=default, help=f"beam search with this many beams (default {default_text})")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search: a finished beam scores its summed log-probability / length ** this "
+                             "(default 1.0; transformers' meaning)")
 
 
 def _add_judge_options(parser: argparse.ArgumentParser) -> None:
@@ -755,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="end a response when its last N tokens already appeared in it (a greedy loop), "
                            "dropping the repeat; 0 = off (default; the main job uses 16)")
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
+    _add_beam_options(resp, 1, "1: greedy")
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
     resp.add_argument("--group-near-duplicates", action="store_true", help="the grouped split (default: the run's)")
@@ -902,6 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=None,
                      help="per test response (default: twice the longest training response, at most 256)")
+    _add_beam_options(run, None, "4, or 1 (greedy) on the built-in data: chosen on each one's validation split")
     run.add_argument("--base-max-new-tokens", type=int, default=64, help="the base model rarely stops; cap it")
     run.add_argument("--baseline", default=None,
                      help="another system's responses to the test split (e.g. the book's, "

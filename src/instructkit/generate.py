@@ -107,6 +107,24 @@ def _fit_prompt(prompt: list[int], max_new_tokens: int, context_length: int) -> 
     return prompt[-room:]
 
 
+def prefill(model: torch.nn.Module, pad_id: int, prompts: list[list[int]], extra: int):
+    """Left-pad one group of prompts, run it through the model into a fresh cache with `extra` free
+    slots. Returns the cache, the last position's logits (B, V) and each row's next position (B,)."""
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((batch, width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        valid[row, width - len(prompt):] = True
+    # Each row counts positions from its first real token; padding sits at position 0 (masked).
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    cache = model.new_cache(batch, width + extra, device=device)
+    hidden = model(input_ids.to(device), positions=positions.to(device), valid=valid.to(device), cache=cache,
+                   return_hidden=True)
+    return cache, model.head(hidden[:, -1]), positions[:, -1] + 1
+
+
 class Decoder:
     """Rows decoding together from one KV cache; see the module docstring."""
 
@@ -150,20 +168,7 @@ class Decoder:
         self.logits, self.next_position = torch.cat(logits), torch.cat(positions)
 
     def _prefill(self, prompts: list[list[int]], extra: int):
-        """Left-pad one group, run it through the model into a fresh cache with `extra` free slots.
-        Returns the cache, the last position's logits (B, V) and each row's next position (B,)."""
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((batch, width), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            valid[row, width - len(prompt):] = True
-        # Each row counts positions from its first real token; padding sits at position 0 (masked).
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        cache = self.model.new_cache(batch, width + extra, device=self.device)
-        hidden = self.model(input_ids.to(self.device), positions=positions.to(self.device), valid=valid.to(self.device),
-                            cache=cache, return_hidden=True)
-        return cache, self.model.head(hidden[:, -1]), positions[:, -1] + 1
+        return prefill(self.model, self.pad_id, prompts, extra)
 
     def _keep(self, slots: list[int]) -> None:
         if len(slots) == len(self.rows):

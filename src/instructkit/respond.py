@@ -22,6 +22,7 @@ from instructkit.data.prompts import PromptStyle, get_prompt_style
 from instructkit.data.tokenize import end_token_id
 from instructkit.errors import UserError
 from instructkit.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from instructkit.beam import beam_search
 from instructkit.generate import generate
 from instructkit.models.registry import LoadedModel
 from instructkit.runs import RunFolder
@@ -34,6 +35,14 @@ FEW_SHOT_STOPS = ("\n\n", "###")
 
 def jsonl_path_for(out: Path) -> Path:
     return out.with_suffix(".jsonl")
+
+
+def decoding_settings(out: Path) -> dict | None:
+    """How the responses in `out` were generated (the settings respond recorded in the JSONL beside
+    it), or None for a file made elsewhere (the book's responses, say)."""
+    rows = read_jsonl(jsonl_path_for(out)) if jsonl_path_for(out).exists() else []
+    settings = [row.get("settings") for row in rows if isinstance(row, dict)]
+    return settings[0] if settings and all(s == settings[0] for s in settings) else None
 
 
 def read_finished(jsonl: Path) -> dict[int, dict]:
@@ -61,18 +70,29 @@ def respond(
     shot_pool: list[dict] | None = None,
     progress: bool = True,
     repeat_stop: int = 0,
+    beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[dict]:
     """Generate responses for `entries`, appending to out.jsonl and finally writing out (JSON).
-    `repeat_stop` > 0 ends a response that starts repeating its last that many tokens (generate.Request)."""
+    `repeat_stop` > 0 ends a response that starts repeating its last that many tokens (generate.Request).
+    `beams` > 1: beam search with that many beams and `length_penalty` (beam.py) instead of
+    greedy or sampled decoding."""
     from tqdm import tqdm
 
     if out.suffix != ".json":
         raise UserError(f"{out}: the responses file must end in .json (a .jsonl is written beside it)")
     if shots and not shot_pool:
         raise UserError("few-shot responses need a pool of solved examples (the training split)")
+    if beams < 1:
+        raise UserError(f"--beams must be 1 (greedy) or more, got {beams}")
+    if beams > 1 and shots:
+        raise UserError("--beams does not combine with --few-shot (a few-shot answer ends at a stop string, "
+                        "which beam search does not track)")
     settings = {"model": loaded.name, "prompt_style": style.name, "max_new_tokens": max_new_tokens, "shots": shots}
     if repeat_stop:
         settings["repeat_stop"] = repeat_stop
+    if beams > 1:
+        settings |= {"beams": beams, "length_penalty": length_penalty}
     jsonl = jsonl_path_for(out)
     done = read_finished(jsonl)
     for index, row in done.items():
@@ -99,9 +119,13 @@ def respond(
     loaded.model.eval()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        results = generate(loaded.model, tokenizer, [tokenizer.encode(prompts[i]) for i in chunk],
-                           max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                           stop_strings=FEW_SHOT_STOPS if shots else (), repeat_stop=repeat_stop)
+        chunk_prompts = [tokenizer.encode(prompts[i]) for i in chunk]
+        if beams > 1:
+            results = beam_search(loaded.model, tokenizer, chunk_prompts, beams=beams, length_penalty=length_penalty,
+                                  max_new_tokens=max_new_tokens, stop_ids=stop_ids, repeat_stop=repeat_stop)
+        else:
+            results = generate(loaded.model, tokenizer, chunk_prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                               stop_strings=FEW_SHOT_STOPS if shots else (), repeat_stop=repeat_stop)
         rows = []
         for index, result in zip(chunk, results):
             text = first_line(result.text) if shots else result.text.strip()

@@ -11,6 +11,7 @@ from instructkit.evaluate.judge import JudgeConfig, judge_pairwise, judge_respon
 from instructkit.evaluate.metrics import summarize
 from instructkit.evaluate.stats import bootstrap_mean_ci, kendall_tau_b, pearson, spearman
 from instructkit.fileio import atomic_write_json
+from instructkit.respond import decoding_settings
 from instructkit.runs import RunFolder
 
 
@@ -83,6 +84,8 @@ def evaluate_file(
     entries = load_responses(responses_path)
     summary, per_entry = summarize([e["model_response"] for e in entries], [e["output"] for e in entries])
     result = {"responses": str(responses_path), "metrics": summary, "entries": [asdict(m) for m in per_entry]}
+    if (decoding := decoding_settings(responses_path)) is not None:
+        result["decoding"] = decoding
     checks = score_checks(entries)
     if checks is not None:
         from instructkit.evaluate.baselines import family_baselines

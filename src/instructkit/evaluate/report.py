@@ -69,7 +69,7 @@ def _training_blocks(run: RunFolder) -> list[tuple]:
         blocks.append(("img", run.loss_plot.with_suffix(".png"), "Loss plot"))
     if run.quality_plot.with_suffix(".png").exists():
         scored = [row for row in evals if "val_rouge_l" in row]
-        blocks.append(("p", f"Generated validation responses: ROUGE-L {scored[0]['val_rouge_l']:.3f} -> "
+        blocks.append(("p", f"Greedy validation responses at each evaluation: ROUGE-L {scored[0]['val_rouge_l']:.3f} -> "
                             f"{scored[-1]['val_rouge_l']:.3f}, chrF {scored[0]['val_chrf']:.1f} -> {scored[-1]['val_chrf']:.1f}"
                             + (f", exact-check accuracy {scored[0]['val_accuracy']:.1%} -> {scored[-1]['val_accuracy']:.1%}"
                                if "val_accuracy" in scored[-1] else "") + "."))
@@ -135,8 +135,21 @@ def _against_blocks(against: dict) -> list[tuple]:
     return blocks
 
 
+def _decoding_text(settings: dict) -> str:
+    """How respond generated the responses, in words (its recorded settings)."""
+    beams = settings.get("beams", 1)
+    parts = [f"beam search, {beams} beams, length penalty {settings.get('length_penalty', 1.0):g}" if beams > 1 else "greedy",
+             f"at most {settings.get('max_new_tokens')} new tokens"]
+    if settings.get("repeat_stop"):
+        parts.append(f"ended at a repeat of {settings['repeat_stop']} tokens")
+    if settings.get("shots"):
+        parts.append(f"{settings['shots']}-shot, first line")
+    return "; ".join(parts)
+
+
 def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path | None) -> list[tuple]:
-    blocks: list[tuple] = [("h", "instructkit report"), ("p", f"Responses: `{result['responses']}`")]
+    decoding = f" ({_decoding_text(result['decoding'])})" if "decoding" in result else ""
+    blocks: list[tuple] = [("h", "instructkit report"), ("p", f"Responses: `{result['responses']}`{decoding}")]
     if run_dir is not None and RunFolder(run_dir).metrics_file.exists():
         blocks += _training_blocks(RunFolder(run_dir))
     blocks.append(("h", "Metrics (no judge needed)"))

@@ -251,8 +251,8 @@ def _fit(session: Session, tokenizer, style: PromptStyle, config, train, val, sa
                     session.say(f"Early stop: validation loss has not improved for {config.early_stop} evaluations")
                     stopped_early = True
                     break
-            if state["step"] % config.save_every == 0:
-                save_checkpoint(run, state, **session.checkpoint_parts())
+            if state["step"] % config.save_every == 0 and state["batch_in_epoch"] < len(batches):
+                save_checkpoint(run, state, **session.checkpoint_parts())  # (an epoch's end saves below)
         if state["batch_in_epoch"] >= len(batches):  # the epoch is complete
             if config.sample_prompt and world.is_main and config.strategy != "fsdp":
                 # Rank 0 alone, from the plain model: no collective runs while the others wait.

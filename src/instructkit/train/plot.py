@@ -43,7 +43,7 @@ def plot_quality(evals: list[dict], out_stem: Path) -> list[Path]:
     right.set_ylabel("chrF / BLEU (0-100)")
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     left.legend(handles, [h.get_label() for h in handles], loc="lower right")
-    left.set_title("Generated validation responses during training")
+    left.set_title("Greedy validation responses during training")
     fig.tight_layout()
     return _save(fig, out_stem)
 
