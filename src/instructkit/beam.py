@@ -47,7 +47,6 @@ class _Search:
     beams: list[list[int]]
     scores: list[float]
     pool: list[_Finished]
-    done: bool = False
 
 
 @torch.no_grad()
@@ -107,16 +106,14 @@ def _search_group(model, tokenizer, prompts, k, length_penalty, max_new_tokens, 
                     ended.score = score / length**length_penalty
                     search.pool.append(ended)
             search.pool = sorted(search.pool, key=lambda f: -f.score)[:k]
-            if not going:
-                search.done = True
+            if not going:  # every candidate ended: the pool holds the answer
                 continue
             while len(going) < k:  # too few live candidates: fill with ones that cannot win
                 going.append((NEVER, going[0][1], going[0][2]))
             search.beams, search.scores = [tokens for _, _, tokens in going], [score for score, _, _ in going]
             best_possible = search.scores[0] / length**length_penalty
             if len(search.pool) == k and best_possible <= search.pool[-1].score:
-                search.done = True
-                continue
+                continue  # no running beam can beat the pool's worst (HF's heuristic)
             still_active.append(p)
             keep_rows += [slot * k + beam for _, beam, _ in going]
             next_tokens += [tokens[-1] for _, _, tokens in going]
