@@ -3,7 +3,7 @@
 Suites: peak, train, generate, quantized (generate's quantized-decoding rows alone), kernels (batch-1
 matmuls by weight format and kernel, behind quantized), load, quality,
 export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), kernels,
-recipes (an hour of fine-tuning to choose the chapter-data recipe on its validation split) and decoding
+recipes (six fine-tunings, 35 to 70 minutes, to choose the chapter-data recipe on validation responses) and decoding
 (the test responses' decoding, chosen on the validation split of a finished main job: --run). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The chapter's data when it sits beside the repo (as for CI), else the built-in dataset.
-_CHAPTER = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
-DATA = str(_CHAPTER) if _CHAPTER.exists() else "builtin"
+CHAPTER = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
+BOOK = CHAPTER.with_name("instruction-data-with-response.json")  # the book's gpt2-medium test responses
+DATA = str(CHAPTER) if CHAPTER.exists() else "builtin"
 
 
 def machine_info() -> dict:
@@ -104,3 +105,31 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cli_seconds(*args: str) -> float:
+    """Run `python -m instructkit ARGS` from the repo; its wall seconds, or RuntimeError with its last error line."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    if result.returncode != 0:
+        raise RuntimeError((result.stderr.strip().splitlines() or ["failed"])[-1])
+    return time.perf_counter() - started
+
+
+def chapter_response_budget() -> int:
+    """The main job's response budget on the chapter's data (twice its longest training response)."""
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.main_job import response_budget
+    from instructkit.models.registry import load_model
+
+    return response_budget(prepare_data(str(CHAPTER)).splits.train, load_model("tiny-gemma3").tokenizer)
+
+
+def score_responses(*paths: Path) -> dict:
+    """ROUGE-L, chrF, BLEU and words per response of the responses files taken together."""
+    from instructkit.evaluate.metrics import summarize
+
+    entries = [entry for path in paths for entry in json.loads(path.read_text())]
+    summary, _ = summarize([e["model_response"] for e in entries], [e["output"] for e in entries])
+    return {name: summary[name] for name in ("rouge_l", "chrf", "bleu", "response_words_mean")}

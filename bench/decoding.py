@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import print_table
-from bench.quality import BOOK, CHAPTER
-from bench.recipes import _budget, _cli, _scores
+from bench.common import BOOK, CHAPTER, chapter_response_budget, cli_seconds, score_responses
 from instructkit.main_job import REPEAT_STOP
 
 CANDIDATES = {"greedy": (1, 1.0), "4 beams, length penalty 0.5": (4, 0.5), "4 beams, length penalty 1.0": (4, 1.0),
@@ -43,22 +42,22 @@ def run(run_dir: Path | None, quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
             run_dir = Path(tmp) / "run"
-            _cli("finetune", "--model", "tiny-gemma3", "--data", str(CHAPTER), "--out", str(run_dir), "--max-steps", "3",
+            cli_seconds("finetune", "--model", "tiny-gemma3", "--data", str(CHAPTER), "--out", str(run_dir), "--max-steps", "3",
                  "--eval-batches", "1", "--no-sample")
         elif run_dir is None or not (run_dir / "metrics.jsonl").exists():
             print("\ndecoding: needs --run, a finished main-job folder on the chapter's data (python -m bench quality "
                   "keeps runs/bench-quality/seed-123)")
             return {"skipped": "no --run"}
-        tokens = ["--max-new-tokens", "6" if quick else str(_budget()), "--stop-on-repeat", str(REPEAT_STOP)]
+        tokens = ["--max-new-tokens", "6" if quick else str(chapter_response_budget()), "--stop-on-repeat", str(REPEAT_STOP)]
         training_s = _training_seconds(run_dir)
         results = []
         for name, (beams, length_penalty) in CANDIDATES.items():
             scored = {}
             for split in ("val", "test"):
                 out = Path(tmp) / f"{split}-{beams}-{length_penalty}.json"
-                seconds = _cli("respond", "--run", str(run_dir), "--split", split, "--out", str(out), "--beams", str(beams),
+                seconds = cli_seconds("respond", "--run", str(run_dir), "--split", split, "--out", str(out), "--beams", str(beams),
                                "--length-penalty", str(length_penalty), *tokens)
-                scored[split] = {**_scores(out), "respond_s": seconds}
+                scored[split] = {**score_responses(out), "respond_s": seconds}
             results.append({"name": name, "beams": beams, "length_penalty": length_penalty, **scored,
                             "job_s": training_s + scored["test"]["respond_s"] + REST_SECONDS})
             print(f"decoding: {name} done", flush=True)
@@ -72,7 +71,7 @@ def run(run_dir: Path | None, quick: bool = False) -> dict:
                 [[r["name"], f"{r['val']['respond_s']:.0f}", f"{r['test']['respond_s']:.0f}", f"{r['job_s']:.0f}",
                   f"{r['val']['rouge_l']:.3f}", f"{r['val']['chrf']:.1f}", f"{r['val']['bleu']:.1f}",
                   "<- chosen" if r is chosen else ("over budget" if r["job_s"] > JOB_SECONDS else "")] for r in results])
-    book = _scores(BOOK) if BOOK.exists() else {}
+    book = score_responses(BOOK) if BOOK.exists() else {}
     print_table("The same candidates on the test split (looked at once, after the choice)",
                 ["decoding", "test ROUGE-L", "test chrF", "test BLEU"],
                 [[r["name"], *(f"{r['test'][m]:.3f}" for m in ("rouge_l", "chrf", "bleu"))] for r in results]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import print_table
-from bench.quality import CHAPTER
+from bench.common import CHAPTER
 
 PREFERENCES = CHAPTER.with_name("instruction-data-with-preference.json")
 TARGET_ACCURACY, TARGET_SECONDS = 0.8, 600

@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import fmt_spread, print_table, run_worker, spread
+from bench.common import BOOK, CHAPTER, fmt_spread, print_table, run_worker, spread
 
-CHAPTER = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
-BOOK = CHAPTER.with_name("instruction-data-with-response.json")
 SEEDS = (123, 7, 2026)
 KEPT = Path(__file__).resolve().parents[1] / "runs" / "bench-quality"
 

@@ -82,3 +82,32 @@ def test_quick_decoding_suite_scores_every_candidate_on_both_splits():
         import os
 
         os.remove(path)
+
+
+def test_quick_recipes_suite_chooses_on_pooled_validation_responses_only():
+    """The recipes suite end to end on 3-step tiny models: every candidate trains on the training
+    split and on a fold of it, answers the validation split, the fold's held-out part and the test
+    split; the choice is the best mean rank of the pooled validation responses, never the test's."""
+    result = subprocess.run([sys.executable, "-m", "bench", "recipes", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
+    saved = json.loads(open(path).read())
+    try:
+        recipes = saved["recipes"]
+        assert [c["name"] for c in recipes["candidates"]] == ["full (all but the embedding), lr 1e-4",
+                                                              "full (all but the embedding), lr 5e-5",
+                                                              "LoRA r16 alpha 32, lr 5e-4"]
+        for candidate in recipes["candidates"]:
+            assert "error" not in candidate, candidate
+            assert candidate["fold_loss"] > 0 and all(0.0 <= candidate[part]["rouge_l"] <= 1.0
+                                                      for part in ("val", "pooled", "test"))
+        ranked = [c for c in recipes["candidates"] if "ranks" in c]
+        chosen = next(c for c in ranked if c["name"] == recipes["chosen"])
+        assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in ranked)
+        best_pooled_rouge = max(ranked, key=lambda c: c["pooled"]["rouge_l"])
+        assert best_pooled_rouge["ranks"][0] == 1
+    finally:
+        import os
+
+        os.remove(path)

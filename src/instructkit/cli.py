@@ -674,7 +674,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from instructkit.runs import default_run_dir
 
     job = MainJob(model=args.model, data=args.data, out=args.out or default_run_dir(args.data), seed=args.seed,
-                  epochs=args.epochs, lr=args.lr, warmup=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
+                  epochs=args.epochs, lr=args.lr, lora_rank=args.lora_rank, warmup=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
                   max_new_tokens=args.max_new_tokens, beams=args.beams, length_penalty=args.length_penalty,
                   base_max_new_tokens=args.base_max_new_tokens,
                   base_shots=args.base_shots, judge=_judge_config(args), baseline=args.baseline,
@@ -683,6 +683,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--baseline {job.baseline}: no such responses file")
     _positive("max-new-tokens", job.max_new_tokens)
     _positive("epochs", job.epochs)
+    if job.lr is not None and job.lr <= 0:
+        raise UserError(f"--lr must be positive, got {job.lr}")
+    if job.lora_rank is not None and job.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (no LoRA) or more, got {job.lora_rank}")
     _positive("beams", job.beams)
     _positive("base-max-new-tokens", job.base_max_new_tokens)
     if job.base_shots < 0:
@@ -907,7 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=123, help="seed of every random draw (default 123)")
     run.add_argument("--epochs", type=int, default=None,
                      help="default: 1 on the built-in data, 2 on any other (chosen on each one's validation split)")
-    run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    run.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 1e-4 on the built-in data, 5e-4 (LoRA) on any other)")
+    run.add_argument("--lora-rank", type=int, default=None,
+                     help="LoRA rank, 0 = every weight but the tied embedding trains (default: 0 on the built-in "
+                          "data, 16 on any other; chosen on each one's validation split)")
     run.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     run.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
     run.add_argument("--max-steps", type=int, default=None)

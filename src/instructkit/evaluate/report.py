@@ -45,7 +45,7 @@ def _short(text: str, limit: int = 300) -> str:
 
 def _recipe_line(config: dict) -> str:
     """The recipe in one sentence, from the run's saved config."""
-    trained = (f"LoRA rank {config['lora_rank']} on {', '.join(config.get('lora_targets', []))}" if config.get("lora_rank")
+    trained = (f"LoRA rank {config['lora_rank']} (alpha {config.get('lora_alpha'):g}) on {', '.join(config.get('lora_targets', []))}" if config.get("lora_rank")
                else "everything but the tied embedding" if config.get("freeze_embedding") else "every weight")
     return (f"Recipe: {config.get('epochs')} epoch(s), batch {config.get('batch_size')}, AdamW peak lr {config.get('lr')} "
             f"({config.get('schedule')}, {config.get('warmup')} warm-up steps), trains {trained}, loss on "
