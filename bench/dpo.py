@@ -14,14 +14,10 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import print_table
-from bench.common import CHAPTER
+from bench.common import CHAPTER, cli_seconds, print_table
 
 PREFERENCES = CHAPTER.with_name("instruction-data-with-preference.json")
 TARGET_ACCURACY, TARGET_SECONDS = 0.8, 600
@@ -37,18 +33,9 @@ RECIPE = ("--freeze-embedding",)
 STEPS = ("--max-steps", "40", "--eval-every", "40")
 
 
-def _cli(*args: str) -> float:
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    if result.returncode != 0:
-        raise RuntimeError((result.stderr.strip().splitlines() or ["failed"])[-1])
-    return time.perf_counter() - started
-
-
 def _short_run(sft: Path, out: Path, precompute: bool, quick: bool) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--max-steps", "2" if quick else "6",
+    cli_seconds("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--max-steps", "2" if quick else "6",
          *RECIPE, *(["--precompute-ref"] if precompute else []))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -66,15 +53,15 @@ def run(run_dir: str | None = None, quick: bool = False) -> dict:
         sft = Path(run_dir) if run_dir else tmp / "sft"
         if not run_dir:
             model = ["--model", "tiny-gemma3", "--max-steps", "3", "--max-new-tokens", "8", "--base-max-new-tokens", "4"] if quick else []
-            _cli("run", *model, "--data", str(CHAPTER), "--out", str(sft))
+            cli_seconds("run", *model, "--data", str(CHAPTER), "--out", str(sft))
         # Short runs first (with and without the reference model in memory), each its own process.
         # The smaller run first: peak RSS is read as the largest child so far.
         with_pre = _short_run(sft, tmp / "precomputed", True, quick)
         without = _short_run(sft, tmp / "two-models", False, quick)
         out = tmp / "dpo"
-        seconds = _cli("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--precompute-ref",
+        seconds = cli_seconds("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--precompute-ref",
                        *RECIPE, *(["--max-steps", "3"] if quick else STEPS))
-        _cli("evaluate", "--preferences", str(out), "--max-new-tokens", "8" if quick else "96")
+        cli_seconds("evaluate", "--preferences", str(out), "--max-new-tokens", "8" if quick else "96")
         evaluation = json.loads((out / "evaluation-preferences.json").read_text())
     reward, likelihood = evaluation["implicit_reward"], evaluation["likelihood_preference"]
     accuracy = reward["dpo"]["accuracy"]

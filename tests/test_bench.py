@@ -8,106 +8,83 @@ import sys
 from .conftest import REPO
 
 
-def test_quick_bench_runs_and_reports(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "peak", "train", "generate", "kernels", "--quick", "--repeats", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=1200)
+def _quick_suite(*args: str) -> tuple[str, dict]:
+    """Run `python -m bench ARGS --quick`; its printed output and its saved results (the results
+    file is removed: quick numbers are not kept)."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "bench", *args, "--quick"], cwd=REPO, capture_output=True, text=True,
+                            timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
+    saved = json.loads(open(path).read())
+    os.remove(path)
+    return result.stdout, saved
+
+
+def test_quick_bench_runs_and_reports(tmp_path):
+    out, saved = _quick_suite("peak", "train", "generate", "kernels", "--repeats", "1")
     for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "Gemma 3 270M, greedy",
                   "Batch-1 matmul by weight format"):
         assert title in out, title
-    path = out.strip().splitlines()[-1].split("Raw results: ")[1]
-    saved = json.loads(open(path).read())
-    try:
-        assert saved["quick"] is True and saved["peak"]["gflops"] > 0
-        summary = saved["train"]["summary"]
-        assert summary["gpt2: ours, chapter recipe"]["real_tok_s"]["median"] > 0
-        assert summary["gpt2: the chapter's loop"]["real_tok_s"]["median"] > 0
-        ratios = {r["what"]: r for r in saved["train"]["ratios"]}
-        same = ratios["gpt2-small, the chapter's recipe, incl. its evaluation"]
-        assert same["same_work"] and same["met"] in ("yes", "no") and same["ratio"]["n"] == 1
-        assert all(r["met"].startswith("-") for r in ratios.values() if not r["same_work"])
-        assert saved["generate"]["cache"]["speedup"]["median"] > 0
-        gemma = saved["generate"]["gemma"]["tok_s"]
-        assert gemma["batch 1: ours"]["median"] > 0 and gemma["batched: llama.cpp, 16 parallel slots"]["median"] > 0
-        kernels = saved["kernels"]["kernels"]
-        exact = next(row for name, row in kernels.items() if name.endswith("fp32 x @ W.T (exact)"))
-        assert exact["max_rel_error"] == 0 and exact["weight_gb_per_s"]["median"] > 0
-        # every kernel computes the same product as the exact one, within its format's rounding
-        assert all(row["max_rel_error"] < 0.2 and row["ms"]["median"] > 0 for row in kernels.values()), kernels
-        assert any("inductor" in name for name in kernels)
-        assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
-    finally:
-        import os
-
-        os.remove(path)  # quick results are not kept
+    assert saved["quick"] is True and saved["peak"]["gflops"] > 0
+    summary = saved["train"]["summary"]
+    assert summary["gpt2: ours, chapter recipe"]["real_tok_s"]["median"] > 0
+    assert summary["gpt2: the chapter's loop"]["real_tok_s"]["median"] > 0
+    ratios = {r["what"]: r for r in saved["train"]["ratios"]}
+    same = ratios["gpt2-small, the chapter's recipe, incl. its evaluation"]
+    assert same["same_work"] and same["met"] in ("yes", "no") and same["ratio"]["n"] == 1
+    assert all(r["met"].startswith("-") for r in ratios.values() if not r["same_work"])
+    assert saved["generate"]["cache"]["speedup"]["median"] > 0
+    gemma = saved["generate"]["gemma"]["tok_s"]
+    assert gemma["batch 1: ours"]["median"] > 0 and gemma["batched: llama.cpp, 16 parallel slots"]["median"] > 0
+    kernels = saved["kernels"]["kernels"]
+    exact = next(row for name, row in kernels.items() if name.endswith("fp32 x @ W.T (exact)"))
+    assert exact["max_rel_error"] == 0 and exact["weight_gb_per_s"]["median"] > 0
+    # every kernel computes the same product as the exact one, within its format's rounding
+    assert all(row["max_rel_error"] < 0.2 and row["ms"]["median"] > 0 for row in kernels.values()), kernels
+    assert any("inductor" in name for name in kernels)
+    assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
 
 
 def test_quick_dpo_suite_reports_step_times_and_accuracy():
     """The dpo suite end to end on a tiny model: short runs with and without --precompute-ref, one
     DPO run, the held-out evaluation."""
-    result = subprocess.run([sys.executable, "-m", "bench", "dpo", "--quick"], cwd=REPO, capture_output=True, text=True,
-                            timeout=1200)
-    assert result.returncode == 0, result.stderr[-2000:]
-    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
-    saved = json.loads(open(path).read())
-    try:
-        dpo = saved["dpo"]
-        assert dpo["two_models"]["step_seconds"] > 0 and dpo["precomputed"]["step_seconds"] > 0
-        assert 0.0 <= dpo["evaluation"]["implicit_reward"]["dpo"]["accuracy"] <= 1.0
-        assert dpo["evaluation"]["pairs"] > 0
-    finally:
-        import os
-
-        os.remove(path)
+    _, saved = _quick_suite("dpo")
+    dpo = saved["dpo"]
+    assert dpo["two_models"]["step_seconds"] > 0 and dpo["precomputed"]["step_seconds"] > 0
+    assert 0.0 <= dpo["evaluation"]["implicit_reward"]["dpo"]["accuracy"] <= 1.0
+    assert dpo["evaluation"]["pairs"] > 0
 
 
 def test_quick_decoding_suite_scores_every_candidate_on_both_splits():
     """The decoding suite end to end on a 3-step tiny model: every candidate answers the validation
     and test splits through `instructkit respond`; the choice comes from validation ranks only."""
-    result = subprocess.run([sys.executable, "-m", "bench", "decoding", "--quick"], cwd=REPO, capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-2000:]
-    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
-    saved = json.loads(open(path).read())
-    try:
-        decoding = saved["decoding"]
-        assert [c["beams"] for c in decoding["candidates"]] == [1, 4, 4, 8, 8]
-        for candidate in decoding["candidates"]:
-            for split in ("val", "test"):
-                assert candidate[split]["respond_s"] > 0 and 0.0 <= candidate[split]["rouge_l"] <= 1.0
-        chosen = next(c for c in decoding["candidates"] if c["name"] == decoding["chosen"])
-        assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in decoding["candidates"] if "ranks" in c)
-    finally:
-        import os
-
-        os.remove(path)
+    _, saved = _quick_suite("decoding")
+    decoding = saved["decoding"]
+    assert [c["beams"] for c in decoding["candidates"]] == [1, 4, 4, 8, 8]
+    for candidate in decoding["candidates"]:
+        for split in ("val", "test"):
+            assert candidate[split]["respond_s"] > 0 and 0.0 <= candidate[split]["rouge_l"] <= 1.0
+    chosen = next(c for c in decoding["candidates"] if c["name"] == decoding["chosen"])
+    assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in decoding["candidates"] if "ranks" in c)
 
 
 def test_quick_recipes_suite_chooses_on_pooled_validation_responses_only():
     """The recipes suite end to end on 3-step tiny models: every candidate trains on the training
     split and on a fold of it, answers the validation split, the fold's held-out part and the test
     split; the choice is the best mean rank of the pooled validation responses, never the test's."""
-    result = subprocess.run([sys.executable, "-m", "bench", "recipes", "--quick"], cwd=REPO, capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-2000:]
-    path = result.stdout.strip().splitlines()[-1].split("Raw results: ")[1]
-    saved = json.loads(open(path).read())
-    try:
-        recipes = saved["recipes"]
-        assert [c["name"] for c in recipes["candidates"]] == ["full (all but the embedding), lr 1e-4",
-                                                              "full (all but the embedding), lr 5e-5",
-                                                              "LoRA r16 alpha 32, lr 5e-4"]
-        for candidate in recipes["candidates"]:
-            assert "error" not in candidate, candidate
-            assert candidate["fold_loss"] > 0 and all(0.0 <= candidate[part]["rouge_l"] <= 1.0
-                                                      for part in ("val", "pooled", "test"))
-        ranked = [c for c in recipes["candidates"] if "ranks" in c]
-        chosen = next(c for c in ranked if c["name"] == recipes["chosen"])
-        assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in ranked)
-        best_pooled_rouge = max(ranked, key=lambda c: c["pooled"]["rouge_l"])
-        assert best_pooled_rouge["ranks"][0] == 1
-    finally:
-        import os
-
-        os.remove(path)
+    _, saved = _quick_suite("recipes")
+    recipes = saved["recipes"]
+    assert [c["name"] for c in recipes["candidates"]] == ["full (all but the embedding), lr 1e-4",
+                                                          "full (all but the embedding), lr 5e-5",
+                                                          "LoRA r16 alpha 32, lr 5e-4"]
+    for candidate in recipes["candidates"]:
+        assert "error" not in candidate, candidate
+        assert candidate["fold_loss"] > 0 and all(0.0 <= candidate[part]["rouge_l"] <= 1.0
+                                                  for part in ("val", "pooled", "test"))
+    ranked = [c for c in recipes["candidates"] if "ranks" in c]
+    chosen = next(c for c in ranked if c["name"] == recipes["chosen"])
+    assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in ranked)
+    best_pooled_rouge = max(ranked, key=lambda c: c["pooled"]["rouge_l"])
+    assert best_pooled_rouge["ranks"][0] == 1
