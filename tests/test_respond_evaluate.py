@@ -95,8 +95,9 @@ def test_the_main_job_takes_each_datasets_recipe_and_explicit_settings_over_it(c
     chapter = MainJob(data=str(chapter_data_path), out="x")
     assert (chapter.recipe().epochs, chapter.recipe().lora_rank, chapter.recipe().lora_alpha) == (2, 16, 32.0)
     assert chapter.chosen.beams == 4 and chapter.recipe().lr == 5e-4 and chapter.recipe().freeze_embedding
-    full = MainJob(data=str(chapter_data_path), out="x", lora_rank=0, lr=2e-5, epochs=3, beams=1)
-    assert (full.recipe().lora_rank, full.recipe().lr, full.recipe().epochs, full.chosen.beams) == (0, 2e-5, 3, 1)
+    full = MainJob(data=str(chapter_data_path), out="x", lora_rank=0, epochs=3, beams=1)
+    assert (full.recipe().lora_rank, full.recipe().lr, full.recipe().epochs, full.chosen.beams) == (0, 1e-4, 3, 1)
+    assert MainJob(data=str(chapter_data_path), out="x", lr=2e-5).recipe().lr == 2e-5  # an explicit lr wins
     refused = run_cli("run", "--data", str(chapter_data_path), "--lora-rank", "-1", "--out", str(tmp_path / "r"))
     assert refused.returncode == 2 and not (tmp_path / "r").exists()
     assert refused.stderr.strip() == "instructkit: error: --lora-rank must be 0 (no LoRA) or more, got -1"

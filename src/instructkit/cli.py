@@ -912,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, default=None,
                      help="default: 1 on the built-in data, 2 on any other (chosen on each one's validation split)")
     run.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate (default: 1e-4 on the built-in data, 5e-4 (LoRA) on any other)")
+                     help="peak learning rate (default: 1e-4 when every weight but the embedding trains, 5e-4 with LoRA)")
     run.add_argument("--lora-rank", type=int, default=None,
                      help="LoRA rank, 0 = every weight but the tied embedding trains (default: 0 on the built-in "
                           "data, 16 on any other; chosen on each one's validation split)")
