@@ -32,7 +32,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	touch $@
 
+# llama.cpp (a test reference) compiles on install. Built for AVX2 rather than -march=native:
+# a native build on a VM whose CPU reports AMX without the hypervisor enabling it faults at its
+# first AMX instruction (ldtilecfg, a general-protection fault in libggml-cpu), seen 2026-12-04.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir "llama-cpp-python[server]>=0.3"
 	$(PIP) install -e ".[test]"
 	touch $@
 
