@@ -149,6 +149,8 @@ def quantized_decoding(quick: bool, repeats: int) -> dict:
               "model": "tiny-gemma3" if quick else "gemma-3-270m"}
     with tempfile.TemporaryDirectory() as folder:
         engines = {f"ours, --quantize {mode}": {"engine": "ours", "mode": mode} for mode in ("none", "fp16", "int8", "int4")}
+        engines |= {f"ours, --quantize {mode} --compile": {"engine": "ours", "mode": mode, "compile": True}
+                    for mode in ("none", "int8")}
         if not quick:
             engines["llama.cpp Q4_K_M"] = {"engine": "llama.cpp", "gguf": str(embedded_gguf_path())}
             engines["llama.cpp Q8_0"] = {"engine": "llama.cpp", "gguf": _q8_0_gguf(Path(folder))}
@@ -162,20 +164,26 @@ def quantized_decoding(quick: bool, repeats: int) -> dict:
 
     rows, summary = [], {}
     for name in engines:
-        summary[name] = {key: stat(name, key) for key in ("tok_s", "ttft_s", "bytes_per_token", "peak_rss_bytes")}
+        summary[name] = {key: stat(name, key) for key in ("tok_s", "ttft_s", "bytes_per_token", "peak_rss_bytes", "compile_s")}
         errors = [r["error"] for r in runs[name] if "error" in r]
+        compile_s = summary[name]["compile_s"]["median"]
         rows.append([name, fmt_spread(summary[name]["tok_s"], "{:.1f}"), fmt_spread(summary[name]["ttft_s"], "{:.2f}"),
                      f"{summary[name]['bytes_per_token']['median'] / 1e6:,.0f}",
-                     f"{summary[name]['peak_rss_bytes']['median'] / 1e9:.2f}", errors[0] if errors else ""])
+                     f"{summary[name]['peak_rss_bytes']['median'] / 1e9:.2f}",
+                     fmt_spread(summary[name]["compile_s"], "{:.1f}") if compile_s > 0 else "", errors[0] if errors else ""])
     ratios = {}
     if not quick:
         for ours, peer in (("ours, --quantize int4", "llama.cpp Q4_K_M"), ("ours, --quantize int8", "llama.cpp Q8_0"),
-                           ("ours, --quantize int8", "llama.cpp Q4_K_M"), ("ours, --quantize fp16", "llama.cpp Q8_0")):
+                           ("ours, --quantize int8", "llama.cpp Q4_K_M"), ("ours, --quantize fp16", "llama.cpp Q8_0"),
+                           ("ours, --quantize int8 --compile", "llama.cpp Q8_0"),
+                           ("ours, --quantize int8 --compile", "llama.cpp Q4_K_M"),
+                           ("ours, --quantize int8 --compile", "ours, --quantize int8")):
             ratios[f"{ours} / {peer}"] = spread([a.get("tok_s", float("nan")) / b.get("tok_s", float("nan"))
                                                  for a, b in zip(runs[ours], runs[peer])])
     print_table(f"Gemma 3 270M, batch 1: {len(prompts)} chat prompts x exactly {budget} new tokens; time to first "
-                f"token of a {len(long_prompt)}-token prompt", ["engine", "tok/s", "TTFT s", "MB read/token", "peak RSS GB", ""],
-                rows + [[k, fmt_spread(v, "{:.2f}", "x"), "", "", "", ""] for k, v in ratios.items()])
+                f"token of a {len(long_prompt)}-token prompt", ["engine", "tok/s", "TTFT s", "MB read/token", "peak RSS GB",
+                                                  "compile s", ""],
+                rows + [[k, fmt_spread(v, "{:.2f}", "x"), "", "", "", "", ""] for k, v in ratios.items()])
     return {"summary": summary, "ratios": ratios, "raw": runs, "budget": budget, "prompt_tokens": [len(p) for p in prompts],
             "long_prompt_tokens": len(long_prompt)}
 

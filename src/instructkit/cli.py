@@ -120,7 +120,16 @@ def _inference_model(spec: str, args: argparse.Namespace):
         mode = "none"
     loaded = quantize_loaded(load_model(spec), mode)
     place_for_inference(loaded.model, device, args.precision)
+    if getattr(args, "compile", False):  # generate, chat and serve offer --compile
+        from instructkit import static_decode
+
+        print("Compiling the decode step (torch.compile; ~10-40 s, once per process)...", file=sys.stderr, flush=True)
+        static_decode.enable(loaded.model)
     return loaded
+
+
+COMPILE_HELP = ("compile the decode step into one graph (torch.compile): faster tokens at batch 1 after a "
+                "first compile of ~10-30 s (docs/BENCHMARKS.md)")
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -744,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--quantize", default="none", help="low-precision decoding weights: none (default), fp16, int8, int4 or auto")
+    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     _add_device_options(gen)
     gen.set_defaults(handler=cmd_generate)
 
@@ -817,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--quantize", default=TALK_QUANTIZE,
                             help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                                  "greedy answers within the agreement target, docs/BENCHMARKS.md)")
+        parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         _add_device_options(parser)
 
     talk = subcommands.add_parser("chat", help="talk to a model in the terminal (streaming, multi-turn)")

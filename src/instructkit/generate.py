@@ -217,9 +217,13 @@ class Decoder:
         kept_tokens = step_tokens[[i for i, (request, _) in enumerate(produced) if not request.finished]]
         self._keep(keep)
         if self.rows:
-            hidden = self.model(kept_tokens[:, None].to(self.device), positions=self.next_position[:, None].to(self.device),
-                                cache=self.cache, return_hidden=True)
-            self.logits = self.model.head(hidden[:, -1])
+            tokens, positions = kept_tokens[:, None].to(self.device), self.next_position[:, None].to(self.device)
+            static_step = getattr(self.model, "static_step", None)  # instructkit.static_decode.enable
+            if static_step is not None:
+                self.logits = static_step(tokens, positions, self.cache)
+            else:
+                hidden = self.model(tokens, positions=positions, cache=self.cache, return_hidden=True)
+                self.logits = self.model.head(hidden[:, -1])
             self.next_position = self.next_position + 1
         return produced
 

@@ -39,10 +39,20 @@ class KVCache:
         self.length = 0
         self.capacity = capacity
         self.masks: dict[int | None, torch.Tensor | None] = {}  # per window, for the current forward pass
+        # Static-shape decoding (instructkit.static_decode): when set, a one-token step writes at
+        # this slot ((1,) long tensor, set by the caller) and attends over the whole capacity,
+        # masked by position and validity, so no Python value in the step changes between steps
+        # and a compiled step is reused for every token.
+        self.write_slot: torch.Tensor | None = None
 
-    def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice:
-        """Claim slots for T new tokens (positions and validity (B, T)); returns their slice."""
+    def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice | torch.Tensor:
+        """Claim slots for T new tokens (positions and validity (B, T)); returns their slice, or
+        the (1,) slot tensor of a static-shape step."""
         steps = positions.shape[1]
+        if self.write_slot is not None and steps == 1:
+            self.positions.index_copy_(1, self.write_slot, positions)
+            self.valid.index_copy_(1, self.write_slot, valid)
+            return self.write_slot
         if self.length + steps > self.capacity:
             raise ValueError(f"KV cache full: {self.length} + {steps} > {self.capacity}")
         slots = slice(self.length, self.length + steps)
@@ -127,7 +137,7 @@ def attend(
     positions: torch.Tensor,  # (B, T)
     valid: torch.Tensor | None,  # (B, T) False for padding, None when nothing is padded
     cache: LayerCache | None,
-    cache_state: tuple[KVCache, slice] | None,
+    cache_state: tuple[KVCache, slice | torch.Tensor] | None,
     window: int | None,
     scale: float,
     default_positions: bool,
@@ -136,7 +146,13 @@ def attend(
 
     `default_positions` says positions are 0..T-1 in every row, so a plain causal mask is exact."""
     steps = q.shape[2]
-    if cache is not None and cache_state is not None:
+    if cache is not None and cache_state is not None and isinstance(cache_state[1], torch.Tensor):
+        kv_cache, slot = cache_state  # a static-shape step: see KVCache.write_slot
+        cache.keys.index_copy_(2, slot, k)
+        cache.values.index_copy_(2, slot, v)
+        k, v = cache.keys, cache.values  # (B, H_kv, capacity, D)
+        mask = attention_mask(positions, kv_cache.positions, kv_cache.valid, window)
+    elif cache is not None and cache_state is not None:
         kv_cache, slots = cache_state
         cache.keys[:, :, slots] = k
         cache.values[:, :, slots] = v
@@ -164,3 +180,4 @@ def attend(
         causal = cache is None or steps > 1  # one cached query sees all keys: not the top-left causal corner
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+

@@ -31,7 +31,9 @@ the kernels' packed forms are rebuilt from them at load, which takes well under 
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -46,6 +48,49 @@ INT4_ROWS_MULTIPLE = 16  # the int4 CPU packing works on tiles of 16 output rows
 SHORTLIST = 32
 
 
+# FBGEMM's packed weights are TorchScript objects, which torch.compile cannot pass through a
+# graph (every product would break it in two). So each packed weight is registered here under an
+# int, and the products are custom ops taking only tensors and ints: a compiled decode step
+# (instructkit.static_decode) then holds them as single external calls. A layer's entry leaves
+# with the layer.
+_PACKED: dict[int, object] = {}
+_next_key = itertools.count()
+
+
+def _register_packed(owner: nn.Module, packed) -> int:
+    key = next(_next_key)
+    _PACKED[key] = packed
+    weakref.finalize(owner, _PACKED.pop, key, None)
+    return key
+
+
+# A plain operator library rather than torch.library.custom_op: its Python wrapper costs ~20 us a
+# call against ~4 us here, and a decode step makes 127 of them.
+_LIBRARY = torch.library.Library("instructkit", "DEF")
+_LIBRARY.define("fbgemm_fp16(Tensor x, int key, int out_features) -> Tensor")
+_LIBRARY.define("fbgemm_int8(Tensor x, int key, int out_features) -> Tensor")
+
+
+def _fbgemm_fp16(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N): FBGEMM's fp16-weight product with the packed weight `key`."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[key])
+
+
+def _fbgemm_int8(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N): FBGEMM's dynamic int8 product (7-bit inputs, see Int8RowLinear)."""
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], True)
+
+
+def _product_shape(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+_LIBRARY.impl("fbgemm_fp16", _fbgemm_fp16, "CPU")
+_LIBRARY.impl("fbgemm_int8", _fbgemm_int8, "CPU")
+torch.library.register_fake("instructkit::fbgemm_fp16", _product_shape, lib=_LIBRARY)
+torch.library.register_fake("instructkit::fbgemm_int8", _product_shape, lib=_LIBRARY)
+
+
 class Fp16Linear(nn.Module):
     """y = x W^T + b, W stored fp16 and packed for FBGEMM; x (..., K) fp32 -> y (..., N) fp32."""
 
@@ -55,7 +100,7 @@ class Fp16Linear(nn.Module):
         super().__init__()
         self.weight16 = tensors["weight16"]  # (N, K) fp16: the cached form
         self.out_features, self.in_features = self.weight16.shape
-        self.packed = torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), bias)
+        self.packed_key = _register_packed(self, torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), bias))
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,7 +113,7 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float().contiguous()
-        return torch.ops.quantized.linear_dynamic_fp16(x2d, self.packed).reshape(*x.shape[:-1], self.out_features)
+        return torch.ops.instructkit.fbgemm_fp16(x2d, self.packed_key, self.out_features).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8RowLinear(nn.Module):
@@ -89,7 +134,8 @@ class Int8RowLinear(nn.Module):
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; FBGEMM's prepack still takes only them
             warnings.simplefilter("ignore", UserWarning)
             per_row = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.int64), 0)
-        self.packed = torch.ops.quantized.linear_prepack(per_row, None)  # the bias is added after the rows are scaled back
+        # the bias is added after the rows are scaled back
+        self.packed_key = _register_packed(self, torch.ops.quantized.linear_prepack(per_row, None))
         self.bias = bias
         self.anchor = torch.zeros(1, self.in_features)  # (1, K): pins every call's input range to [-1, 1]
         self.anchor[0, 0], self.anchor[0, 1] = 1.0, -1.0
@@ -111,7 +157,8 @@ class Int8RowLinear(nn.Module):
         # reduce_range=True: 7-bit inputs. Without AVX-512 VNNI, FBGEMM adds pairs of u8 x s8
         # products in int16, which saturates with full-range inputs (seen on AVX2: errors of 0.4
         # where the format allows 0.01); PyTorch's own dynamic quantization on fbgemm does the same.
-        out = torch.ops.quantized.linear_dynamic(torch.cat([rows / size, self.anchor]).contiguous(), self.packed, True)
+        inputs = torch.cat([rows / size, self.anchor]).contiguous()
+        out = torch.ops.instructkit.fbgemm_int8(inputs, self.packed_key, self.out_features)
         out = out[:-1] * size  # (M, N)
         if self.bias is not None:
             out = out + self.bias

@@ -1,0 +1,72 @@
+"""A decode step compiled as one graph: what makes batch-1 decoding (chat, one user of the server)
+fast on a CPU.
+
+At batch 1 a step of the default model reads the weights once (~17 ms at the kernels' speed in
+int8 mode) but also runs ~1,500 small operations (norms, rotary embeddings, residual adds, cache
+writes; 2-5 us each plus the Python around them), ~20 ms more (docs/BENCHMARKS.md). torch.compile
+(inductor) fuses those into a few generated C++ loops; the weight products stay external calls
+(FBGEMM's through the custom ops of models/quantize.py).
+
+A graph is only reused while nothing it read changes, so the step is written to read no Python
+value that moves from token to token: the KV cache keeps a fixed capacity, the new token's slot is
+a tensor (`KVCache.write_slot`) and the mask comes from the cache's positions and validity by
+tensor arithmetic (models/attention.py). The cache's capacity is marked dynamic, so one graph
+serves every prompt length; compiling takes ~10-40 s (inductor keeps its generated code on disk,
+so a later process starts faster). A second batch size compiles once more (batch 1 is the case
+this is for; the server's changing batches work, with a compile per new shape at first).
+
+`enable(model)` attaches a `StaticStep` to the model; the engine's `Decoder` (generate.py) then
+runs every one-token step through it, so chat, serve and generate need nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructkit.models.attention import KVCache
+
+
+class StaticStep:
+    """logits (B, V) of one new token per row, written into a static-capacity cache."""
+
+    def __init__(self, model: torch.nn.Module, *, compile: bool = True):
+        self.model = model
+        self.compiled = compile
+        self._forward = torch.compile(self._step, fullgraph=True) if compile else self._step
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        hidden = self.model(tokens, positions=positions, cache=cache, return_hidden=True)  # (B, 1, C)
+        return self.model.head(hidden[:, -1])
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens and positions (B, 1) -> logits (B, V); advances the cache by one slot."""
+        if cache.length + 1 > cache.capacity:
+            raise ValueError(f"KV cache full: {cache.length} + 1 > {cache.capacity}")
+        if cache.write_slot is None:
+            cache.write_slot = torch.zeros(1, dtype=torch.long, device=cache.positions.device)
+            if self.compiled:
+                torch._dynamo.mark_dynamic(cache.positions, 1)
+                torch._dynamo.mark_dynamic(cache.valid, 1)
+                for layer in cache.layers:
+                    torch._dynamo.mark_dynamic(layer.keys, 2)
+                    torch._dynamo.mark_dynamic(layer.values, 2)
+        cache.write_slot.fill_(cache.length)
+        logits = self._forward(tokens, positions, cache)
+        cache.length += 1
+        return logits
+
+
+def enable(model: torch.nn.Module, *, compile: bool = True) -> torch.nn.Module:
+    """Decode `model` through a StaticStep from now on (compiled unless `compile=False`, which
+    keeps the static-shape arithmetic in eager mode: the tests' reference). Compiling happens
+    here, on a throwaway cache, so that a chat's first answer does not wait for it. Returns the
+    model."""
+    step = StaticStep(model, compile=compile)
+    if compile:
+        device = next(model.parameters()).device
+        cache = model.new_cache(1, 16, device=device)
+        for position in range(2):  # the first call compiles; the second checks the graph is reused
+            step(torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), position, device=device), cache)
+    model.static_step = step
+    return model
