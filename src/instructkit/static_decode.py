@@ -1,11 +1,11 @@
 """A decode step compiled as one graph: what makes batch-1 decoding (chat, one user of the server)
 fast on a CPU.
 
-At batch 1 a step of the default model reads the weights once (~17 ms at the kernels' speed in
-int8 mode) but also runs ~1,500 small operations (norms, rotary embeddings, residual adds, cache
-writes; 2-5 us each plus the Python around them), ~20 ms more (docs/BENCHMARKS.md). torch.compile
-(inductor) fuses those into a few generated C++ loops; the weight products stay external calls
-(FBGEMM's through the custom ops of models/quantize.py).
+At batch 1 a step of the default model reads the weights once but also runs ~1,500 small
+operations (norms, rotary embeddings, residual adds, cache writes; 2-5 us each plus the Python
+around them): on the AVX2 machine first measured, ~20 ms of a 37 ms int8 token
+(docs/BENCHMARKS.md). torch.compile (inductor) fuses those into a few generated C++ loops; the
+weight products stay external calls (FBGEMM's through the operators of models/quantize.py).
 
 A graph is only reused while nothing it read changes, so the step is written to read no Python
 value that moves from token to token: the KV cache keeps a fixed capacity, the new token's slot is
