@@ -38,10 +38,11 @@ def test_static_shape_steps_give_the_engines_tokens_batched_and_single(name):
     assert [r.token_ids for r in uneven] == [e[:5] for e in expected[:2]] + expected[2:]
 
 
-@pytest.mark.parametrize("mode", ["none", "int8"])
-def test_the_compiled_step_gives_the_same_tokens_on_a_tiny_model(mode):
+def test_the_compiled_step_gives_the_same_tokens_on_a_tiny_model():
+    """In int8, the mode chat and serve use: its FBGEMM products are the compiled graph's external
+    calls (models/quantize.py's operators); the rest of the step is the same in every mode."""
     loaded = load_model("tiny-gemma3", seed=4)
-    model = quantize_model(loaded.model, mode)
+    model = quantize_model(loaded.model, "int8")
     prompts = [loaded.tokenizer.encode(text) for text in TEXTS]
     expected = _token_ids(model, loaded.tokenizer, prompts)
     compiled = static_decode.enable(model)
