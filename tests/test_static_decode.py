@@ -66,3 +66,22 @@ def test_generate_with_compile_prints_what_it_prints_without():
     assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == plain.stdout and plain.stdout.strip()
     assert "Compiling the decode step" in compiled.stderr
+
+
+def test_a_failing_compile_is_one_line_and_leaves_the_model_eager(monkeypatch):
+    """Inductor needs a C++ compiler; without one (here: torch.compile replaced by a function that
+    fails like it) --compile says so in one line and the model keeps its eager decoding."""
+    from instructkit.errors import UserError
+
+    def broken_compile(fn, **options):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(long traceback)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = load_model("tiny-gemma3").model
+    with pytest.raises(UserError) as error:
+        static_decode.enable(model)
+    message = str(error.value)
+    assert "\n" not in message and "No working C++ compiler" in message and "without --compile" in message
+    assert not hasattr(model, "static_step")

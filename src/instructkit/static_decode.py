@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from instructkit.errors import UserError
 from instructkit.models.attention import KVCache
 
 
@@ -66,7 +67,12 @@ def enable(model: torch.nn.Module, *, compile: bool = True) -> torch.nn.Module:
     if compile:
         device = next(model.parameters()).device
         cache = model.new_cache(1, 16, device=device)
-        for position in range(2):  # the first call compiles; the second checks the graph is reused
-            step(torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), position, device=device), cache)
+        try:
+            for position in range(2):  # the first call compiles; the second checks the graph is reused
+                step(torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), position, device=device), cache)
+        except Exception as error:  # e.g. no C++ compiler for inductor's code: say so in one line
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(f"--compile: torch.compile could not compile the decode step ({type(error).__name__}: "
+                            f"{reason}); run without --compile") from None
     model.static_step = step
     return model
