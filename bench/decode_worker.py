@@ -23,7 +23,8 @@ def _weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every linear layer's stored form (the tied head in
     full, through whatever stands in for it), norms, one embedding row. Shortlist rescoring reads
     32 rows more: noise next to the rest, counted all the same."""
-    from instructkit.models.quantize import SHORTLIST, Fp16Linear, Int4Linear, Int8RowLinear, ShortlistHead
+    from instructkit.models.quantize import (SHORTLIST, Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear,
+                                             Int8RowLinear, ShortlistHead)
 
     total = 0
     for module in model.modules():
@@ -31,6 +32,10 @@ def _weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, Fp16Linear):
             total += module.weight16.numel() * 2
+        elif isinstance(module, Int8GroupLinear):
+            total += module.q.numel() + module.scale.numel() * 4
+        elif isinstance(module, Int4GroupLinear):
+            total += module.packed.numel() + (module.scale.numel() + module.low.numel()) * 2
         elif isinstance(module, Int8RowLinear):
             total += module.out_features * (module.in_features + 4)
         elif isinstance(module, Int4Linear):

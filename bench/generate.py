@@ -150,7 +150,7 @@ def quantized_decoding(quick: bool, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         engines = {f"ours, --quantize {mode}": {"engine": "ours", "mode": mode} for mode in ("none", "fp16", "int8", "int4")}
         engines |= {f"ours, --quantize {mode} --compile": {"engine": "ours", "mode": mode, "compile": True}
-                    for mode in (("int8",) if quick else ("none", "int8"))}  # quick: one compile checks the harness
+                    for mode in (("int8",) if quick else ("none", "int8", "int4"))}  # quick: one compile checks the harness
         if not quick:
             engines["llama.cpp Q4_K_M"] = {"engine": "llama.cpp", "gguf": str(embedded_gguf_path())}
             engines["llama.cpp Q8_0"] = {"engine": "llama.cpp", "gguf": _q8_0_gguf(Path(folder))}
@@ -176,6 +176,7 @@ def quantized_decoding(quick: bool, repeats: int) -> dict:
         for ours, peer in (("ours, --quantize int4", "llama.cpp Q4_K_M"), ("ours, --quantize int8", "llama.cpp Q8_0"),
                            ("ours, --quantize int8", "llama.cpp Q4_K_M"), ("ours, --quantize fp16", "llama.cpp Q8_0"),
                            ("ours, --quantize int8 --compile", "llama.cpp Q8_0"),
+                           ("ours, --quantize int4 --compile", "llama.cpp Q4_K_M"),
                            ("ours, --quantize int8 --compile", "llama.cpp Q4_K_M"),
                            ("ours, --quantize int8 --compile", "ours, --quantize int8")):
             ratios[f"{ours} / {peer}"] = spread([a.get("tok_s", float("nan")) / b.get("tok_s", float("nan"))

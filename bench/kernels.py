@@ -8,6 +8,8 @@ the kernels behind `--quantize` (models/quantize.py) and the candidates it does 
 
 - fp32 `x @ W.T` (aten / oneDNN), the exact baseline;
 - fp16 and per-row int8 on FBGEMM (`--quantize fp16`, int8's head);
+- int8 and int4 weight-only in groups of 32 on our own C++ kernels (models/native.py; `--quantize
+  int8`'s body, `--quantize int4`'s body and head);
 - int8 weight-only on aten's `_weight_int8pack_mm` (what gpt-fast and torchao call on CPU);
 - int4 in groups of 32 on aten's `_weight_int4pack_mm_for_cpu` (`--quantize int4`);
 - int8 weight-only written as plain torch and compiled by inductor (torch.compile), in the two
@@ -40,7 +42,9 @@ def _int8_mul_sum(x, q, scale):
 
 def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
     """name -> (a function of x (1, K) giving (1, N), weight bytes it reads per call)."""
-    from instructkit.models.quantize import Fp16Linear, Int4Linear, Int8RowLinear, kernels_available
+    from instructkit.models import native
+    from instructkit.models.quantize import (Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
+                                             kernels_available)
 
     weight = torch.randn(n, k) * 0.02
     int8 = Int8RowLinear.quantize(weight)  # q (N, K) int8, scale (N,): every int8 row below reads these
@@ -49,6 +53,11 @@ def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
     if kernels_available("fp16"):
         kernels["fp16, FBGEMM linear_dynamic_fp16"] = (Fp16Linear(Fp16Linear.quantize(weight), None), n * k * 2)
         kernels["int8 per row, FBGEMM linear_dynamic"] = (Int8RowLinear(int8, None), n * k)
+    if native.available():
+        group_bytes = n * k + n * k // 32 * 4  # int8 weights + one fp32 scale per 32
+        kernels["int8 groups of 32, ours (C++)"] = (Int8GroupLinear(Int8GroupLinear.quantize(weight), None), group_bytes)
+        int4_bytes = n * k // 2 + n * k // 32 * 4  # two weights a byte + fp16 scale and low per 32
+        kernels["int4 groups of 32, ours (C++)"] = (Int4GroupLinear(Int4GroupLinear.quantize(weight), None), int4_bytes)
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         kernels["int8 per row, aten _weight_int8pack_mm"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale), n * k)
     if kernels_available("int4"):

@@ -1,29 +1,38 @@
-"""Low-precision weights for decoding, on PyTorch's own CPU kernels.
+"""Low-precision weights for decoding, on our own C++ kernels and PyTorch's.
 
 Batch-1 decoding reads every weight once per token, so its speed is memory bandwidth: fp32 Gemma
 3 270M reads ~1.07 GB a token (the tied 262,144 x 640 head alone 671 MB, the body ~400 MB). Each
 mode stores the weights smaller and multiplies them with fp32 activations; the training weights
 are untouched (the copies replace the linear layers of a model loaded for inference only).
 
-| mode | body (attention, MLP) | head | kernel |
+| mode | body (attention, MLP) | head (proposes 32 candidates, rescored in fp32) | kernel |
 | --- | --- | --- | --- |
-| fp16 | fp16 | fp16 | FBGEMM `linear_dynamic_fp16` (x86) |
-| int8 | fp16 | int8 per row, shortlist rescored in fp32 | FBGEMM `linear_dynamic` (x86) |
-| int4 | int4, groups of 32 | int4, shortlist rescored | aten `_weight_int4pack_mm_for_cpu` |
+| fp16 | fp16 | fp16 (no shortlist) | FBGEMM `linear_dynamic_fp16` (x86) |
+| int8 | int8, groups of 32 | int8 per row | body: ours (models/native.py); head: FBGEMM `linear_dynamic` |
+| int4 | int4, groups of 32 | int4, groups of 32 | ours |
+| int8 without ours | fp16 | int8 per row | FBGEMM (`linear_dynamic_fp16`, `linear_dynamic`) |
+| int4 without ours | int4, groups of 32 | int4 | aten `_weight_int4pack_mm_for_cpu` |
 
-Why int8 keeps an fp16 body: measured on the default model (docs/BENCHMARKS.md), an int8 body
-agrees with fp32 greedy decoding on 98.4% (weight-only int8) or 95.3% (FBGEMM's int8 activations)
-of teacher-forced steps, under the 99% target, and decodes no faster, because the head is 63% of
-the weights read. The head, though, is safe in int8: it only has to *propose* candidates (the
-`shortlist`), whose exact logits then come from the fp32 rows of the tied embedding, so a greedy
-or top-k choice is the fp32 one unless the best token falls outside the shortlist. FBGEMM
-quantizes its input per call; rows scaled to max |x| = 1 and an anchor row that fixes the call's
-range make a row's candidates independent of what else is in the batch (Int8RowLinear).
-PyTorch's weight-only `_weight_int8pack_mm` exists too, but on the processor we first measured
-on (AMD EPYC, AVX-512) it decodes slower than fp32 (6.9 vs 10.0 tokens/s), and the int4 kernel,
-the only int4 matmul in torch, slower still (3.6; a 2048 x 640 layer takes 1.2 ms for one row,
-fp32 0.3 ms): int4 is here for its memory (an eighth of fp32) and for processors where
-that kernel is fast, not for speed on this one.
+Our kernels are weight-only: the fp32 input is multiplied by the low-bit weights (each group of 32
+with its own scale) without being rounded itself, and a row's result never depends on its batch.
+Measured on the default model (docs/BENCHMARKS.md): one int8 scale per row instead agrees with
+fp32 greedy decoding on only 98.4% of teacher-forced steps, and FBGEMM's int8 (which rounds the
+*input* to 7 bits) on 95.3%, under the 99% target; groups of 32 agree on 99.7% of validation
+steps. No PyTorch CPU kernel multiplies fp32 by int8 or int4 weights at memory speed
+(`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` run at ~2 GB/s of weights here, slower
+than fp32), hence ours, built on first use; without a compiler each mode falls back to PyTorch's
+kernels (the table's last rows, one line on stderr).
+
+The head only has to *propose* candidates (the `shortlist`), whose exact logits then come from
+the fp32 rows of the tied embedding, so a greedy or top-k choice is the fp32 one unless the best
+token falls outside the shortlist. So the head may round its input too, and int8 mode uses
+FBGEMM's int8 product there: on the 262,144 x 640 head it is a little faster than ours for one
+row (~7.9 against ~8.8 ms here) and far faster for a batch (~12 against ~27 ms for 8 rows), because
+it multiplies in integers. It quantizes its input per call; rows scaled to max |x| = 1 and an
+anchor row that fixes the call's range make a row's candidates independent of what else is in the
+batch (Int8RowLinear). An int4 head proposes as well as the int8 one (99.69% of validation steps
+both, docs/BENCHMARKS.md) but our int4 kernel is compute-bound on it (~8.7 ms, not the ~5 its
+105 MB would allow), so only int4 mode uses it, for its memory.
 
 Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
 the kernels' packed forms are rebuilt from them at load, which takes well under a second.
@@ -32,6 +41,7 @@ the kernels' packed forms are rebuilt from them at load, which takes well under 
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -43,6 +53,14 @@ from instructkit.errors import UserError
 
 MODES = ("none", "fp16", "int8", "int4")
 INT4_GROUP = 32
+GROUP = 32  # our C++ kernels' group along K (csrc/group_matmul.cpp)
+# Up to this many input rows (decoding: one per sequence) our C++ kernels, which read the weights
+# once but multiply row by row; beyond it (a prompt's prefill) fp32 BLAS on weights dequantized
+# for the call, which costs a pass over them but runs at the processor's peak: a 500-token prompt
+# prefilled in 0.8 s instead of 2.7 (int8, default model, 2026-12-05; the two paths cross at
+# 16-32 rows on a 2,048 x 640 product).
+KERNEL_MAX_ROWS = 16
+DEQUANTIZED_TILE_VALUES = 1 << 21  # 8 MB of fp32 weights at a time on that path
 INT4_INNER_TILES = 2
 INT4_ROWS_MULTIPLE = 16  # the int4 CPU packing works on tiles of 16 output rows
 SHORTLIST = 32
@@ -165,6 +183,129 @@ class Int8RowLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class _GroupLinear(nn.Module):
+    """Weights in groups of 32 along K, multiplied with fp32 inputs by the project's C++ kernels
+    (models/native.py): weight-only, so the input is never rounded and a row's result ignores its
+    batch. Subclasses give the storage, the kernel call and the dequantized weight."""
+
+    kernel = "native"
+
+    def __init__(self, bias: torch.Tensor | None, out_features: int, in_features: int):
+        super().__init__()
+        from instructkit.models import native
+
+        if (reason := native.load()) is not None:
+            raise UserError(f"the int8/int4 kernels are unavailable: {reason}")
+        self.out_features, self.in_features, self.bias = out_features, in_features, bias
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return weight.shape[1] % GROUP == 0
+
+    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The fp32 weight rows this layer stands for: (rows, K)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float().contiguous()
+        if x2d.shape[0] <= KERNEL_MAX_ROWS:
+            y = self._kernel(x2d)
+        else:  # a prompt's prefill: compute-bound, where BLAS on the dequantized weight is far faster
+            # Dequantized a tile of weight rows at a time, so the fp32 copy stays in cache: the
+            # whole head at once would write 671 MB (~0.5 s) for every call.
+            tile = max(1, DEQUANTIZED_TILE_VALUES // self.in_features)
+            if tile >= self.out_features:
+                y = x2d @ self.dequantized().T
+            else:
+                y_t = x2d.new_empty(self.out_features, x2d.shape[0])  # (N, M): each tile fills whole rows
+                for start in range(0, self.out_features, tile):
+                    torch.mm(self.dequantized(slice(start, start + tile)), x2d.T, out=y_t[start : start + tile])
+                y = y_t.T.contiguous()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8GroupLinear(_GroupLinear):
+    """Symmetric int8: W ~= q * scale[:, k // 32]. q (N, K) int8, scale (N, K/32) fp32."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__(bias, *tensors["q"].shape)
+        self.q, self.scale = tensors["q"], tensors["scale"]
+
+    @staticmethod
+    def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight (N, K) -> q (N, K/32, 32) int8 values as fp32, scale (N, K/32)."""
+        n, k = weight.shape
+        grouped = weight.float().reshape(n, k // GROUP, GROUP)
+        scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+        return torch.round(grouped / scale[..., None]).clamp(-127, 127), scale
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = Int8GroupLinear._grid(weight)
+        return {"q": q.to(torch.int8).reshape(weight.shape).contiguous(), "scale": scale.contiguous()}
+
+    @staticmethod
+    def reference(weight: torch.Tensor) -> torch.Tensor:
+        q, scale = Int8GroupLinear._grid(weight)
+        return (q * scale[..., None]).reshape(weight.shape)
+
+    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.instructkit_native.int8_group_mm(x2d, self.q, self.scale)
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        q, scale = self.q[rows], self.scale[rows]
+        return (q.view(q.shape[0], -1, GROUP).float() * scale[..., None]).view(q.shape[0], self.in_features)
+
+
+class Int4GroupLinear(_GroupLinear):
+    """Asymmetric int4: W ~= u * scale + low per group of 32, u in 0..15 (16 levels spanning the
+    group's min..max), scale and low in fp16. packed (N, K/2) uint8 (byte j of a group: weight j in
+    the low nibble, weight j + 16 in the high one), scale and low (N, K/32) fp16."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        packed = tensors["packed"]
+        super().__init__(bias, packed.shape[0], packed.shape[1] * 2)
+        self.packed, self.scale, self.low = packed, tensors["scale"], tensors["low"]
+
+    @staticmethod
+    def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """weight (N, K) -> u (N, K/32, 32) in 0..15 as fp32, scale and low (N, K/32), fp16-rounded."""
+        n, k = weight.shape
+        grouped = weight.float().reshape(n, k // GROUP, GROUP)
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        scale = ((high - low).clamp(min=1e-6) / 15.0).half().float()
+        low = low.half().float()
+        return torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15), scale, low
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        u, scale, low = Int4GroupLinear._grid(weight)
+        u = u.to(torch.uint8)
+        packed = u[..., : GROUP // 2] | (u[..., GROUP // 2 :] << 4)  # (N, K/32, 16)
+        return {"packed": packed.reshape(weight.shape[0], -1).contiguous(), "scale": scale.half().contiguous(),
+                "low": low.half().contiguous()}
+
+    @staticmethod
+    def reference(weight: torch.Tensor) -> torch.Tensor:
+        u, scale, low = Int4GroupLinear._grid(weight)
+        return (u * scale[..., None] + low[..., None]).reshape(weight.shape)
+
+    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.instructkit_native.int4_group_mm(x2d, self.packed, self.scale, self.low)
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        packed = self.packed[rows]
+        grouped = packed.view(packed.shape[0], -1, GROUP // 2)
+        u = torch.cat([grouped & 15, grouped >> 4], dim=-1).float()  # (rows, K/32, 32)
+        values = u * self.scale[rows].float()[..., None] + self.low[rows].float()[..., None]
+        return values.view(packed.shape[0], self.in_features)
+
+
 class Int4Linear(nn.Module):
     """Asymmetric int4 in groups of 32 along K: W ~= (q - 8) * scale + zero, q in 0..15, on aten's
     `_weight_int4pack_mm_for_cpu`. packed (N, K/2) uint8, scales_and_zeros (K/32, N, 2)."""
@@ -216,21 +357,52 @@ class Int4Linear(nn.Module):
 # mode -> (body layer kind, head layer kind); see the module docstring's table.
 SCHEMES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "fp16": (Fp16Linear, Fp16Linear),
+    "int8": (Int8GroupLinear, Int8RowLinear),
+    "int4": (Int4GroupLinear, Int4GroupLinear),
+}
+# Where our C++ kernels cannot be built (no compiler): PyTorch's own kernels, as before them.
+FALLBACKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "int8": (Fp16Linear, Int8RowLinear),
     "int4": (Int4Linear, Int4Linear),
 }
 
 
-def kernels_available(mode: str) -> bool:
-    """Whether this torch, on this processor, has the kernels a mode needs."""
-    if mode == "none":
-        return True
-    needs = {layer.kernel for layer in SCHEMES[mode]}
+def _kinds_ready(kinds: tuple[type[nn.Module], ...]) -> bool:
+    needs = {kind.kernel for kind in kinds}
     if "fbgemm" in needs and "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
     if "aten" in needs and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return False
+    if "native" in needs:
+        from instructkit.models import native
+
+        return native.load() is None
     return True
+
+
+def kernels_available(mode: str) -> bool:
+    """Whether this torch, on this processor, has the kernels a mode needs (ours or the fallback's)."""
+    if mode == "none":
+        return True
+    return _kinds_ready(SCHEMES[mode]) or (mode in FALLBACKS and _kinds_ready(FALLBACKS[mode]))
+
+
+def scheme(mode: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The (body, head) layer kinds `mode` uses here: ours, or the fallback's after one line on
+    stderr saying why."""
+    if _kinds_ready(SCHEMES[mode]) or mode not in FALLBACKS:
+        return SCHEMES[mode]
+    from instructkit.models import native
+
+    body, head = FALLBACKS[mode]
+    if mode not in _said_fallback:
+        print(f"instructkit: our int8/int4 kernels are unavailable ({native.load()}); --quantize {mode} uses "
+              f"PyTorch's ({body.__name__} body, {head.__name__} head)", file=sys.stderr, flush=True)
+        _said_fallback.add(mode)
+    return body, head
+
+
+_said_fallback: set[str] = set()
 
 
 def auto_mode() -> str:
@@ -263,11 +435,11 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _layer_kind(mode: str, name: str, weight: torch.Tensor) -> type[nn.Module]:
-    body, head = SCHEMES[mode]
+def _layer_kind(kinds: tuple[type[nn.Module], type[nn.Module]], name: str, weight: torch.Tensor) -> type[nn.Module] | None:
+    body, head = kinds
     kind = head if name == "lm_head" else body
-    if kind is Int4Linear and not Int4Linear.fits(weight):
-        return Fp16Linear if kernels_available("fp16") else None  # documented fallback: that layer stays wider
+    if kind in (Int4Linear, Int4GroupLinear, Int8GroupLinear) and not kind.fits(weight):
+        return Fp16Linear if _kinds_ready((Fp16Linear,)) else None  # documented fallback: that layer stays wider
     return kind
 
 
@@ -288,7 +460,8 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise UserError(f"--quantize {mode} runs on CPU kernels; the model is on {device} (use --quantize none)")
-    identity = {"mode": mode}
+    kinds = scheme(mode)
+    identity = {"mode": mode, "layers": ",".join(kind.__name__ for kind in kinds)}  # a cache of another scheme is remade
     if source is not None and source.exists():
         stat = source.stat()
         identity |= {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
@@ -296,7 +469,7 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
     made: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, linear in _linear_layers(model):
-            kind = _layer_kind(mode, name, linear.weight)
+            kind = _layer_kind(kinds, name, linear.weight)
             if kind is None:
                 continue
             prefix = f"{name}.{kind.__name__}."

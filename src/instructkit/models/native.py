@@ -1,0 +1,99 @@
+"""The project's C++ kernels (csrc/group_matmul.cpp: weight-only int8 and int4 products for
+decoding), built for this processor on first use and loaded as the operators
+`instructkit_native::int8_group_mm` and `instructkit_native::int4_group_mm`.
+
+It is built with PyTorch's own extension builder (a C++ compiler and ninja), once per machine,
+source and torch version, into the instructkit cache (~/.cache/instructkit/kernels); later
+processes load the built library in milliseconds. Where it cannot be built (no compiler, say),
+`load()` says why and `--quantize` falls back to PyTorch's own kernels (models/quantize.py), after
+one line on stderr."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from instructkit.fileio import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "group_matmul.cpp"
+
+
+def _processor_flags() -> str:
+    """The CPU's feature flags: -march=native code built on one processor may not run on another
+    that shares the cache folder."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_name() -> str:
+    identity = SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode() + _processor_flags().encode()
+    return f"group_matmul_{hashlib.sha256(identity).hexdigest()[:16]}"
+
+
+@cache
+def load() -> str | None:
+    """Build (first time) and load the kernel; None when loaded, else why it is unavailable (one line)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is written for x86-64, not {platform.machine()}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    _put_ninja_on_path()
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja, which PyTorch builds extensions with, is not installed (pip install ninja)"
+    name = _build_name()
+    folder = cache_dir() / "kernels" / name
+    builder_log = logging.getLogger(cpp_extension.__name__)
+    level = builder_log.level
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{name}.so").exists():
+            print("instructkit: building the int8/int4 decoding kernels for this processor (once, ~15 s)", file=sys.stderr,
+                  flush=True)
+        builder_log.setLevel(logging.ERROR)  # its compiler-version warnings are not the user's concern
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                           # -fopenmp: at::parallel_for is inlined into our code, and without it runs on one thread
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        torch.library.register_fake("instructkit_native::int8_group_mm", _product_shape)
+        torch.library.register_fake("instructkit_native::int4_group_mm", _product_shape)
+    except Exception as error:  # a compile or link error: the caller falls back
+        lines = [line.strip() for line in str(error).splitlines() if "error" in line.lower()]
+        return f"building {SOURCE.name} failed: {(lines[-1] if lines else type(error).__name__)[:200]}"
+    finally:
+        builder_log.setLevel(level)
+    return None
+
+
+def _put_ninja_on_path() -> None:
+    """PyPI's ninja installs its binary beside the package, not always on PATH (a venv run without
+    activating it): PyTorch's builder looks for it on PATH."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = getattr(ninja, "BIN_DIR", None)
+    if folder and folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+
+
+def _product_shape(x: torch.Tensor, weights: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weights.shape[0])  # (M, N)
+
+
+def available() -> bool:
+    return load() is None
