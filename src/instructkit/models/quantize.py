@@ -121,6 +121,10 @@ class Fp16Linear(nn.Module):
         self.packed_key = _register_packed(self, torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), bias))
 
     @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return True  # any shape
+
+    @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"weight16": weight.to(torch.float16).contiguous()}
 
@@ -157,6 +161,10 @@ class Int8RowLinear(nn.Module):
         self.bias = bias
         self.anchor = torch.zeros(1, self.in_features)  # (1, K): pins every call's input range to [-1, 1]
         self.anchor[0, 0], self.anchor[0, 1] = 1.0, -1.0
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return True  # any shape
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -274,17 +282,13 @@ class Int4GroupLinear(_GroupLinear):
 
     @staticmethod
     def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """weight (N, K) -> u (N, K/32, 32) in 0..15 as fp32, scale and low (N, K/32), fp16-rounded."""
-        n, k = weight.shape
-        grouped = weight.float().reshape(n, k // GROUP, GROUP)
-        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-        scale = ((high - low).clamp(min=1e-6) / 15.0).half().float()
-        low = low.half().float()
-        return torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15), scale, low
+        """weight (N, K) -> u (N, K/32, 32) in 0..15 as fp32, low and scale (N, K/32), fp16-rounded
+        (1e-6: a smaller step would underflow in fp16)."""
+        return _min_max_int4_grid(weight, stored=torch.float16, min_scale=1e-6)
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        u, scale, low = Int4GroupLinear._grid(weight)
+        u, low, scale = Int4GroupLinear._grid(weight)
         u = u.to(torch.uint8)
         packed = u[..., : GROUP // 2] | (u[..., GROUP // 2 :] << 4)  # (N, K/32, 16)
         return {"packed": packed.reshape(weight.shape[0], -1).contiguous(), "scale": scale.half().contiguous(),
@@ -292,7 +296,7 @@ class Int4GroupLinear(_GroupLinear):
 
     @staticmethod
     def reference(weight: torch.Tensor) -> torch.Tensor:
-        u, scale, low = Int4GroupLinear._grid(weight)
+        u, low, scale = Int4GroupLinear._grid(weight)
         return (u * scale[..., None] + low[..., None]).reshape(weight.shape)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -304,6 +308,18 @@ class Int4GroupLinear(_GroupLinear):
         u = torch.cat([grouped & 15, grouped >> 4], dim=-1).float()  # (rows, K/32, 32)
         values = u * self.scale[rows].float()[..., None] + self.low[rows].float()[..., None]
         return values.view(packed.shape[0], self.in_features)
+
+
+def _min_max_int4_grid(weight: torch.Tensor, *, stored: torch.dtype = torch.float32,
+                       min_scale: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of 32 along K: weight (N, K) -> u (N, K/32, 32) in 0..15 (as fp32),
+    low and scale (N, K/32), rounded to the dtype they are `stored` in so u is chosen on that grid."""
+    n, k = weight.shape
+    grouped = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scale = ((high - low).clamp(min=min_scale) / 15.0).to(stored).float()
+    low = low.to(stored).float()
+    return torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15), low, scale
 
 
 class Int4Linear(nn.Module):
@@ -325,25 +341,15 @@ class Int4Linear(nn.Module):
         return n % INT4_ROWS_MULTIPLE == 0 and k % INT4_GROUP == 0
 
     @staticmethod
-    def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """weight (N, K) -> q (N, K/32, 32) in 0..15, low and scale (N, K/32)."""
-        n, k = weight.shape
-        grouped = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
-        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-        scale = (high - low).clamp(min=1e-12) / 15.0
-        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
-        return q, low, scale
-
-    @staticmethod
     def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, low, scale = Int4Linear._grid(weight)
+        q, low, scale = _min_max_int4_grid(weight)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(weight.shape), INT4_INNER_TILES)
         zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
         return {"packed": packed, "scales_and_zeros": torch.stack([scale.T, zero.T], dim=-1).contiguous()}
 
     @staticmethod
     def reference(weight: torch.Tensor) -> torch.Tensor:
-        q, low, scale = Int4Linear._grid(weight)
+        q, low, scale = _min_max_int4_grid(weight)
         return (low[..., None] + q * scale[..., None]).reshape(weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -438,7 +444,7 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def _layer_kind(kinds: tuple[type[nn.Module], type[nn.Module]], name: str, weight: torch.Tensor) -> type[nn.Module] | None:
     body, head = kinds
     kind = head if name == "lm_head" else body
-    if kind in (Int4Linear, Int4GroupLinear, Int8GroupLinear) and not kind.fits(weight):
+    if not kind.fits(weight):
         return Fp16Linear if _kinds_ready((Fp16Linear,)) else None  # documented fallback: that layer stays wider
     return kind
 
