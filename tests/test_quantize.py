@@ -118,7 +118,8 @@ def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations,
 def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_layer_shape(real, kind):
     """Teacher forcing pushes whole sequences through, which take the dequantized (BLAS) path; a
     decode step takes the kernel. Both must multiply by the same weights: the kernel, for one row
-    and for a few, equals x @ W_ref^T on every layer shape of the default model."""
+    and for a few, equals x @ W_ref^T on every layer shape of the default model, and a batch's rows
+    equal the rows alone exactly."""
     shapes = {}
     for module in real.model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -130,6 +131,8 @@ def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_lay
         for rows in (1, 3):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
             torch.testing.assert_close(layer(x), x @ reference.T, rtol=1e-4, atol=1e-4)
+        # on the real shapes too, a row's result ignores its batch bit for bit
+        assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
