@@ -38,16 +38,25 @@ def test_static_shape_steps_give_the_engines_tokens_batched_and_single(name):
     assert [r.token_ids for r in uneven] == [e[:5] for e in expected[:2]] + expected[2:]
 
 
-def test_the_compiled_step_gives_the_same_tokens_on_a_tiny_model():
-    """In int8, the mode chat and serve use: its FBGEMM products are the compiled graph's external
-    calls (models/quantize.py's operators); the rest of the step is the same in every mode."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_compiled_step_gives_the_same_tokens_on_a_tiny_model(mode):
+    """In int8, the mode chat and serve use, the products are the compiled graph's external calls
+    (ours and FBGEMM's, models/quantize.py's operators); in int4 only ours. The compiled step skips
+    the guards on the model (static_decode._skip_model_guards): batch sizes seen before are picked
+    again correctly, and a second model in the process gets graphs of its own, not the first's."""
     loaded = load_model("tiny-gemma3", seed=4)
-    model = quantize_model(loaded.model, "int8")
+    model = quantize_model(loaded.model, mode)
     prompts = [loaded.tokenizer.encode(text) for text in TEXTS]
     expected = _token_ids(model, loaded.tokenizer, prompts)
     compiled = static_decode.enable(model)
     assert _token_ids(compiled, loaded.tokenizer, prompts[1:2]) == expected[1:2]
-    assert _token_ids(compiled, loaded.tokenizer, prompts) == expected  # another batch size: one more compile
+    assert _token_ids(compiled, loaded.tokenizer, prompts) == expected  # other batch sizes: more compiles
+    assert _token_ids(compiled, loaded.tokenizer, prompts[3:]) == expected[3:]  # batch 1 again
+    other = load_model("tiny-gemma3", seed=5)
+    other_model = quantize_model(other.model, mode)
+    other_expected = _token_ids(other_model, other.tokenizer, prompts[1:2])
+    assert other_expected != expected[1:2]
+    assert _token_ids(static_decode.enable(other_model), other.tokenizer, prompts[1:2]) == other_expected
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import torch
 
 from instructkit.models.attention import KVCache
 from instructkit.models.tokenizer import Tokenizer
+from instructkit.models.vocabulary import greedy
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Sampling:
 def sample_next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Greedy when temperature is 0."""
     if sampling.temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
@@ -182,7 +183,7 @@ class Decoder:
         self.logits, self.next_position = self.logits[index], self.next_position[index]
 
     def _sample(self) -> list[int]:
-        tokens = self.logits.argmax(dim=-1).tolist()  # (B,) greedy for every row, then the sampling rows
+        tokens = greedy(self.logits).tolist()  # (B,) greedy for every row, then the sampling rows
         for slot, request in enumerate(self.rows):
             if request.sampling.temperature > 0:
                 tokens[slot] = int(sample_next_token(self.logits[slot : slot + 1], request.sampling, request.generator)[0])

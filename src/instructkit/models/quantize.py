@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from instructkit.errors import UserError
+from instructkit.models.vocabulary import top_candidates
 
 MODES = ("none", "fp16", "int8", "int4")
 INT4_GROUP = 32
@@ -197,6 +198,9 @@ class _GroupLinear(nn.Module):
     batch. Subclasses give the storage, the kernel call and the dequantized weight."""
 
     kernel = "native"
+    # Whether the product may round the input (to bf16) where that is faster: only for a head that
+    # proposes candidates for exact rescoring (ShortlistHead sets it).
+    round_input = False
 
     def __init__(self, bias: torch.Tensor | None, out_features: int, in_features: int):
         super().__init__()
@@ -300,7 +304,7 @@ class Int4GroupLinear(_GroupLinear):
         return (u * scale[..., None] + low[..., None]).reshape(weight.shape)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.instructkit_native.int4_group_mm(x2d, self.packed, self.scale, self.low)
+        return torch.ops.instructkit_native.int4_group_mm(x2d, self.packed, self.scale, self.low, self.round_input)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         packed = self.packed[rows]
@@ -425,6 +429,8 @@ class ShortlistHead(nn.Module):
     def __init__(self, rough: nn.Module, exact_weight: torch.Tensor, k: int = SHORTLIST):
         super().__init__()
         self.rough, self.exact_weight, self.k = rough, exact_weight, k
+        if hasattr(rough, "round_input"):
+            rough.round_input = True  # it only proposes: our int4 kernel then skips half its multiplies
 
     @property
     def weight(self) -> torch.Tensor:
@@ -432,7 +438,7 @@ class ShortlistHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden (..., C) -> logits (..., V)
         rough = self.rough(hidden)
-        candidates = rough.topk(self.k, dim=-1).indices  # (..., k)
+        candidates = top_candidates(rough, self.k)  # (..., k)
         exact = torch.einsum("...c,...kc->...k", hidden.float(), self.exact_weight[candidates])
         return torch.full_like(rough, float("-inf")).scatter_(-1, candidates, exact)
 
