@@ -123,7 +123,7 @@ def _inference_model(spec: str, args: argparse.Namespace):
     if getattr(args, "compile", False):  # generate, chat and serve offer --compile
         from instructkit import static_decode
 
-        print("Compiling the decode step (torch.compile; ~10-40 s, once per process)...", file=sys.stderr, flush=True)
+        print("Compiling the decode step (torch.compile; ~10 s, up to ~100 s the first time on a machine)...", file=sys.stderr, flush=True)
         static_decode.enable(loaded.model)
     return loaded
 

@@ -27,12 +27,13 @@ The head only has to *propose* candidates (the `shortlist`), whose exact logits 
 the fp32 rows of the tied embedding, so a greedy or top-k choice is the fp32 one unless the best
 token falls outside the shortlist. So the head may round its input too, and int8 mode uses
 FBGEMM's int8 product there: on the 262,144 x 640 head it is a little faster than ours for one
-row (~7.9 against ~8.8 ms here) and far faster for a batch (~12 against ~27 ms for 8 rows), because
+row (~6.4 against ~7.4 ms here) and far faster for a batch (~12 against ~21 ms for 8 rows), because
 it multiplies in integers. It quantizes its input per call; rows scaled to max |x| = 1 and an
 anchor row that fixes the call's range make a row's candidates independent of what else is in the
-batch (Int8RowLinear). An int4 head proposes as well as the int8 one (99.69% of validation steps
-both, docs/BENCHMARKS.md) but our int4 kernel is compute-bound on it (~8.7 ms, not the ~5 its
-105 MB would allow), so only int4 mode uses it, for its memory.
+batch (Int8RowLinear). int4 mode's head is ours with `round_input` (x rounded to bf16, half the
+multiplies of its exact product on AVX512-BF16 processors): ~4.7 ms for one row on its 105 MB,
+but ~22 ms for 8 rows, which is why int8 mode, the server's default, keeps FBGEMM's. The blocks'
+argmax and top-k (models/vocabulary.py) find the candidates.
 
 Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
 the kernels' packed forms are rebuilt from them at load, which takes well under a second.
