@@ -71,6 +71,7 @@ def load() -> str | None:
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         torch.library.register_fake("instructkit_native::int8_group_mm", _product_shape)
         torch.library.register_fake("instructkit_native::int4_group_mm", _product_shape)
+        torch.library.register_fake("instructkit_native::int8_block_mm", _block_product_shape)
     except Exception as error:  # a compile or link error: the caller falls back
         lines = [line.strip() for line in str(error).splitlines() if "error" in line.lower()]
         return f"building {SOURCE.name} failed: {(lines[-1] if lines else type(error).__name__)[:200]}"
@@ -93,6 +94,10 @@ def _put_ninja_on_path() -> None:
 
 def _product_shape(x: torch.Tensor, weights: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weights.shape[0])  # (M, N)
+
+
+def _block_product_shape(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], blocks.shape[0] * 16)  # (M, N): blocks of 16 weight rows
 
 
 def available() -> bool:
