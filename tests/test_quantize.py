@@ -13,6 +13,7 @@ import torch
 
 from instructkit.data.prompts import get_prompt_style
 from instructkit.generate import generate, generate_cacheless
+from instructkit.models import quantize
 from instructkit.models.quantize import (INT8_INPUT_GRID, Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
                                          quantize_model)
 from instructkit.models.registry import load_model, quantize_loaded
@@ -115,10 +116,16 @@ def _teacher_forced_agreement(reference, other, continuations) -> tuple[float, i
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, target", [("fp16", 0.99), ("int8", 0.99), ("int4", 0.95)])
-def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations, mode, target):
+def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations, mode, target, monkeypatch):
     quantized = quantize_model(copy.deepcopy(real.model), mode)
     agreement, steps = _teacher_forced_agreement(real.model, quantized, continuations)
     print(f"{mode}: {agreement:.2%} of {steps} teacher-forced decode steps agree with fp32")
+    if mode == "int8":  # whole sequences take the dequantized (BLAS) path; int8's kernel also rounds x
+        # (a 16-bit grid on VNNI processors), so here every product goes through the kernel as in decoding
+        monkeypatch.setattr(quantize, "KERNEL_MAX_ROWS", 10**6)
+        through_kernel, _ = _teacher_forced_agreement(real.model, quantized, continuations)
+        print(f"{mode} through our kernel: {through_kernel:.2%}")
+        assert through_kernel >= target
     if mode != "fp16":  # the shortlist's worth: the same weights without the fp32 rescoring
         quantized.lm_head = quantized.lm_head.rough
         without, _ = _teacher_forced_agreement(real.model, quantized, continuations)
@@ -217,3 +224,27 @@ def test_auto_falls_back_to_exact_weights_where_the_kernels_are_missing(monkeypa
     monkeypatch.setattr(quantize, "kernels_available", lambda mode: False)
     loaded = quantize_loaded(load_model("tiny-gpt2", seed=1), "auto")
     assert not any(isinstance(m, (Fp16Linear, Int8RowLinear, Int8GroupLinear, Int4GroupLinear, Int4Linear)) for m in loaded.model.modules())
+
+
+def test_int8_without_a_vnni_path_widens_row_by_row_and_keeps_fbgemms_head(monkeypatch):
+    """On processors without AVX512-VNNI our int8 kernel widens the weights to fp32 row by row;
+    there int8's head stays FBGEMM's (faster there). Shown on any processor by hiding the VNNI
+    path: the layer then keeps the plain row order and multiplies by exactly the reference weights."""
+    from instructkit.models import native
+    from instructkit.models.quantize import scheme
+
+    has_vnni = native.int8_block_rows() == 16
+    generator = torch.Generator().manual_seed(1)
+    weight, x = torch.randn(64, 640, generator=generator), torch.randn(3, 640, generator=generator)
+    blocked = Int8GroupLinear(Int8GroupLinear.quantize(weight), None)
+    monkeypatch.setattr(native, "int8_block_rows", lambda: 0)
+    plain = Int8GroupLinear(Int8GroupLinear.quantize(weight), None)
+    assert scheme("int8") == (Int8GroupLinear, Int8RowLinear) and plain.block_rows == 0
+    reference = Int8GroupLinear.reference(weight)
+    torch.testing.assert_close(plain.dequantized(), reference, rtol=0, atol=0)
+    assert torch.all((plain(x) - x @ reference.T).abs() <= 1e-5 * (x.abs() @ reference.abs().T) + 1e-5)
+    if has_vnni:  # where the VNNI path exists (it does on the machines CI runs on): both paths, the same weights
+        monkeypatch.undo()
+        assert scheme("int8") == (Int8GroupLinear, Int8GroupLinear) and blocked.block_rows == 16
+        torch.testing.assert_close(blocked.dequantized(), reference, rtol=0, atol=0)
+        assert torch.all((blocked(x) - plain(x)).abs() <= _input_grid_bound(x, reference) * 1.001 + 2e-5)

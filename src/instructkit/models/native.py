@@ -100,5 +100,11 @@ def _block_product_shape(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Ten
     return x.new_empty(x.shape[0], blocks.shape[0] * 16)  # (M, N): blocks of 16 weight rows
 
 
+def int8_block_rows() -> int:
+    """The weight-row block of int8's AVX512-VNNI path (16), or 0 where the kernels have none or
+    are not loaded."""
+    return int(torch.ops.instructkit_native.int8_block_rows()) if load() is None else 0
+
+
 def available() -> bool:
     return load() is None

@@ -8,13 +8,18 @@ are untouched (the copies replace the linear layers of a model loaded for infere
 | mode | body (attention, MLP) | head (proposes 32 candidates, rescored in fp32) | kernel |
 | --- | --- | --- | --- |
 | fp16 | fp16 | fp16 (no shortlist) | FBGEMM `linear_dynamic_fp16` (x86) |
-| int8 | int8, groups of 32 | int8 per row | body: ours (models/native.py); head: FBGEMM `linear_dynamic` |
+| int8 | int8, groups of 32 | int8, groups of 32 | ours (models/native.py) |
 | int4 | int4, groups of 32 | int4, groups of 32 | ours |
+| int8 without AVX512-VNNI | int8, groups of 32 | int8 per row | body: ours; head: FBGEMM `linear_dynamic` |
 | int8 without ours | fp16 | int8 per row | FBGEMM (`linear_dynamic_fp16`, `linear_dynamic`) |
 | int4 without ours | int4, groups of 32 | int4 | aten `_weight_int4pack_mm_for_cpu` |
 
 Our kernels are weight-only: the fp32 input is multiplied by the low-bit weights (each group of 32
 with its own scale) without being rounded itself, and a row's result never depends on its batch.
+One exception, on processors with AVX512-VNNI: int8 puts each group of 32 inputs on a 16-bit grid
+(an error <= max|x_g| / 65278, ~250x below the int8 weights' own; llama.cpp's Q8_0 uses 8 bits)
+and multiplies bytes exactly in integers, with the weights kept in blocks of 16 rows: about twice
+the speed of widening int8 to fp32 (Int8GroupLinear, csrc/group_matmul.cpp).
 Measured on the default model (docs/BENCHMARKS.md): one int8 scale per row instead agrees with
 fp32 greedy decoding on only 98.4% of teacher-forced steps, and FBGEMM's int8 (which rounds the
 *input* to 7 bits) on 95.3%, under the 99% target; groups of 32 agree on 99.7% of validation
@@ -25,14 +30,14 @@ kernels (the table's last rows, one line on stderr).
 
 The head only has to *propose* candidates (the `shortlist`), whose exact logits then come from
 the fp32 rows of the tied embedding, so a greedy or top-k choice is the fp32 one unless the best
-token falls outside the shortlist. So the head may round its input too, and int8 mode uses
-FBGEMM's int8 product there: on the 262,144 x 640 head it is a little faster than ours for one
-row (~6.4 against ~7.4 ms here) and far faster for a batch (~12 against ~21 ms for 8 rows), because
-it multiplies in integers. It quantizes its input per call; rows scaled to max |x| = 1 and an
-anchor row that fixes the call's range make a row's candidates independent of what else is in the
-batch (Int8RowLinear). int4 mode's head is ours with `round_input` (x rounded to bf16, half the
-multiplies of its exact product on AVX512-BF16 processors): ~4.7 ms for one row on its 105 MB,
-but ~22 ms for 8 rows, which is why int8 mode, the server's default, keeps FBGEMM's. The blocks'
+token falls outside the shortlist. So the head may round its input too. int8 mode's head is our
+int8 product (16-bit input grid on VNNI processors): on the 262,144 x 640 head ~5.7 ms for one row
+against FBGEMM int8's ~6.2, and about as fast for a batch of 8 (~12 ms). Without VNNI, ours widens
+int8 to fp32 row by row (~8.5 ms, ~21 for 8 rows), so int8 keeps FBGEMM's head there: it quantizes
+its input per call; rows scaled to max |x| = 1 and an anchor row that fixes the call's range make a
+row's candidates independent of what else is in the batch (Int8RowLinear). int4 mode's head is
+ours with `round_input` (x rounded to bf16, half the multiplies of its exact product on
+AVX512-BF16 processors): ~5 ms for one row on its 105 MB, but ~22 ms for 8 rows. The blocks'
 argmax and top-k (models/vocabulary.py) find the candidates.
 
 Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
@@ -255,7 +260,9 @@ class Int8GroupLinear(_GroupLinear):
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__(bias, *tensors["q"].shape)
         n, k = tensors["q"].shape
-        self.block_rows = torch.ops.instructkit_native.int8_block_rows()
+        from instructkit.models import native
+
+        self.block_rows = native.int8_block_rows()
         if self.block_rows and n % self.block_rows == 0:
             blocks, rows, groups = n // self.block_rows, self.block_rows, k // GROUP
             self.q = tensors["q"].view(blocks, rows, k // 4, 4).transpose(1, 2).reshape(blocks, rows * k).contiguous()
@@ -397,8 +404,13 @@ class Int4Linear(nn.Module):
 # mode -> (body layer kind, head layer kind); see the module docstring's table.
 SCHEMES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "fp16": (Fp16Linear, Fp16Linear),
-    "int8": (Int8GroupLinear, Int8RowLinear),
+    "int8": (Int8GroupLinear, Int8GroupLinear),
     "int4": (Int4GroupLinear, Int4GroupLinear),
+}
+# Where ours are built but have no AVX512-VNNI path (int8 then widens to fp32, row by row): FBGEMM's
+# int8 head, faster there for one row (~6 against ~8.5 ms) and for the server's batches.
+WITHOUT_VNNI: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "int8": (Int8GroupLinear, Int8RowLinear),
 }
 # Where our C++ kernels cannot be built (no compiler): PyTorch's own kernels, as before them.
 FALLBACKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
@@ -430,9 +442,14 @@ def kernels_available(mode: str) -> bool:
 def scheme(mode: str) -> tuple[type[nn.Module], type[nn.Module]]:
     """The (body, head) layer kinds `mode` uses here: ours, or the fallback's after one line on
     stderr saying why."""
-    if _kinds_ready(SCHEMES[mode]) or mode not in FALLBACKS:
-        return SCHEMES[mode]
     from instructkit.models import native
+
+    if _kinds_ready(SCHEMES[mode]):
+        if mode in WITHOUT_VNNI and not native.int8_block_rows() and _kinds_ready(WITHOUT_VNNI[mode]):
+            return WITHOUT_VNNI[mode]
+        return SCHEMES[mode]
+    if mode not in FALLBACKS:
+        return SCHEMES[mode]
 
     body, head = FALLBACKS[mode]
     if mode not in _said_fallback:

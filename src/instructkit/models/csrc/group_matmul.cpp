@@ -6,8 +6,9 @@
 //     one; scale and low fp16 (N, K/32).
 //
 // Why hand-written: batch-1 decoding reads every weight once a token, so the kernel must stream
-// low-bit weights at memory speed while the input stays fp32 (quantizing the input, as FBGEMM's
-// int8 does, loses greedy agreement with fp32: docs/BENCHMARKS.md). PyTorch's own weight-only CPU
+// low-bit weights at memory speed while the input stays fp32 or near it (quantizing the input to
+// 7 bits, as FBGEMM's int8 does, loses greedy agreement with fp32: docs/BENCHMARKS.md; int8's VNNI
+// path below puts it on a 16-bit grid, int4's bf16 path splits it in two bf16). PyTorch's own weight-only CPU
 // kernels (aten::_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) run at ~2 GB/s of weights
 // here, slower than fp32.
 //
