@@ -97,7 +97,7 @@ def _product_shape(x: torch.Tensor, weights: torch.Tensor, *scales: torch.Tensor
 
 
 def _block_product_shape(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], blocks.shape[0] * 16)  # (M, N): blocks of 16 weight rows
+    return x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[1] // x.shape[1])  # (M, N): blocks (N/B, B K)
 
 
 def int8_block_rows() -> int:

@@ -262,14 +262,13 @@ class Int8GroupLinear(_GroupLinear):
         n, k = tensors["q"].shape
         from instructkit.models import native
 
-        self.block_rows = native.int8_block_rows()
-        if self.block_rows and n % self.block_rows == 0:
-            blocks, rows, groups = n // self.block_rows, self.block_rows, k // GROUP
-            self.q = tensors["q"].view(blocks, rows, k // 4, 4).transpose(1, 2).reshape(blocks, rows * k).contiguous()
-            self.scale = tensors["scale"].view(blocks, rows, groups).transpose(1, 2).reshape(blocks, rows * groups).contiguous()
-        else:
-            self.block_rows = 0
-            self.q, self.scale = tensors["q"], tensors["scale"]
+        rows = native.int8_block_rows()
+        self.block_rows = rows if rows and n % rows == 0 else 0  # 0: plain row order
+        self.q, self.scale = tensors["q"], tensors["scale"]
+        if self.block_rows:
+            blocks, groups = n // rows, k // GROUP
+            self.q = self.q.view(blocks, rows, k // 4, 4).transpose(1, 2).reshape(blocks, rows * k).contiguous()
+            self.scale = self.scale.view(blocks, rows, groups).transpose(1, 2).reshape(blocks, rows * groups).contiguous()
 
     def stored(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """q (rows, K) and scale (rows, K/32) in row order, whatever order the layer keeps them in."""
