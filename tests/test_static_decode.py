@@ -1,14 +1,17 @@
 """The compiled decode step (instructkit.static_decode): its static-shape arithmetic (a slot tensor,
 masks over the whole cache) gives the engine's tokens, batched and single, with padding, sliding
 windows and rows leaving; compiled, it gives the same tokens again; and on the real default
-model in int8, the mode chat and serve use, compiled streaming equals eager streaming."""
+model in int8, the mode chat and serve use, compiled streaming equals eager streaming. Its
+attention (csrc/one_query_attention.cpp) agrees with PyTorch's SDPA."""
 
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from instructkit import static_decode
+from instructkit.models import native
 from instructkit.data.prompts import get_prompt_style
 from instructkit.generate import generate, stream_tokens
 from instructkit.models.quantize import quantize_model
@@ -17,6 +20,31 @@ from instructkit.models.registry import load_model, quantize_loaded
 from .conftest import run_cli
 
 TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog again", "1 2 3", "A\tb"]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [
+    (1, 4, 1, 256, 200),  # the default model's shape at a chat's length
+    (1, 4, 1, 256, 700),  # several chunks of 256 keys, merged
+    (3, 8, 2, 64, 300),  # GPT-2's head size, several rows and key/value heads, 4 query heads each
+    (2, 6, 6, 12, 40),  # a head size the vector path cannot take (the plain loops), no grouping
+    (1, 5, 1, 32, 9),  # 5 query heads a key/value head: one group of 4 and one of 1
+])
+def test_one_query_attention_agrees_with_sdpa(batch, heads, kv_heads, head_dim, keys):
+    """The static step's attention kernel against PyTorch's SDPA on the same mask: random hidden
+    keys (unfilled slots, a window), and one row that sees a single key."""
+    assert native.load() is None, native.load()
+    generator = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, keys, head_dim, generator=generator) * 3 for _ in range(2))
+    allowed = torch.rand(batch, keys, generator=generator) < 0.6
+    allowed[0] = False
+    allowed[0, keys // 2] = True
+    scale = head_dim ** -0.5
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None], scale=scale,
+                                              enable_gqa=heads != kv_heads)
+    result = torch.ops.instructkit_native.one_query_attention(q, k, v, allowed, scale)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result[0], v[0, :, keys // 2].repeat_interleave(heads // kv_heads, 0)[:, None], rtol=0, atol=0)
 
 
 def _token_ids(model, tokenizer, prompts, **options):
@@ -31,6 +59,9 @@ def test_static_shape_steps_give_the_engines_tokens_batched_and_single(name):
     prompts = [loaded.tokenizer.encode(text) for text in TEXTS]
     expected = _token_ids(loaded.model, loaded.tokenizer, prompts)
     static = static_decode.enable(copy.deepcopy(loaded.model), compile=False)
+    cache = static.new_cache(1, 8)
+    static.static_step(torch.tensor([[1]]), torch.tensor([[0]]), cache)
+    assert cache.one_query_kernel  # the attention is csrc/one_query_attention.cpp's, tested above
     assert _token_ids(static, loaded.tokenizer, prompts) == expected
     assert [_token_ids(static, loaded.tokenizer, [p])[0] for p in prompts] == expected
     uneven = generate(static, loaded.tokenizer, prompts[:2], max_new_tokens=5) + generate(

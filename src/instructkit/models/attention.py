@@ -44,6 +44,9 @@ class KVCache:
         # masked by position and validity, so no Python value in the step changes between steps
         # and a compiled step is reused for every token.
         self.write_slot: torch.Tensor | None = None
+        # Set with write_slot where our C++ kernels are built (models/native.py) and the cache is
+        # fp32 on the CPU: a static step's attention then runs csrc/one_query_attention.cpp.
+        self.one_query_kernel = False
 
     def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice | torch.Tensor:
         """Claim slots for T new tokens (positions and validity (B, T)); returns their slice, or
@@ -151,7 +154,11 @@ def attend(
         cache.keys.index_copy_(2, slot, k)
         cache.values.index_copy_(2, slot, v)
         k, v = cache.keys, cache.values  # (B, H_kv, capacity, D)
-        mask = attention_mask(positions, kv_cache.positions, kv_cache.valid, window)
+        mask = attention_mask(positions, kv_cache.positions, kv_cache.valid, window)  # (B, 1, T, capacity)
+        if kv_cache.one_query_kernel and steps == 1:
+            # SDPA's CPU kernel spends ~60 us a call on set-up for ~10 us of work at one query,
+            # and computes the unfilled slots it then masks; ours skips both.
+            return torch.ops.instructkit_native.one_query_attention(q, k, v, mask[:, 0, 0], scale)
     elif cache is not None and cache_state is not None:
         kv_cache, slots = cache_state
         cache.keys[:, :, slots] = k

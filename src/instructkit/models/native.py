@@ -1,6 +1,7 @@
-"""The project's C++ kernels (csrc/group_matmul.cpp: weight-only int8 and int4 products for
-decoding), built for this processor on first use and loaded as the operators
-`instructkit_native::int8_group_mm` and `instructkit_native::int4_group_mm`.
+"""The project's C++ kernels for decoding, built for this processor on first use and loaded as
+operators in `torch.ops.instructkit_native`: csrc/group_matmul.cpp's weight-only int8 and int4
+products (`int8_group_mm`, `int8_block_mm`, `int4_group_mm`) and csrc/one_query_attention.cpp's
+attention of one new token over a static KV cache (`one_query_attention`).
 
 It is built with PyTorch's own extension builder (a C++ compiler and ninja), once per machine,
 source and torch version, into the instructkit cache (~/.cache/instructkit/kernels); later
@@ -23,7 +24,7 @@ import torch
 
 from instructkit.fileio import cache_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "group_matmul.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("group_matmul.cpp", "one_query_attention.cpp")]
 
 
 def _processor_flags() -> str:
@@ -39,7 +40,7 @@ def _processor_flags() -> str:
 
 
 def _build_name() -> str:
-    identity = SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode() + _processor_flags().encode()
+    identity = b"".join(source.read_bytes() for source in SOURCES) + Path(__file__).read_bytes() + torch.__version__.encode() + _processor_flags().encode()
     return f"group_matmul_{hashlib.sha256(identity).hexdigest()[:16]}"
 
 
@@ -63,18 +64,19 @@ def load() -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / f"{name}.so").exists():
-            print("instructkit: building the int8/int4 decoding kernels for this processor (once, ~15 s)", file=sys.stderr,
+            print("instructkit: building the decoding kernels for this processor (once, ~20 s)", file=sys.stderr,
                   flush=True)
         builder_log.setLevel(logging.ERROR)  # its compiler-version warnings are not the user's concern
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(folder), is_python_module=False,
                            # -fopenmp: at::parallel_for is inlined into our code, and without it runs on one thread
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         torch.library.register_fake("instructkit_native::int8_group_mm", _product_shape)
         torch.library.register_fake("instructkit_native::int4_group_mm", _product_shape)
         torch.library.register_fake("instructkit_native::int8_block_mm", _block_product_shape)
+        torch.library.register_fake("instructkit_native::one_query_attention", _attention_shape)
     except Exception as error:  # a compile or link error: the caller falls back
         lines = [line.strip() for line in str(error).splitlines() if "error" in line.lower()]
-        return f"building {SOURCE.name} failed: {(lines[-1] if lines else type(error).__name__)[:200]}"
+        return f"building {' and '.join(source.name for source in SOURCES)} failed: {(lines[-1] if lines else type(error).__name__)[:200]}"
     finally:
         builder_log.setLevel(level)
     return None
@@ -98,6 +100,11 @@ def _product_shape(x: torch.Tensor, weights: torch.Tensor, *scales: torch.Tensor
 
 def _block_product_shape(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[1] // x.shape[1])  # (M, N): blocks (N/B, B K)
+
+
+def _attention_shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    return torch.empty_like(q)  # (B, H, 1, D)
 
 
 def int8_block_rows() -> int:
