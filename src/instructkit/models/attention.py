@@ -155,7 +155,7 @@ def attend(
         cache.values.index_copy_(2, slot, v)
         k, v = cache.keys, cache.values  # (B, H_kv, capacity, D)
         mask = attention_mask(positions, kv_cache.positions, kv_cache.valid, window)  # (B, 1, T, capacity)
-        if kv_cache.one_query_kernel and steps == 1:
+        if kv_cache.one_query_kernel:  # a static step has one new token a row (KVCache.reserve)
             # SDPA's CPU kernel spends ~60 us a call on set-up for ~10 us of work at one query,
             # and computes the unfilled slots it then masks; ours skips both.
             return torch.ops.instructkit_native.one_query_attention(q, k, v, mask[:, 0, 0], scale)
