@@ -47,10 +47,31 @@ def llama_cpp_server(gguf_path):
         process.wait(timeout=30)
 
 
+STREAM_LIMIT = 20.0  # seconds a never-ending stream runs before the stand-in gives up on its own
+
+
+def _stream_until_hang_up(handler, piece: bytes, every: float = 0.05) -> None:
+    """Send `piece` every `every` seconds until the client hangs up (its request number is recorded
+    in server.hung_up) or STREAM_LIMIT passes: a client without an overall deadline only gets out
+    at that limit. server.stream_ended is set either way, for a test to wait on."""
+    number, started = len(handler.server.requests), time.monotonic()
+    try:
+        while time.monotonic() - started < STREAM_LIMIT:
+            handler.wfile.write(piece)
+            time.sleep(every)
+    except (BrokenPipeError, ConnectionResetError):
+        handler.server.hung_up.append(number)
+    finally:
+        handler.server.stream_ended.set()
+
+
 class _Server:
     def __init__(self, handler_class):
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
         self.server.requests = []
+        self.server.times = []  # time.monotonic() of each POST, for Retry-After
+        self.server.hung_up = []  # the request numbers whose client hung up mid-stream
+        self.server.stream_ended = threading.Event()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -68,6 +89,17 @@ class _Server:
     @property
     def requests(self) -> list:
         return self.server.requests
+
+    @property
+    def times(self) -> list:
+        return self.server.times
+
+    @property
+    def hung_up(self) -> list:
+        return self.server.hung_up
+
+    def wait_for_stream_end(self) -> bool:
+        return self.server.stream_ended.wait(STREAM_LIMIT + 10)
 
 
 def counting_proxy(target: str) -> _Server:
@@ -100,7 +132,10 @@ def counting_proxy(target: str) -> _Server:
 
 def scripted_openai_server(script) -> _Server:
     """A stand-in, because llama.cpp cannot be made to fail on demand: `script(n, body)` returns
-    ("reply", text) | ("status", code) | ("hang", seconds) | ("drop", None) for the n-th request."""
+    ("reply", content) | ("status", code) | ("hang", seconds) | ("drop", None) | ("trickle", None)
+    for the n-th request. The content may be any JSON value (a server that sends a number or a
+    list); a status may be (code, JSON body) or (code, JSON body, headers) (e.g. Retry-After);
+    "trickle" answers 200 and then one space every 50 ms, forever (valid JSON never ends)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -114,6 +149,7 @@ def scripted_openai_server(script) -> _Server:
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.times.append(time.monotonic())
             self.server.requests.append(body)
             action, value = script(len(self.server.requests), body)
             if action == "drop":
@@ -122,10 +158,19 @@ def scripted_openai_server(script) -> _Server:
             if action == "hang":
                 time.sleep(value)
                 return
-            if action == "status":  # value: a code, or (code, JSON body)
-                code, payload = value if isinstance(value, tuple) else (value, None)
+            if action == "trickle":  # no Content-Length: the body ends when the connection does
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                _stream_until_hang_up(self, b" ")
+                return
+            if action == "status":  # value: a code, or (code, JSON body[, headers])
+                value = value if isinstance(value, tuple) else (value,)
+                code, payload, headers = value[0], value[1] if len(value) > 1 else None, value[2] if len(value) > 2 else {}
                 data = json.dumps(payload).encode() if payload is not None else b""
                 self.send_response(code)
+                for name, header in headers.items():
+                    self.send_header(name, header)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -144,8 +189,9 @@ def ollama_stand_in(reply_for) -> _Server:
     """A stand-in for Ollama (which cannot be installed here): it replays the NDJSON stream that
     Ollama's /api/chat documents, one JSON object per line, the last with "done": true.
     `reply_for(body)` gives the content pieces, or a dict {"pieces": [...], "end": "done" | "error"
-    | "cut", "status": code} to end the stream with an error chunk, cut it off before done, or
-    answer an HTTP error with Ollama's {"error": ...} body."""
+    | "cut" | "forever", "status": code} to end the stream with an error chunk, cut it off before
+    done, never end it (a chunk with empty content every 50 ms), or answer an HTTP error with
+    Ollama's {"error": ...} body. A piece may be any JSON value (a server sending a number)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -170,6 +216,14 @@ def ollama_stand_in(reply_for) -> _Server:
                 lines = [{"error": f"model '{body['model']}' not found"}]
             elif end == "error":
                 lines.append({"error": "an error was encountered while running the model"})
+            elif end == "forever":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()
+                self.wfile.write("".join(json.dumps(line) + "\n" for line in lines).encode())
+                empty = {"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": False}
+                _stream_until_hang_up(self, (json.dumps(empty) + "\n").encode())
+                return
             elif end == "done":
                 lines.append({"model": body["model"], "created_at": "2024-07-01T00:00:01Z",
                               "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",

@@ -53,16 +53,39 @@ def agreement(a: list[float], b: list[float], names: tuple[str, str]) -> dict:
             "pearson": pearson(a, b), "spearman": spearman(a, b), "kendall_tau_b": kendall_tau_b(a, b)}
 
 
-def judge_summary(verdicts, scale_high: int) -> dict:
+def judge_summary(verdicts, scale_high: int, max_failures: float) -> dict:
+    """Scores, what was left unscored, and a status: "failed" when the judge scored none of the
+    entries it was asked about or left more than `max_failures` of all entries unscored, "warning"
+    when it left some, else "ok". With nothing scored the mean is None (never NaN)."""
     scores = [v.score for v in verdicts if v.score is not None]
-    mean, low, high = bootstrap_mean_ci(scores)
+    unparsed = [{"index": v.index, "reply": v.reply} for v in verdicts if v.status == "unparsed"]
+    failed = [{"index": v.index, "error": v.error} for v in verdicts if v.status == "failed"]
+    asked = [v for v in verdicts if v.asked]
+    unscored = len(unparsed) + len(failed)
+    share = unscored / len(verdicts) if verdicts else 0.0
+    if (asked and all(v.score is None for v in asked)) or share > max_failures:
+        status = "failed"
+    else:
+        status = "warning" if unscored else "ok"
+    mean, low, high = bootstrap_mean_ci(scores) if scores else (None, None, None)
+    first = [f"entry {f['index']}: {f['error']}" for f in failed[:3]]
+    first += [f"entry {u['index']}: reply {str(u['reply'])[:60]!r} is not a score" for u in unparsed[:3 - len(first)]]
     return {
-        "scored": len(scores),
-        "unparsed": [{"index": v.index, "reply": v.reply} for v in verdicts if v.status == "unparsed"],
-        "failed": [{"index": v.index, "error": v.error} for v in verdicts if v.status == "failed"],
+        "status": status, "scored": len(scores), "entries": len(verdicts), "unscored_share": share,
+        "max_failures": max_failures, "first_errors": first, "unparsed": unparsed, "failed": failed,
         "mean": mean, "ci95": [low, high], "scale_max": scale_high,
         "scores": [v.score for v in verdicts],
     }
+
+
+def judge_problem(judge: dict) -> str | None:
+    """One line on a judge that failed or left entries unscored (None when it scored them all)."""
+    if judge["status"] == "ok":
+        return None
+    verb = "judge failed" if judge["status"] == "failed" else "judge left entries unscored"
+    return (f"{verb}: {judge['scored']} of {judge['entries']} entries scored, {len(judge['failed'])} requests failed, "
+            f"{len(judge['unparsed'])} replies not a score ({judge['unscored_share']:.0%} unscored; "
+            f"--judge-max-failures {judge['max_failures']:.0%}); first: {'; '.join(judge['first_errors'])}")
 
 
 def evaluate_file(
@@ -114,7 +137,7 @@ def evaluate_file(
         from instructkit.evaluate.judge import PROMPTS
 
         result["judge"] = {"model": judge.model, "api": judge.api, "url": judge.url, "prompt": judge.prompt,
-                           **judge_summary(verdicts, PROMPTS[judge.prompt][2])}
+                           **judge_summary(verdicts, PROMPTS[judge.prompt][2], judge.max_failures)}
         if compare_path is not None:
             outcomes = judge_pairwise(entries, load_responses(compare_path), judge, cache, progress=progress)
             decided = [o for o in outcomes if o is not None]

@@ -7,7 +7,11 @@ Honest by construction:
     dropped; an empty model response scores 0 without asking, as in the chapter's script;
   - every answer is cached on disk (one JSONL line, fsynced) under a key of judge, options and
     the exact prompt, so a rerun or a resumed run asks nothing twice;
-  - timeouts, HTTP errors and dropped connections are retried with backoff, then counted.
+  - every call has one overall deadline (`timeout`), however the server trickles its bytes;
+    timeouts, 5xx, 429 and dropped connections are retried with backoff (honouring a bounded
+    Retry-After), then counted; a reply of the wrong shape is counted, never cached (judge_http.py);
+  - a judge that leaves more than `max_failures` of the entries unscored, or scores none of those
+    it was asked, fails the evaluation (evaluation.py) rather than reporting a mean of what is left.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import json
 import os
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from instructkit.data.prompts import ALPACA
 from instructkit.errors import UserError
+from instructkit.evaluate.judge_http import JudgeClient
 from instructkit.fileio import read_jsonl
 
 SCORE_PATTERN = re.compile(r"\s*(\d{1,3})\s*")
@@ -75,6 +79,7 @@ class JudgeConfig:
     timeout: float = 60.0
     retries: int = 3
     concurrency: int = 4
+    max_failures: float = 0.1  # share of entries left unscored above which the evaluation fails
     api_key: str | None = field(default=None, repr=False)
 
     def endpoint(self) -> str:
@@ -96,6 +101,7 @@ class Verdict:
     reply: str | None
     error: str | None = None
     cached: bool = False
+    asked: bool = True  # False: an empty response, scored without asking the judge
 
     @property
     def status(self) -> str:
@@ -133,100 +139,6 @@ class JudgeCache:
                 os.fsync(handle.fileno())
 
 
-class ClientError(Exception):
-    """The judge answered 4xx to one request (not a configuration fault): counted, not retried."""
-
-
-class JudgeClient:
-    def __init__(self, config: JudgeConfig):
-        import httpx
-
-        self.config = config
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.http = httpx.Client(timeout=config.timeout, headers=headers)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def check_reachable(self) -> None:
-        import httpx
-
-        try:
-            self.http.get(self.config.url.rstrip("/") + ("/api/tags" if self.config.api == "ollama" else "/v1/models"))
-        except httpx.TransportError as exc:
-            raise UserError(
-                f"judge server unreachable at {self.config.url} ({type(exc).__name__}); start Ollama with "
-                "`ollama serve` and `ollama pull llama3`, or point --judge-url at another OpenAI-compatible server "
-                "(llama.cpp: `python -m llama_cpp.server --model FILE.gguf`, with --judge-api openai)"
-            ) from None
-
-    def _refuse(self, response) -> None:
-        """An answer that is not 200: a configuration fault (bad key, unknown model or path) stops
-        the whole evaluation with one line; other client errors fail this request without a retry;
-        server errors are retried."""
-        try:
-            detail = response.json().get("error")
-            detail = detail.get("message") if isinstance(detail, dict) else detail
-        except Exception:
-            detail = None
-        detail = f": {str(detail)[:160]}" if detail else ""
-        status = response.status_code
-        if status in (401, 403):
-            raise UserError(f"judge at {self.config.url} refused the request (HTTP {status}{detail}); "
-                            "check the API key (--judge-api-key-env)")
-        if status == 404:
-            raise UserError(f"judge at {self.config.url} answered HTTP 404{detail}; check --judge-model "
-                            f"{self.config.model!r} (e.g. `ollama pull {self.config.model}`) and --judge-url/--judge-api")
-        raise (ClientError if 400 <= status < 500 else RuntimeError)(f"HTTP {status}{detail}")
-
-    def ask_once(self, prompt: str) -> str:
-        """One request; raises httpx errors, ClientError (4xx), RuntimeError (5xx or a broken stream)
-        or UserError (a configuration fault)."""
-        config = self.config
-        messages = [{"role": "user", "content": prompt}]
-        if config.api == "ollama":
-            payload = {"model": config.model, "messages": messages, "stream": True,
-                       "options": {"seed": config.seed, "temperature": config.temperature, "num_ctx": config.num_ctx}}
-            reply, finished = [], False
-            with self.http.stream("POST", config.endpoint(), json=payload) as response:
-                if response.status_code != 200:
-                    response.read()
-                    self._refuse(response)
-                for line in response.iter_lines():  # NDJSON: one JSON object per line
-                    if line.strip():
-                        chunk = json.loads(line)
-                        if chunk.get("error"):  # Ollama reports a failure mid-stream as a chunk
-                            raise RuntimeError(f"the judge's stream ended with an error: {str(chunk['error'])[:160]}")
-                        reply.append(chunk.get("message", {}).get("content", ""))
-                        if chunk.get("done"):
-                            finished = True
-                            break
-            if not finished:  # a cut-off stream is no answer: never cached, asked again next time
-                raise RuntimeError("the judge's stream ended without done: true")
-            return "".join(reply)
-        payload = {"model": config.model, "messages": messages, "temperature": config.temperature,
-                   "seed": config.seed, "max_tokens": 16}
-        response = self.http.post(config.endpoint(), json=payload)
-        if response.status_code != 200:
-            self._refuse(response)
-        return response.json()["choices"][0]["message"]["content"] or ""
-
-    def ask(self, prompt: str) -> str:
-        """Retry with exponential backoff; the last error propagates."""
-        import httpx
-
-        for attempt in range(self.config.retries + 1):
-            try:
-                return self.ask_once(prompt)
-            except ClientError:
-                raise  # the request itself is wrong: asking again gives the same answer
-            except (httpx.HTTPError, RuntimeError, json.JSONDecodeError, KeyError, IndexError, TypeError):
-                if attempt == self.config.retries:
-                    raise
-                time.sleep(min(8.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
-
-
 def judge_responses(
     entries: list[dict],
     config: JudgeConfig,
@@ -246,7 +158,7 @@ def judge_responses(
         if not isinstance(response, str):
             raise UserError(f"entry {index} has no string {response_key!r}")
         if response.strip() == "":
-            verdicts[index] = Verdict(index, low, "")  # the chapter scores an empty response 0
+            verdicts[index] = Verdict(index, low, "", asked=False)  # the chapter scores an empty response 0
             continue
         prompt = build_prompt(entry, response)
         key = JudgeCache.key(config, prompt)

@@ -135,6 +135,35 @@ def _against_blocks(against: dict) -> list[tuple]:
     return blocks
 
 
+def _judge_blocks(judge: dict, out_dir: Path) -> list[tuple]:
+    """The judge's mean, or, when it failed (evaluation.judge_summary), that it failed and why: a
+    mean over the few entries it did score would stand for a set it did not judge."""
+    blocks: list[tuple] = [("h", "LLM judge")]
+    about = f"Judge `{judge['model']}` ({judge['api']}, {judge['url']}), {judge['prompt']} prompt. "
+    counts = (f"{len(judge['unparsed'])} replies were not a score and {len(judge['failed'])} requests failed "
+              "(listed below, not dropped).")
+    if judge["status"] == "failed":
+        blocks.append(("p", f"Judge failed: it scored {judge['scored']} of {judge['entries']} entries "
+                            f"({judge['unscored_share']:.0%} left unscored; --judge-max-failures "
+                            f"{judge['max_failures']:.0%}), so no mean score is given. " + about + counts))
+        blocks.append(("p", "First errors: " + "; ".join(judge["first_errors"])))
+    else:
+        blocks.append(("p", about + f"Mean score {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f} to "
+                            f"{judge['ci95'][1]:.2f}) over {judge['scored']} scored entries; " + counts))
+        if judge["status"] == "warning":
+            blocks.append(("p", f"Warning: {judge['unscored_share']:.0%} of the entries were left unscored "
+                                f"(within --judge-max-failures {judge['max_failures']:.0%}); the mean leaves them out."))
+    scores = [s for s in judge["scores"] if s is not None]
+    if scores and judge["status"] != "failed":
+        _histogram(scores, judge["scale_max"], out_dir / "score-histogram.png")
+        blocks.append(("img", out_dir / "score-histogram.png", "Score histogram"))
+    if judge["unparsed"]:
+        blocks.append(("table", ["entry", "unparsed reply"], [[u["index"], _short(u["reply"], 200)] for u in judge["unparsed"]]))
+    if judge["failed"]:
+        blocks.append(("table", ["entry", "error"], [[f["index"], f["error"]] for f in judge["failed"]]))
+    return blocks
+
+
 def _decoding_text(settings: dict) -> str:
     """How respond generated the responses, in words (its recorded settings)."""
     beams = settings.get("beams", 1)
@@ -165,20 +194,7 @@ def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path
     if "against" in result:
         blocks += _against_blocks(result["against"])
     if "judge" in result:
-        judge = result["judge"]
-        blocks.append(("h", "LLM judge"))
-        blocks.append(("p", f"Judge `{judge['model']}` ({judge['api']}, {judge['url']}), {judge['prompt']} prompt. "
-                            f"Mean score {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f} to {judge['ci95'][1]:.2f}) "
-                            f"over {judge['scored']} scored entries; {len(judge['unparsed'])} replies were not a score "
-                            f"and {len(judge['failed'])} requests failed (listed below, not dropped)."))
-        scores = [s for s in judge["scores"] if s is not None]
-        if scores:
-            _histogram(scores, judge["scale_max"], out_dir / "score-histogram.png")
-            blocks.append(("img", out_dir / "score-histogram.png", "Score histogram"))
-        if judge["unparsed"]:
-            blocks.append(("table", ["entry", "unparsed reply"], [[u["index"], _short(u["reply"], 200)] for u in judge["unparsed"]]))
-        if judge["failed"]:
-            blocks.append(("table", ["entry", "error"], [[f["index"], f["error"]] for f in judge["failed"]]))
+        blocks += _judge_blocks(result["judge"], out_dir)
     if "pairwise" in result:
         pair = result["pairwise"]
         blocks.append(("p", f"Pairwise against `{pair['against']}`: {pair['wins']} wins, {pair['ties']} ties, "
