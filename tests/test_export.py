@@ -195,8 +195,9 @@ def test_export_refuses_bad_requests_with_one_line(tiny_runs, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("instructkit: error")]
         assert result.returncode == 2 and len(errors) == 1 and words in errors[0], (args, result.stderr)
     assert (busy / "keep.txt").read_text() == "mine" and not (tmp_path / "a").exists()
-    assert run_cli("export", "--run", str(tiny_runs["tiny-gpt2"]), "--format", "hf", "--out", str(busy), "--force").returncode == 0
-    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").exists()
+    forced = run_cli("export", "--run", str(tiny_runs["tiny-gpt2"]), "--format", "hf", "--out", str(busy), "--force")
+    assert forced.returncode == 2 and "no instructkit-export.json" in forced.stderr  # --force replaces only an export
+    assert (busy / "keep.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 

@@ -148,3 +148,64 @@ def test_malformed_check_is_one_line_naming_the_record(tmp_path, check, fault):
     assert _error(path).startswith(f"{path}: record 1: {fault}")
     result = run_cli("data", "--data", str(path))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "record 1" in result.stderr
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json's parser gives up near 1,000 levels with a RecursionError
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("surrogate.json", '[{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "a\\ud800b", "output": "x"}]',
+         "record 1: field 'instruction' holds a lone surrogate escape (\\ud800)"),
+        ("surrogate-key.jsonl", '{"instruction": "a", "output": "x", "note\\udfff": 1}\n',
+         "line 1: field 'note\\udfff' holds a lone surrogate escape (\\udfff)"),
+        ("duplicate.json", '[{"instruction": "Say hi.", "output": "Hi.", "output": "Bye."}]',
+         "record 0: the key 'output' appears twice"),
+        ("duplicate-check.jsonl", '{"instruction": "a", "output": "4", "check": {"type": "number", "answer": 4, "answer": 5}}\n',
+         "line 1: the key 'answer' appears twice inside field 'check'"),
+        ("deep.json", '[{"instruction": "a", "output": "b"},\n{"instruction": "c", "output": "d", "x": ' + DEEP + "}]",
+         "record 1 (line 2, column 140): JSON nested deeper than 100 levels"),
+        ("deep.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "x": ' + DEEP + "}\n",
+         "line 2, column 141: JSON nested deeper than 100 levels"),
+        ("deepish.json", '[{"instruction": "c", "output": "d", "x": ' + "[" * 200 + "]" * 200 + "}]",
+         "record 0: field 'x' nested deeper than 100 levels"),
+    ],
+)
+def test_hostile_records_are_one_line_naming_the_record(tmp_path, name, content, expected):
+    """Each of these loaded today as a traceback (surrogate: later, when written as UTF-8; depth:
+    RecursionError) or silently (a duplicate key: the last one won)."""
+    path = _write(tmp_path, name, content)
+    assert expected in _error(path)
+    out = tmp_path / "out"
+    result = run_cli("data", "--data", str(path), "--out", str(out))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0] and str(path) in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_a_faulty_record_is_dropped_by_skip_invalid(tmp_path):
+    other = {**GOOD, "instruction": "Say bye."}
+    path = _write(tmp_path, "d.json", "[" + json.dumps(GOOD) + ', {"instruction": "x", "output": "y", "output": "z"}, '
+                  + '{"instruction": "\\ud800", "output": "y"}, ' + json.dumps(other) + "]")
+    loaded = load_records(path, skip_invalid=True)
+    assert loaded.records == [GOOD, other] and loaded.skipped == 2
+
+
+@pytest.mark.parametrize(
+    "check, fault",
+    [
+        ('{"type": "number", "answer": NaN}', "'check' answer nan is not a finite number"),
+        ('{"type": "number", "answer": -Infinity}', "'check' answer -inf is not a finite number"),
+        ('{"type": "number", "answer": 4, "tolerance": NaN}', "'check' tolerance must be a non-negative number, got nan"),
+        ('{"type": "number", "answer": 4, "tolerance": Infinity}', "'check' tolerance must be a non-negative number, got inf"),
+        ('{"type": "number", "answer": 1' + "0" * 400 + "}", "'check' answer 1000000000000000000000000000000000000... is not"),
+        ('{"type": "json", "answer": {"a": [1, NaN]}}', "'check' answer holds nan, which no response can match"),
+    ],
+)
+def test_non_finite_check_answers_are_one_line_naming_the_record(tmp_path, check, fault):
+    """NaN passed validation (`nan < 0` is False) and made a record no response could ever pass."""
+    path = _write(tmp_path, "d.json", "[" + json.dumps(GOOD) + ', {"instruction": "Other.", "output": "4", "check": ' + check + "}]")
+    assert _error(path) == f"{path}: record 1: {fault}" or _error(path).startswith(f"{path}: record 1: {fault}")
+    result = run_cli("data", "--data", str(path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "record 1" in result.stderr

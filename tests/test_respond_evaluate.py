@@ -122,3 +122,35 @@ def test_main_job_end_to_end_on_a_tiny_model(tmp_path):
     assert "accuracy per task family" in (out / "report.md").read_text()
     again = run_cli(*args)  # a rerun keeps the finished training and redoes only the cheap stages
     assert again.returncode == 0 and "training already finished" in again.stdout
+
+
+def test_respond_resume_refuses_other_weights_quantization_or_precision(chapter_data_path, tmp_path):
+    """A kill under --quantize fp16 resumed under exact weights mixed the two silently: the rows'
+    settings now record how the weights decoded."""
+    import torch
+
+    from instructkit.data.pipeline import prepare_data
+    from instructkit.data.prompts import ALPACA
+    from instructkit.errors import UserError
+    from instructkit.models.registry import load_model
+    from instructkit.respond import respond
+
+    out = tmp_path / "responses.json"
+    args = ["respond", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--split", "val", "--out", str(out),
+            "--max-new-tokens", "2"]
+    assert run_cli(*args, "--quantize", "fp16").returncode == 0
+    rows = out.with_suffix(".jsonl").read_text()
+    assert json.loads(rows.splitlines()[0])["settings"]["quantize"] == "fp16"
+    other = run_cli(*args)  # --quantize none (the default)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and "made with other settings (quantize: fp16 -> none)" in lines[0], other.stderr
+    assert out.with_suffix(".jsonl").read_text() == rows  # nothing touched
+    assert run_cli(*args, "--quantize", "fp16").returncode == 0  # the same settings resume
+
+    entries = prepare_data(str(chapter_data_path)).splits.val[:3]
+    exact = tmp_path / "exact.json"
+    respond(load_model("tiny-gpt2", seed=1), ALPACA, entries, exact, max_new_tokens=2, progress=False)
+    bf16 = load_model("tiny-gpt2", seed=1)
+    bf16.model.to(torch.bfloat16)
+    with pytest.raises(UserError, match=r"made with other settings \(precision: fp32 -> bf16\)"):
+        respond(bf16, ALPACA, entries, exact, max_new_tokens=2, progress=False)

@@ -46,6 +46,10 @@ def test_url_is_downloaded_once_and_checked(served):
     first.write_text("damaged")  # a damaged copy is noticed and fetched again
     assert json.loads(resolve_source(f"{base}/data.json").read_text())[0]["output"] == "b"
     assert len(hits) == 2
+    for damaged_meta in ('{"size": 1', "[]"):  # so is a damaged record of it (a traceback before)
+        first.with_name("data.json.meta.json").write_text(damaged_meta)
+        assert json.loads(resolve_source(f"{base}/data.json").read_text())[0]["output"] == "b"
+    assert len(hits) == 4
 
 
 def test_http_error_is_one_line(served):

@@ -5,7 +5,8 @@ list with indent 4) and a JSONL file beside it. The JSONL grows chunk by chunk (
 fsynced), so an interrupted run keeps everything it finished and a rerun continues from there;
 the JSON list is written atomically at the end. A rerun only continues rows that match it: the
 same record (instruction, input and output) at the same index, made with the same generation
-settings (model, prompt style, token budget, few-shot examples); anything else is refused.
+settings (model, prompt style, token budget, few-shot examples, weight quantization and
+precision); anything else is refused.
 
 A response is cut by tokens: the generated ids after the prompt, up to the end token (or EOS),
 decoded and stripped; never by slicing decoded characters. With `shots` (a base model), each
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
 
 from instructkit.data.fewshot import few_shot_prompt, first_line, pick_shots
 from instructkit.data.prompts import PromptStyle, get_prompt_style
@@ -52,6 +55,28 @@ def read_finished(jsonl: Path) -> dict[int, dict]:
     if jsonl.exists():
         atomic_write_jsonl(jsonl, list(rows.values()))  # in the order they were written
     return rows
+
+
+# Settings recorded only when they differ from these, so rows written before they were recorded
+# (all made with these) still resume.
+WEIGHTS_DEFAULTS = {"quantize": "none", "precision": "fp32"}
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def weights_settings(model: torch.nn.Module) -> dict:
+    """How the weights decode: rows made under int8 or bf16 differ from fp32 ones, so one file must
+    not mix them (a run killed under one and resumed under the other)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    actual = {"quantize": getattr(model, "quantized", "none"), "precision": PRECISIONS.get(dtype, str(dtype))}
+    return {key: value for key, value in actual.items() if value != WEIGHTS_DEFAULTS[key]}
+
+
+def _differences(before: object, now: dict) -> str:
+    before = before if isinstance(before, dict) else {}
+    keys = [*now, *(key for key in before if key not in now)]
+    shown = [f"{key}: {before.get(key, WEIGHTS_DEFAULTS.get(key))} -> {now.get(key, WEIGHTS_DEFAULTS.get(key))}"
+             for key in keys if before.get(key) != now.get(key)]
+    return ", ".join(shown)
 
 
 def _same_record(row: dict, entry: dict) -> bool:
@@ -93,14 +118,15 @@ def respond(
         settings["repeat_stop"] = repeat_stop
     if beams > 1:
         settings |= {"beams": beams, "length_penalty": length_penalty}
+    settings |= weights_settings(loaded.model)
     jsonl = jsonl_path_for(out)
     done = read_finished(jsonl)
     for index, row in done.items():
         if index >= len(entries) or not _same_record(row, entries[index]):
             raise UserError(f"{jsonl}: row {index} holds another record than this data's; remove the file or choose another --out")
         if row.get("settings") != settings:
-            raise UserError(f"{jsonl}: row {index} was made with other settings ({row.get('settings')}, now {settings}); "
-                            "remove the file or choose another --out")
+            raise UserError(f"{jsonl}: row {index} was made with other settings ({_differences(row.get('settings'), settings)}); "
+                            "rerun with those, or remove the file or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def prompt_of(entry: dict) -> str:

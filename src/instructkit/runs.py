@@ -6,7 +6,10 @@ evaluate, export, chat and serve read it):
     config.json            the resolved training config (handed up as data: the train package owns its schema)
     prompt_style.json      the prompt style the model was trained with
     model.json, model.safetensors, tokenizer_ref.json [, tokenizer.json]
-                           the fine-tuned model (a model folder: models/registry.py reads and writes these)
+                           the fine-tuned model (a model folder: models/registry.py reads and writes these;
+                           model.json records the weights' sha256, checked on load, and
+                           .model.safetensors.verified.json the file it last matched, so loads skip the hashing)
+    quantized-MODE.safetensors   low-precision decoding weights, made once (a damaged one is remade)
     adapter.safetensors    the LoRA tensors alone (LoRA runs)
     metrics.jsonl          one row per optimizer step and per evaluation
     samples.jsonl          a greedy sample for a fixed validation prompt after each epoch
@@ -133,7 +136,20 @@ class RunFolder:
     def prompt_style(self) -> PromptStyle | None:
         if not self.prompt_style_file.exists():
             return None
-        return PromptStyle.from_dict(json.loads(self.prompt_style_file.read_text(encoding="utf-8")))
+        path = self.prompt_style_file
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc}); the run folder is damaged") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a JSON object (a prompt style); the run folder is damaged")
+        try:
+            style = PromptStyle.from_dict(value)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        if problem := _style_problem(style):
+            raise UserError(f"{path}: {problem}; the run folder is damaged")
+        return style
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_file)
@@ -145,7 +161,10 @@ class RunFolder:
         path = self.responses_file(split, base=base)
         if not path.exists():
             raise UserError(f"{path}: no responses yet; run `instructkit respond --run {self.path} --split {split}`")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc}); remove it and run `instructkit respond` again") from None
 
     # Writers -------------------------------------------------------------------------------
     def create(self) -> None:
@@ -166,6 +185,20 @@ class RunFolder:
     def remove_checkpoints(self) -> None:
         for folder in self.checkpoint_dirs():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _style_problem(style: PromptStyle) -> str | None:
+    """What is wrong with the field types of a prompt style read from a file, or None."""
+    for name in ("name", "instruction_prefix", "input_prefix", "response_prefix", "turn_separator"):
+        if not isinstance(getattr(style, name), str):
+            return f"{name!r} must be a string"
+    if style.end_marker is not None and not isinstance(style.end_marker, str):
+        return "'end_marker' must be a string or null"
+    if not isinstance(style.system_in_first_turn, bool):
+        return "'system_in_first_turn' must be true or false"
+    if not all(isinstance(stop, str) for stop in style.stop_strings):
+        return "'stop_strings' must be a list of strings"
+    return None
 
 
 def default_run_dir(data: str, root: str = "runs") -> str:

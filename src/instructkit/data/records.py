@@ -12,12 +12,19 @@ the caller can report all of them, or drop the bad rows with `skip_invalid`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from instructkit.errors import UserError
 
 REQUIRED_FIELDS = ("instruction", "output")
+# Records are flat; a `check` answer may nest a little. Deeper is a damaged or hostile file (json's
+# parser itself gives up near 1,000 levels with a RecursionError).
+MAX_DEPTH = 100
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 TEXT_FIELDS = ("instruction", "input", "output")
 
 # Literal control tokens that must never appear inside data: a model trained on them learns to
@@ -39,6 +46,13 @@ CONTROL_TOKEN_LITERALS = (
 CHECK_ANSWER_TYPES = {"exact": (str,), "exact_case": (str,), "number": (int, float), "set": (list,), "json": (dict, list)}
 
 
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
 def check_problem(check: object) -> str | None:
     """What is wrong with a `check` object, or None."""
     if not isinstance(check, dict):
@@ -52,11 +66,32 @@ def check_problem(check: object) -> str | None:
     if isinstance(answer, bool) or not isinstance(answer, CHECK_ANSWER_TYPES[kind]):
         return f"'check' of type {kind!r} needs an answer of type {CHECK_ANSWER_TYPES[kind][0].__name__}, got {_kind(answer)}"
     if kind == "number":
+        if not _finite(answer):  # NaN never equals a number: the record could never pass
+            return f"'check' answer {_short(answer)} is not a finite number"
         tolerance = check.get("tolerance", 0)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-            return "'check' tolerance must be a non-negative number"
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not _finite(tolerance) or tolerance < 0:
+            return f"'check' tolerance must be a non-negative number, got {_short(tolerance)}"
         if check.get("take", "first") not in ("first", "last"):
             return "'check' take must be 'first' or 'last'"
+    if kind in ("set", "json") and (bad := _non_finite(answer)) is not None:
+        return f"'check' answer holds {bad}, which no response can match"
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _non_finite(value: object) -> str | None:
+    """The first NaN or infinity inside a JSON value, as text, or None (values are nested at most
+    MAX_DEPTH levels: structure_problem has checked)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return repr(item)
+        stack.extend(item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
     return None
 
 
@@ -75,6 +110,68 @@ class LoadedRecords:
     records: list[dict]
     problems: list[RecordProblem]
     skipped: int = 0
+
+
+class _DuplicateKeys(dict):
+    """A JSON object in which a key appeared more than once (json keeps the last silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    marked = _DuplicateKeys(value)
+    marked.duplicates = tuple(key for key, _ in pairs if key in seen or seen.add(key))
+    return marked
+
+
+def _loads(text: str) -> object:
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
+def structure_problem(value: object) -> str | None:
+    """What no record may hold whatever its fields: a key given twice, a lone surrogate escape
+    ("\\ud800" is no character: writing it as UTF-8 fails later, mid-run), or nesting deeper than
+    MAX_DEPTH. Walked with a stack, not recursion, so no depth can crash the walk itself."""
+    stack: list[tuple[object, int, str]] = [(value, 0, "")]
+    while stack:
+        item, depth, field = stack.pop()  # field: the record's key the item sits under, for the message
+        where = f"field {field!r} " if field else ""
+        if depth > MAX_DEPTH:
+            return f"{where}nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, str):
+            if (match := _SURROGATE.search(item)) is not None:
+                return f"{where}holds a lone surrogate escape (\\u{ord(match.group()):04x}), which is not a character"
+        elif isinstance(item, dict):
+            if isinstance(item, _DuplicateKeys):
+                inside = f" inside field {field!r}" if field else ""
+                return f"the key {item.duplicates[0]!r} appears twice{inside} (JSON would keep only the last, silently)"
+            for key, child in item.items():
+                stack += [(key, depth + 1, field or key), (child, depth + 1, field or key)]
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1, field) for child in item)
+    return None
+
+
+def _too_deep(text: str) -> tuple[int, int, int]:
+    """Where `text` first nests deeper than MAX_DEPTH: (line, column, index of the top-level list
+    item), found by a scan of brackets outside strings (run only after the parser gave up)."""
+    depth = item = 0
+    for token in _JSON_TOKENS.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = text.count("\n", 0, token.start()) + 1
+                return line, token.start() - text.rfind("\n", 0, token.start()), item
+        elif mark in "]}":
+            depth -= 1
+        elif mark == "," and depth == 1:
+            item += 1
+    return 1, 1, 0
 
 
 def read_text_utf8(path: Path) -> str:
@@ -98,9 +195,19 @@ def _is_jsonl(path: Path, text: str) -> bool:
     return not text.lstrip().startswith("[")
 
 
-def parse_records(path: Path) -> list[tuple[str, object]]:
-    """Return (location, value) pairs for every record in the file, or raise UserError."""
-    text = read_text_utf8(path)
+def parse_records(path: Path, *, keep_faulty: bool = False) -> list[tuple[str, object]]:
+    """Return (location, value) pairs for every record in the file, or raise UserError. A record
+    with a `structure_problem` raises too, unless `keep_faulty` (load_records reports it with the
+    other record faults, so --skip-invalid can drop it)."""
+    rows = _parse(path, read_text_utf8(path))
+    if not keep_faulty:
+        for where, value in rows:
+            if (problem := structure_problem(value)) is not None:
+                raise UserError(f"{path}: {where}: {problem}")
+    return rows
+
+
+def _parse(path: Path, text: str) -> list[tuple[str, object]]:
     if _is_jsonl(path, text):
         rows: list[tuple[str, object]] = []
         # Only "\n" ends a JSONL line: splitlines() would also break inside strings on U+2028/U+2029/U+0085.
@@ -108,14 +215,21 @@ def parse_records(path: Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {number}", json.loads(line)))
+                rows.append((f"line {number}", _loads(line)))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {number}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}: line {number}, column {_too_deep(line)[1]}: JSON nested deeper than "
+                                f"{MAX_DEPTH} levels") from None
         return rows
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        line, column, item = _too_deep(text)
+        raise UserError(f"{path}: record {item} (line {line}, column {column}): JSON nested deeper than "
+                        f"{MAX_DEPTH} levels") from None
     if not isinstance(value, list):
         raise UserError(
             f"{path}: the top-level JSON value is {_kind(value)}, expected a list of records "
@@ -131,6 +245,8 @@ def _kind(value: object) -> str:
 
 def check_record(value: object) -> tuple[dict | None, str | None]:
     """Normalise one record or say what is wrong with it."""
+    if (problem := structure_problem(value)) is not None:
+        return None, problem
     if not isinstance(value, dict):
         return None, f"is {_kind(value)}, expected an object with 'instruction' and 'output'"
     for field in REQUIRED_FIELDS:
@@ -159,7 +275,7 @@ def load_records(path: Path, *, skip_invalid: bool = False) -> LoadedRecords:
     records: list[dict] = []
     problems: list[RecordProblem] = []
     first_seen: dict[tuple[str, str, str], str] = {}
-    for where, value in parse_records(path):
+    for where, value in parse_records(path, keep_faulty=True):
         record, fault = check_record(value)
         if record is not None:
             key = (record["instruction"], record["input"], record["output"])

@@ -93,7 +93,7 @@ def download_cached(url: str, *, name: str, timeout: float = 60.0, pinned: Named
     target = folder / name
     meta_path = folder / (name + ".meta.json")
     if target.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         if (target.stat().st_size == meta.get("size") and sha256_of_file(target) == meta.get("sha256")
                 and _matches_pin(target, pinned) is None):
             return target
@@ -111,6 +111,16 @@ def download_cached(url: str, *, name: str, timeout: float = 60.0, pinned: Named
     meta_path.unlink(missing_ok=True)
     raise UserError(f"{url}: download failed {DOWNLOAD_ATTEMPTS} times ({problem}); check the network, "
                     "or download the file yourself and pass its local path")
+
+
+def _read_meta(path: Path) -> dict:
+    """The size and checksum kept beside a download; a damaged record (a full disk, an edit) is no
+    record, so the file is fetched again rather than trusted or a traceback shown."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class TruncatedDownload(Exception):

@@ -215,6 +215,21 @@ def gpt2_from_gguf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return ours
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or one line naming it when it is missing, truncated
+    (a kill mid-copy, a full disk) or not safetensors at all."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the model folder is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a complete safetensors file ({path.stat().st_size:,} bytes; "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the weights are damaged") from None
+
+
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """Stop with one line at the first missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()

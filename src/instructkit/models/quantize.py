@@ -545,21 +545,30 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
     if cache is not None and saved is None and len(identity) > 1:
         from safetensors.torch import save_file
 
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file(made, str(tmp), metadata=identity)
-        tmp.replace(cache)
+        from instructkit.fileio import atomic_write_with
+
+        # A unique temporary name, fsynced, then renamed: two processes starting at once never
+        # write into one file, and a kill or crash leaves the old cache or the new one, whole.
+        atomic_write_with(cache, lambda tmp: save_file(made, str(tmp), metadata=identity))
     model.quantized = mode
     return model
 
 
 def _read_cache(cache: Path | None, identity: dict) -> dict | None:
+    """The cached tensors, or None to remake them: no cache, one made from other weights or by
+    another scheme, or a damaged one (truncated by a full disk or a copy cut short), which the
+    caller then overwrites."""
     if cache is None or len(identity) == 1 or not cache.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(cache), framework="pt") as handle:
-        if handle.metadata() != identity:
-            return None  # made from another version of the weights
-    return load_file(str(cache))
+    try:
+        with safe_open(str(cache), framework="pt") as handle:
+            if handle.metadata() != identity:
+                return None  # made from another version of the weights
+        return load_file(str(cache))
+    except (SafetensorError, OSError, ValueError) as exc:
+        print(f"instructkit: {cache} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+              "quantizing again", file=sys.stderr)
+        return None

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from instructkit.errors import UserError
-from instructkit.fileio import atomic_write_json, cache_dir
+from instructkit.fileio import atomic_write_json, atomic_write_with, cache_dir, sha256_of_file
 from instructkit.models import checkpoints
 from instructkit.models.families import FAMILIES, family_of
 from instructkit.models.gemma3 import Gemma3, Gemma3Config
@@ -38,6 +38,8 @@ HUB_REPOS = {
     "gemma-3-1b": "google/gemma-3-1b-pt",
 }
 GEMMA_SPECIALS = {"eos": "<eos>", "pad": "<pad>", "bos": "<bos>"}
+WEIGHTS = "model.safetensors"
+VERIFIED_STAMP = ".model.safetensors.verified.json"  # see verify_weights
 
 
 @dataclass
@@ -90,23 +92,79 @@ def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict)
             atomic_copy(tokenizer_ref["file"], folder / "tokenizer.json")
         tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    atomic_write_with(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    checksum = sha256_of_file(folder / WEIGHTS)
+    _record_verified(folder, checksum)  # the file was just hashed: its first load need not hash it again
     atomic_write_json(folder / "tokenizer_ref.json", tokenizer_ref)
-    atomic_write_json(folder / "model.json", {"family": model.config.family, "config": asdict(model.config)})
+    # model.json last: a folder is complete once it exists (runs.has_model), and it carries the checksum.
+    atomic_write_json(folder / "model.json", {"family": model.config.family, "config": asdict(model.config),
+                                              "weights_sha256": checksum})
 
 
 def load_model_folder(folder: Path, name: str | None = None) -> LoadedModel:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "model.json").read_text())
-    config = config_from_dict(meta["family"], meta["config"])
-    model = checkpoints.materialize(build_model, config, load_file(str(folder / "model.safetensors")), folder)
-    ref = json.loads((folder / "tokenizer_ref.json").read_text())
+    meta = _read_json(folder / "model.json")
+    try:
+        config = config_from_dict(meta["family"], meta["config"])
+    except (KeyError, TypeError, ValueError, UserError) as exc:
+        raise UserError(f"{folder / 'model.json'}: not a model description ({type(exc).__name__}: {exc})") from None
+    verify_weights(folder, meta.get("weights_sha256"))
+    model = checkpoints.materialize(build_model, config, checkpoints.read_safetensors(folder / WEIGHTS), folder)
+    ref = _read_json(folder / "tokenizer_ref.json")
+    if not isinstance(ref, dict) or "kind" not in ref:
+        raise UserError(f"{folder / 'tokenizer_ref.json'}: not a tokenizer reference (no 'kind')")
     if "file" in ref:  # remember where the file is, so the model can be saved elsewhere
         ref = {**ref, "file": str((folder / ref["file"]).resolve())}
     return LoadedModel(model.eval(), tokenizer_from_ref(ref), name or folder.name, ref, folder)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the model folder is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); the model folder is damaged") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object; the model folder is damaged")
+    return value
+
+
+# Weight checksums ------------------------------------------------------------------------------
+# Hashing costs ~0.85 s per GB here (sha256 with SHA-NI), as much as the rest of a load, so a file
+# once verified is recognised by a stamp beside it (its size, inode, modification and change
+# times: the change time moves on any write, even one that restores the modification time) and
+# only a changed file is hashed again.
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def _record_verified(folder: Path, checksum: str) -> None:
+    try:
+        atomic_write_json(folder / VERIFIED_STAMP, {**_file_identity(folder / WEIGHTS), "sha256": checksum})
+    except OSError:
+        pass  # a read-only folder: every load hashes the file, which is only slower
+
+
+def verify_weights(folder: Path, expected: str | None) -> None:
+    """Check model.safetensors against the sha256 model.json records, in one line on a mismatch.
+    Folders written before checksums were recorded (and converted GGUF caches) load unchecked."""
+    weights = folder / WEIGHTS
+    if expected is None:
+        return
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; the model folder is incomplete")
+    try:
+        stamp = json.loads((folder / VERIFIED_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stamp = None
+    if stamp == {**_file_identity(weights), "sha256": expected}:
+        return
+    actual = sha256_of_file(weights)
+    if actual != expected:
+        raise UserError(f"{weights}: checksum mismatch (sha256 {actual[:16]}..., model.json records {expected[:16]}...); "
+                        "the weights were changed or damaged after they were written")
+    _record_verified(folder, actual)
 
 
 def embedded_gguf_path() -> Path:
@@ -146,15 +204,13 @@ def _converted_gguf_folder(path: Path) -> Path:
 
 
 def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        state.update(checkpoints.read_safetensors(file))
     model_type = config.get("model_type", "")
     if model_type == "gpt2":
         model = checkpoints.materialize(GPT2, checkpoints.gpt2_config_from_hf(config), checkpoints.gpt2_from_hf(state), folder)
@@ -246,6 +302,4 @@ def _load_chapter_pth(path: Path) -> LoadedModel:
 def save_chapter_pth(model: GPT2, path: Path) -> None:
     """Save a GPT-2 in the chapter's GPTModel key names (for readers of the book)."""
     state = checkpoints.gpt2_to_chapter(model.state_dict(), model.config)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
