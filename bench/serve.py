@@ -1,7 +1,8 @@
 """Serving Gemma 3 270M with `instructkit serve` (a real uvicorn on 127.0.0.1, streaming clients
 with httpx): aggregate tokens/s of 8 concurrent clients against one client alone (target >= 3x),
 time to first token p50 / p95, and one client against llama.cpp's single stream on the same
-prompts and token counts. Median (min-max) over rounds."""
+prompts and token counts. Median (min-max) over rounds. Then a soak (serve_soak.py): 16 clients, a
+poison request and a dropped client every 10 s, peak RSS."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import serve_soak
 from bench.common import fmt_spread, print_table, spread
 
 QUESTIONS = ["Name a fruit.", "What is 2 + 2?", "Say hello in French.", "Give a color.", "Name a planet.",
@@ -78,6 +80,8 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
             rounds.append({"one_tok_s": sum(r["tokens"] for r in alone) / sum(r["seconds"] for r in alone),
                            "eight_tok_s": sum(r["tokens"] for r in together) / wall,
                            "ttft": [r["ttft"] for r in together if r["ttft"] is not None]})
+        soaked = serve_soak.soak(url, process.pid, model, seconds=20 if quick else 60, every=5 if quick else 10,
+                                 tokens=tokens)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -99,6 +103,9 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
                     ["time to first token with 8 clients, p50 / p95 s", f"{p50:.2f} / {p95:.2f}"],
                     ["llama.cpp single stream (Q4_K_M), tokens/s", fmt_spread(spread([l['tok_s'] for l in llama]), "{:.1f}")],
                     ["1 client / llama.cpp single stream", fmt_spread(versus, "{:.2f}", "x")]])
-    return {"model": model, "tokens": tokens, "one_client": one, "eight_clients": eight, "ratio": ratio,
+    print_table(f"Soak: {soaked['clients']} streaming clients for {soaked['seconds']:g} s, a poison request and a dropped "
+                "client every interval (target: every healthy request completes, RSS flat after warm-up)",
+                ["measurement", "value"], serve_soak.table(soaked))
+    return {"soak": soaked, "model": model, "tokens": tokens, "one_client": one, "eight_clients": eight, "ratio": ratio,
             "met": ratio["median"] >= TARGET, "ttft_p50": p50, "ttft_p95": p95, "llama_cpp": llama,
             "one_vs_llama_cpp": versus, "rounds": rounds}

@@ -113,3 +113,79 @@ def test_repeat_stop_only_cuts_a_loop_off():
             assert repeats_itself(p.token_ids[: kept + 4], 4)
         else:
             assert g.token_ids == p.token_ids
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """1e-300 passed every range check and divided logits into inf, then NaN probabilities."""
+    logits = torch.tensor([[3.0, 9.0, -2.0, 8.5], [0.0, -1.0, 4.0, 1.0]])
+    for temperature in (1e-300, 1e-30, 1e-6):
+        assert sample_next_token(logits, Sampling(temperature=temperature, seed=1), torch.Generator().manual_seed(1)).tolist() == [1, 2]
+    # Just above the greedy cut the arithmetic is still finite: the top logit is 0 after the shift.
+    huge = torch.tensor([[1e4, 0.0, -1e4]])
+    assert sample_next_token(huge, Sampling(temperature=2e-5), torch.Generator().manual_seed(1)).tolist() == [0]
+
+
+def test_generate_cli_takes_a_tiny_temperature():
+    from .conftest import run_cli
+
+    result = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hello", "--max-new-tokens", "4",
+                     "--temperature", "1e-300", "--quantize", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    greedy = run_cli("generate", "--model", "tiny-gpt2", "--prompt", "Hello", "--max-new-tokens", "4", "--quantize", "none")
+    assert result.stdout == greedy.stdout
+
+
+class _FailsAt(torch.nn.Module):
+    """A model whose one-token decode step fails for any row at `position` (an injected fault
+    that no arithmetic guard catches: the row's own data breaks the forward pass)."""
+
+    def __init__(self, model, position):
+        super().__init__()
+        self.inner, self.config, self.position = model, model.config, position
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    def head(self, hidden):
+        return self.inner.head(hidden)
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] == 1 and bool((kwargs["positions"] == self.position).any()):
+            raise RuntimeError("injected failure")
+        return self.inner(input_ids, **kwargs)
+
+
+def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens():
+    from instructkit.generate import Decoder, Request
+
+    loaded = load_model("tiny-gemma3", seed=1)
+    tokenizer = loaded.tokenizer
+    short, longer = tokenizer.encode("Hi"), [tokenizer.encode(text) for text in PROMPTS[1:3]]
+    assert all(len(ids) > len(short) + 3 for ids in longer)  # the healthy rows never reach that position
+    alone = generate(loaded.model, tokenizer, longer, max_new_tokens=12)
+    decoder = Decoder(_FailsAt(loaded.model, len(short) + 2), tokenizer.pad_id)
+    requests = [Request(short, 12), *(Request(ids, 12) for ids in longer)]
+    decoder.join(requests)
+    while len(decoder):
+        decoder.step()
+    assert requests[0].finish_reason == "error" and "injected failure" in str(requests[0].error)
+    assert len(requests[0].tokens) == 3  # it decoded until the step that failed
+    assert [r.tokens for r in requests[1:]] == [a.token_ids for a in alone]
+
+
+def test_the_cache_grows_with_the_rows_not_with_their_budgets():
+    """max_new_tokens of 10**9 used to size the cache for the whole context at the first step."""
+    from instructkit.generate import Decoder, Request
+
+    loaded = load_model("tiny-gemma3", seed=1)
+    context = loaded.model.config.context_length
+    decoder = Decoder(loaded.model, loaded.tokenizer.pad_id)
+    prompt = loaded.tokenizer.encode("Hello")
+    request = Request(prompt, context - len(prompt))  # what the server allows a max_tokens of 10**9
+    decoder.join([request])
+    assert decoder.cache.capacity < context // 4
+    for _ in range(40):
+        decoder.step()
+    assert decoder.cache.capacity <= 2 * (len(prompt) + len(request.tokens)) + 64
+    reference = generate(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=40)[0]
+    assert request.tokens == reference.token_ids

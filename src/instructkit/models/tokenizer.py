@@ -10,8 +10,10 @@ in text only where the tokenizer defines them as special tokens.
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_EOS_ID = 50256
 _ANGLE_TOKEN = re.compile(r"<[^<>\s]{1,64}>")
+_COPY_LOCK = threading.Lock()
 
 
 @dataclass
@@ -59,6 +62,11 @@ class Tokenizer:
         the tokenizers we read has the form <...>, so candidates are found by that shape."""
         controls = self.control_tokens
         return next((m.group(0) for m in _ANGLE_TOKEN.finditer(text) if m.group(0) in controls), None)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` with any control token written in it read as plain text (untrusted content,
+        such as a chat user's message, cannot forge turns); no BOS."""
+        return self._encode_plain(text)
 
     def token_id(self, token_text: str) -> int | None:
         """Id of a special token such as "<end_of_turn>", or None if this tokenizer has none."""
@@ -126,7 +134,18 @@ class HFTokenizer(Tokenizer):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not), so a server tokenizing a long prompt in a
+        # thread keeps answering; the ids are the same.
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_text(self, text: str) -> list[int]:
+        # The flag lives on the backend, so a copy carries it: flipping it on the shared one would
+        # race with other threads' encodes. Built once (a deep copy: ~2 s for Gemma's vocabulary).
+        with _COPY_LOCK:
+            if getattr(self, "_as_text", None) is None:
+                self._as_text = copy.deepcopy(self.backend)
+                self._as_text.encode_special_tokens = True
+        return self._as_text.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         encoding = self.backend.encode(text, add_special_tokens=False)

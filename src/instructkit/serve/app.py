@@ -8,15 +8,18 @@ Streaming is Server-Sent Events as OpenAI's clients expect: the first chunk carr
 role, every chunk has id, object, created, model and choices[i].index with finish_reason null
 until one terminal chunk, an optional usage chunk with empty choices, then `data: [DONE]`. Text
 comes from generate.TextStream (no broken UTF-8, no part of a stop string that is later cut), so
-the joined deltas equal the non-streamed answer. A failure mid-stream is an error event. A client
-that goes away cancels its row, which leaves the batch at the next decode step.
+the joined deltas equal the non-streamed answer. A failure mid-stream is an error event, and it
+is that request's alone (worker.py). A client that goes away, streamed or not, cancels its row,
+which leaves the batch at the next decode step (or the queue at once). Messages are tokenized off
+the event loop, their text as text (conversation.py); guard.py checks every request first. Every
+error is answered in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -26,12 +29,15 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import end_token_id
 from instructkit.errors import UserError
 from instructkit.generate import Request, Sampling, TextStream
 from instructkit.models.registry import LoadedModel
+from instructkit.serve.conversation import encode_conversation
+from instructkit.serve.guard import SECURITY_HEADERS, Guard, HostCheck
 from instructkit.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -43,9 +49,12 @@ from instructkit.serve.protocol import (
 )
 from instructkit.serve.worker import END, Worker
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_REQUEST_BYTES = 4_000_000
+# KV-cache slots (rows x tokens) a model's batch may plan for; Gemma 3 270M's fp32 cache holds
+# ~37 KB a slot, so the default is ~1.2 GB.
+DEFAULT_MAX_CACHE_TOKENS = 32_768
+log = logging.getLogger("instructkit.serve")
 
 
 @dataclass
@@ -57,13 +66,16 @@ class ServedModel:
     worker: Worker = field(init=False)
     created: int = field(default_factory=now)
 
-    def start(self, max_batch: int) -> "ServedModel":
-        self.worker = Worker(self.loaded.model, self.loaded.tokenizer, max_batch=max_batch, name=self.id)
+    def start(self, max_batch: int, max_cache_tokens: int | None = None) -> "ServedModel":
+        self.worker = Worker(self.loaded.model, self.loaded.tokenizer, max_batch=max_batch,
+                             max_cache_tokens=max_cache_tokens, name=self.id)
+        self.loaded.tokenizer.encode_text("")  # builds the text-only tokenizer now, not in a request
         return self
 
     @property
     def context(self) -> int:
-        return self.loaded.model.config.context_length
+        """Tokens a request may use: the model's context, or less under a cache budget."""
+        return min(self.loaded.model.config.context_length, self.worker.max_cache_tokens or 1 << 62)
 
 
 def _sse(payload: dict | str) -> str:
@@ -74,24 +86,28 @@ class _Generation:
     """One request's run through a model's worker, read as text pieces."""
 
     def __init__(self, served: ServedModel, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
-                 stop_ids: set[int], stop_strings: list[str]):
+                 stop_ids: set[int], stop_strings: list[str], http_request: HttpRequest):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker = served.worker
         self.request = Request(prompt_ids, max_tokens, frozenset(stop_ids), sampling)
         self.stream = TextStream(served.loaded.tokenizer, stop_strings)
         self.prompt_tokens = len(prompt_ids)
-        served.worker.submit(self.request, lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item))
+        # Waits for the client to go away, whether the answer is streamed or not, and cancels the row
+        # at once, so it leaves at the next step instead of running to its end.
+        self.watcher = asyncio.create_task(self._watch(http_request))
+        self.worker.submit(self.request, lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item))
 
-    async def pieces(self, http_request=None):
-        """Text pieces until the end; raises the worker's exception if the forward pass failed."""
+    async def _watch(self, http_request: HttpRequest) -> None:
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        self.worker.cancel(self.request, "client_gone")
+
+    async def pieces(self):
+        """Text pieces until the end; raises the worker's exception if this request's decoding failed."""
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if http_request is not None and await http_request.is_disconnected():
-                        return
-                    continue
+                item = await self.queue.get()
                 if item is END:
                     if rest := self.stream.finish():
                         yield rest
@@ -102,11 +118,11 @@ class _Generation:
                 if piece:
                     yield piece
                 if self.stream.stopped:
-                    self.request.cancelled = "stop_string"
+                    self.worker.cancel(self.request, "stop_string")
                     return
         finally:
-            if not self.request.finished:
-                self.request.cancelled = self.request.cancelled or "client_gone"
+            self.watcher.cancel()
+            self.worker.cancel(self.request, "client_gone")  # a no-op once the request has finished
 
     @property
     def finish_reason(self) -> str:
@@ -117,10 +133,35 @@ class _Generation:
         return len(self.stream.ids)
 
 
-def create_app(models: list[ServedModel], *, api_key: str | None = None) -> FastAPI:
+def _shaped(status: int, message: str, *, param: str | None = None, code: str | None = None,
+            kind: str = "invalid_request_error") -> JSONResponse:
+    # Set here too: a 500 is written by Starlette's outermost layer, outside the Guard.
+    return JSONResponse(ApiError(status, message, param=param, code=code, kind=kind).body(), status_code=status,
+                        headers=SECURITY_HEADERS)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    """The most specific of pydantic's errors (a union reports one per member), without its
+    union-member tags; a body that is not JSON is a 400 that says where it breaks."""
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        where = errors[0]["loc"][-1]
+        reason = errors[0].get("ctx", {}).get("error", "JSON decode error")
+        return _shaped(400, f"the request body is not valid JSON: {reason} at character {where}", code="invalid_json")
+    first = max(errors, key=lambda error: len(error.get("loc", ())), default={})
+    parts = [str(part) for part in first.get("loc", ())[1:] if not (isinstance(part, str) and "[" in part)]
+    param = ".".join(parts) or None
+    message = first.get("msg", "invalid request")
+    return _shaped(422, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: HostCheck | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The app; `hosts` None accepts any Host header (serve() always passes the bound host's)."""
     by_id = {served.id: served for served in models}
     static = resources.files("instructkit.serve") / "static"
     app = FastAPI(title="instructkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, hosts=hosts, max_request_bytes=max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
@@ -128,24 +169,19 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
-        return JSONResponse(ApiError(422, message, param=param, code="invalid_value").body(), status_code=422)
+        return _validation_error(exc)
 
-    @app.middleware("http")
-    async def _guard(request: HttpRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                error = ApiError(401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
-                                 code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, exc: HTTPException):  # unknown routes, wrong methods, bodies that are not UTF-8
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be parsed: it must be JSON, in UTF-8"
+        return _shaped(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return _shaped(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
     def pick(model_id: str) -> ServedModel:
         if model_id in by_id:
@@ -155,7 +191,9 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {m.id: {"busy_rows": m.worker.busy_rows()} for m in models}}
+        if api_key:  # open to anyone, so it says nothing about the traffic
+            return {"status": "ok"}
+        return {"status": "ok", "models": {m.id: m.worker.state() for m in models}}
 
     @app.get("/v1/models")
     async def list_models():
@@ -167,10 +205,12 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
         return {**model_card(served.id, served.created), "role": served.role}
 
     def budget(served: ServedModel, ids: list[int], requested: int | None) -> int:
+        """max_tokens capped at what the context (or the cache budget) leaves: the answer then
+        ends with finish_reason "length", as one that reached the asked number does."""
         room = served.context - len(ids)
         if room < 1:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; {served.id} has a context of {served.context}",
-                           param="messages", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; {served.id} takes at most {served.context} "
+                                "(its context, or --max-cache-tokens)", param="messages", code="context_length_exceeded")
         return min(requested or DEFAULT_MAX_TOKENS, room)
 
     def sampling(body) -> Sampling:
@@ -183,16 +223,15 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
             raise ApiError(400, "only n = 1 is supported", param="n")
         messages = [{"role": "system" if m.role in ("system", "developer") else m.role, "content": m.text()}
                     for m in body.messages]
-        try:
-            prompt = served.style.conversation(messages)
+        tokenizer = served.loaded.tokenizer
+        try:  # off the event loop: a long conversation takes seconds to tokenize
+            ids = await asyncio.to_thread(encode_conversation, served.style, messages, tokenizer)
         except UserError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        tokenizer = served.loaded.tokenizer
-        ids = tokenizer.encode(prompt)
         generation = _Generation(served, ids, budget(served, ids, body.max_completion_tokens or body.max_tokens),
                                  sampling(body), {tokenizer.eos_id, end_token_id(served.style, tokenizer)},
-                                 [*served.style.stop_strings, *body.stop_strings()])
-        return await _respond(generation, body, served, http_request, chat=True)
+                                 [*served.style.stop_strings, *body.stop_strings()], http_request)
+        return await _respond(generation, body, served, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: HttpRequest):
@@ -204,17 +243,17 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
                 raise ApiError(400, "only one prompt per request is supported", param="prompt")
             body.prompt = body.prompt[0]
         tokenizer = served.loaded.tokenizer
-        ids = tokenizer.encode(body.prompt)
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
         generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body), {tokenizer.eos_id},
-                                 body.stop_strings())
-        return await _respond(generation, body, served, http_request, chat=False)
+                                 body.stop_strings(), http_request)
+        return await _respond(generation, body, served, chat=False)
 
-    async def _respond(generation: _Generation, body, served: ServedModel, http_request, *, chat: bool):
+    async def _respond(generation: _Generation, body, served: ServedModel, *, chat: bool):
         completion_id = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         if not body.stream:
             try:
-                text = "".join([piece async for piece in generation.pieces(http_request)])
+                text = "".join([piece async for piece in generation.pieces()])
             except Exception as exc:
                 raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
             choice = {"index": 0, "logprobs": None, "finish_reason": generation.finish_reason}
@@ -259,15 +298,16 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
 
 
 def serve(models: list[ServedModel], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8) -> None:
+          max_batch: int = 8, max_cache_tokens: int | None = DEFAULT_MAX_CACHE_TOKENS,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_hosts: list[str] = ()) -> None:
     """Bind, say where (one line, so --port 0 is usable), serve until interrupted."""
     import socket
 
     import uvicorn
 
     for served in models:
-        served.start(max_batch)
-    app = create_app(models, api_key=api_key)
+        served.start(max_batch, max_cache_tokens)
+    app = create_app(models, api_key=api_key, hosts=HostCheck(host, list(allowed_hosts)), max_request_bytes=max_request_bytes)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -15,6 +15,7 @@ from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import end_token_id
 from instructkit.generate import Sampling, TextStream, stream_tokens
 from instructkit.models.registry import LoadedModel
+from instructkit.serve.conversation import encode_conversation
 
 HELP = "Commands: /reset, /system TEXT, /temp X, /max N, /quit. Ctrl-C stops an answer; Ctrl-D or /quit ends."
 
@@ -58,7 +59,7 @@ class ChatSession:
         tokenizer = self.loaded.tokenizer
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer.encode(self.style.conversation(messages))
+        prompt = encode_conversation(self.style, messages, tokenizer)  # what the user types stays text
         turn = len(self.history) // 2
         sampling = Sampling(temperature=self.temperature, seed=None if self.seed is None else self.seed + turn)
         tokens = stream_tokens(self.loaded.model, tokenizer, prompt, max_new_tokens=self.max_tokens,

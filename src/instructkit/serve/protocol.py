@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -30,15 +30,42 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _unicode(value: str) -> str:
+    """JSON may escape a lone surrogate ("\\ud800"): Python keeps it, no tokenizer can encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains {value[exc.start:exc.end]!a} at character {exc.start}, a lone surrogate "
+                         "that is not valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+class ContentPart(BaseModel):
+    """One of OpenAI's content parts; only text parts are read (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Annotated[Text, Strict()] | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self):
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a string 'text'")
+        return self
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = ""
+    content: Annotated[Text, Strict()] | list[ContentPart] | None = ""
 
     def text(self) -> str:
         """Plain text content; list content (OpenAI's parts) is joined from its text parts."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -49,8 +76,9 @@ class _Generation(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    # What torch.Generator.manual_seed takes (2**70 used to end in a 500).
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -74,7 +102,7 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for /v1/completions
 
 
