@@ -18,18 +18,18 @@ def main() -> int:
     if os.environ.get("INSTRUCTKIT_TEST_PER_RANK_MEAN"):
         loop.global_token_count = lambda local, world, device: local * world.size
     if fail := os.environ.get("INSTRUCTKIT_TEST_FAIL"):
+        import instructkit.train.fit as fit
+
         rank, step = (int(x) for x in fail.split(":"))
-        real_step, calls = loop.train_step, {"n": 0}
+        real_step, calls = fit.optimizer_step, {"n": 0}
 
-        def failing_step(*args, **kwargs):
+        def failing_step(session, *args, **kwargs):
             calls["n"] += 1
-            if kwargs["world"].rank == rank and calls["n"] == step:
+            if session.world.rank == rank and calls["n"] == step:
                 raise RuntimeError(f"injected failure on rank {rank} at step {step}")
-            return real_step(*args, **kwargs)
+            return real_step(session, *args, **kwargs)
 
-        import instructkit.train.finetune as finetune
-
-        finetune.train_step = failing_step
+        fit.optimizer_step = failing_step
     if sys.argv[1:] == ["eval"]:
         return distributed_eval()
     from instructkit.cli import main as cli

@@ -200,3 +200,19 @@ def test_dpo_on_two_processes_with_half_the_batch_equals_one_process(sft, shared
               if row["kind"] == "eval"] for n in ("one", "two")]
     assert evals[1] == pytest.approx(evals[0], rel=1e-5, abs=1e-7)
     assert _close(_weights(runs["two"]), _weights(runs["one"]))
+
+
+def test_dpo_fsdp2_equals_ddp(sft, shared_data, tmp_path):
+    """DPO runs through finetune's loop, sharded weights included: the policy sharded with FSDP2
+    (the frozen reference whole on each rank) trains as with DDP."""
+    prefs = shared_data / "instruction-data-with-preference.json"
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        result = run_cli("dpo", "--run", str(sft), "--data", str(prefs), "--out", str(out), "--max-steps", "2",
+                         "--batch-size", "2", "--eval-every", "1", "--eval-batches", "1", "--lr", "1e-4", "--nproc", "2",
+                         "--strategy", strategy, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[strategy] = out
+    assert _step_losses(runs["fsdp"]) == pytest.approx(_step_losses(runs["ddp"]), rel=1e-5)
+    assert _close(_weights(runs["fsdp"]), _weights(runs["ddp"]))

@@ -294,3 +294,40 @@ def test_drift_warning_only_when_the_chosen_responses_lose_likelihood():
     line = drift_warning(drifting)
     assert "step 60" in line and "-2.640" in line and "-1.820" in line and "--max-steps" in line
     assert "\n" not in line
+
+
+def _losses_and_lrs(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "step"], [r["lr"] for r in rows if r["kind"] == "step"]
+
+
+def test_dpo_has_the_loops_accumulation_and_cosine_schedule(sft_run, shared_data, tmp_path):
+    """DPO runs through finetune's loop: batch 2 x accumulation 2 trains as batch 4 (the step's
+    loss is the mean over all its pairs and chosen tokens), and the cosine schedule applies."""
+    from instructkit.train.fit import lr_at
+
+    data = shared_data / "instruction-data-with-preference.json"
+    runs = {}
+    for name, extra in (("big", ["--batch-size", "4"]), ("accum", ["--batch-size", "2", "--grad-accum", "2"])):
+        out = tmp_path / name
+        result = run_cli(*_dpo_args(sft_run, data, out, "--max-steps", "4", "--lr", "1e-4", "--sft-weight", "0.5",
+                                    "--schedule", "cosine", "--warmup", "1"), *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = out
+    (big, lrs), (accum, _) = _losses_and_lrs(runs["big"]), _losses_and_lrs(runs["accum"])
+    assert accum == pytest.approx(big, rel=1e-5)
+    assert lrs == pytest.approx([lr_at(step, 1e-4, 1, "cosine", 4) for step in range(4)]) and lrs[-1] < lrs[1]
+    expected, actual = load_file(str(runs["big"] / "model.safetensors")), load_file(str(runs["accum"] / "model.safetensors"))
+    assert all(torch.allclose(expected[n], actual[n], rtol=1e-4, atol=1e-6) for n in expected)
+
+
+def test_dpo_stops_early_when_validation_loss_stalls(sft_run, shared_data, tmp_path):
+    """A learning rate too small to move any weight leaves the validation loss exactly where it
+    was: --early-stop 1 ends the run at the first evaluation after the start."""
+    out = tmp_path / "stalled"
+    result = run_cli(*_dpo_args(sft_run, shared_data / "instruction-data-with-preference.json", out, "--lr", "1e-30",
+                                "--eval-every", "1", "--early-stop", "1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Early stop: validation loss has not improved for 1 evaluations" in result.stdout + result.stderr
+    losses, _ = _losses_and_lrs(out)
+    assert len(losses) == 1 and (out / "model.safetensors").is_file()

@@ -254,3 +254,14 @@ def test_tied_weight_gradient_equals_the_plain_full_logits_gradient(tiny_gpt2_ex
     for (name, a), (_, b) in zip(fused_model.named_parameters(), plain_model.named_parameters()):
         torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense(), rtol=1e-4, atol=1e-6, msg=name)
     assert not fused_model.lm_head.weight.grad.is_sparse
+
+
+def test_the_schedule_is_a_function_of_plain_numbers():
+    """Warm-up to the peak, then constant or a cosine to zero at the last step (closed form)."""
+    import math
+
+    from instructkit.train.fit import lr_at
+
+    assert [lr_at(s, 1e-3, 4, "constant", 20) for s in (0, 3, 4, 19)] == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3])
+    cosine = [lr_at(s, 1e-3, 4, "cosine", 20) for s in (3, 4, 12, 20)]
+    assert cosine == pytest.approx([1e-3, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)), 0.0], abs=1e-12)

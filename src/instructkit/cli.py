@@ -37,6 +37,42 @@ def _positive(name: str, value: int | None) -> None:
         raise UserError(f"--{name} must be a positive integer, got {value}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (no usage block; --help has it), exit 2.
+    Subcommand parsers inherit the class (add_subparsers uses the parent's type)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _argument_type(check, wanted: str, convert=int):
+    """An argparse `type=` that converts and checks a value, so every command refuses it with the
+    same one line: "argument --port: must be a port from 0 to 65535, got 99999"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+def _share(text: str) -> float:
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+PORT = _argument_type(lambda v: 0 <= v <= 65535, "a port from 0 to 65535 (0 picks a free one)")
+POSITIVE_INT = _argument_type(lambda v: v > 0, "a positive integer")
+NON_NEGATIVE_INT = _argument_type(lambda v: v >= 0, "0 or a positive integer")
+POSITIVE_FLOAT = _argument_type(lambda v: 0 < v < float("inf"), "a positive number", float)
+NON_NEGATIVE_FLOAT = _argument_type(lambda v: 0 <= v < float("inf"), "0 or a positive number", float)
+SHARE = _argument_type(lambda v: 0 <= v <= 1, "a share from 0 to 1 (or 0% to 100%)", _share)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from instructkit.data.pipeline import encode_splits, length_stats, padding_shares, prepare_data, write_splits
     from instructkit.data.prompts import get_prompt_style
@@ -201,6 +237,8 @@ TRAIN_OPTIONS = [
     ("device", str, "auto (CUDA when available, default), cpu or cuda"),
     ("precision", str, "fp32 (default) or bf16 (autocast; CUDA only)"),
     ("strategy", str, "with --nproc / torchrun: ddp (default, replicated weights) or fsdp (sharded, FSDP2)"),
+    ("log", str, "metrics loggers besides metrics.jsonl (comma list): tensorboard (event files in the run folder: "
+                 "tensorboard --logdir runs/), wandb, mlflow (when installed)"),
 ]
 
 
@@ -295,6 +333,10 @@ def cmd_respond(args: argparse.Namespace) -> int:
         raise UserError(f"--few-shot must be 0 or more, got {args.few_shot}")
     if bool(args.run) == bool(args.model):
         raise UserError("respond needs exactly one of --run RUN_DIR or --model M")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run = RunFolder(args.run).require_finished() if args.run else None
     saved = run.config() if run is not None and run.has_config() else {}
     data = args.data or saved.get("data")
@@ -334,7 +376,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     loaded, style = _model_and_style(args)
-    exported = export_model(loaded, style, args.format, Path(args.out), quant=args.quant, force=args.force)
+    sources = tuple(Path(spec) for spec in (args.run, args.model) if spec and Path(spec).exists())
+    exported = export_model(loaded, style, args.format, Path(args.out), quant=args.quant, force=args.force,
+                            sources=sources)
     total = sum(path.stat().st_size for path in exported.files)
     print(f"Exported {loaded.name} ({args.format}, prompt style {style.name}) to {exported.folder}: "
           f"{len(exported.files)} files, {total / 1e6:,.0f} MB, in {time.perf_counter() - started:.1f} s")
@@ -395,6 +439,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from instructkit.serve.app import ServedModel, serve
 
     _positive("max-batch", args.max_batch)
+    _positive("max-cache-tokens", args.max_cache_tokens)
+    _positive("max-request-bytes", args.max_request_bytes)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -409,7 +455,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models.append(ServedModel(Path(base_spec).name or base_spec, _inference_model(base_spec, args), style, "base"))
         if models[1].id == models[0].id:
             models[1].id += "-base"
-    serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
+    serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_cache_tokens=args.max_cache_tokens, max_request_bytes=args.max_request_bytes,
+          allowed_hosts=args.allowed_hosts)
     return 0
 
 
@@ -440,6 +488,11 @@ DPO_OPTIONS = [
     ("threads", int, "torch CPU threads"),
     ("device", str, "auto (CUDA when available, default), cpu or cuda"),
     ("precision", str, "fp32 (default) or bf16 (autocast; CUDA only)"),
+    ("grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("schedule", str, "constant (default) or cosine, after the warm-up"),
+    ("early-stop", int, "stop after N evaluations without a better validation loss"),
+    ("log", str, "metrics loggers besides metrics.jsonl (comma list): tensorboard, wandb, mlflow (when installed)"),
+    ("strategy", str, "with --nproc / torchrun: ddp (default, replicated weights) or fsdp (sharded, FSDP2)"),
 ]
 
 
@@ -589,16 +642,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def _judge_config(args: argparse.Namespace):
     import os
 
-    from instructkit.evaluate.judge import PROMPTS, JudgeConfig
+    from instructkit.evaluate.judge import JudgeConfig
 
     if not args.judge_url:
         return None
     if not args.judge_model:
         raise UserError("--judge-url needs --judge-model (e.g. llama3)")
-    if args.judge_api not in ("openai", "ollama"):
-        raise UserError(f"--judge-api must be openai or ollama, got {args.judge_api!r}")
-    if args.judge_prompt not in PROMPTS:
-        raise UserError(f"--judge-prompt must be one of {', '.join(PROMPTS)}")
     key = None
     if args.judge_api_key_env:
         key = os.environ.get(args.judge_api_key_env)
@@ -606,7 +655,7 @@ def _judge_config(args: argparse.Namespace):
             raise UserError(f"--judge-api-key-env {args.judge_api_key_env}: that environment variable is not set")
     return JudgeConfig(url=args.judge_url, model=args.judge_model, api=args.judge_api, prompt=args.judge_prompt,
                        timeout=args.judge_timeout, retries=args.judge_retries, concurrency=args.judge_concurrency,
-                       api_key=key)
+                       max_failures=args.judge_max_failures, api_key=key)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -651,7 +700,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_evaluation(result)
     markdown, html_file = RunFolder(out_dir).report_files
     print(f"Report: {markdown} and {html_file}")
-    return 0
+    return _judge_exit_status(result)
+
+
+def _judge_exit_status(result: dict) -> int:
+    """1 when the judge failed (the report says so), after a one-line error; a warning when it
+    left some entries unscored within --judge-max-failures."""
+    from instructkit.evaluate.evaluation import judge_problem
+
+    problem = judge_problem(result["judge"]) if "judge" in result else None
+    if problem is None:
+        return 0
+    failed = result["judge"]["status"] == "failed"
+    print(f"instructkit: {'error' if failed else 'warning'}: {problem}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_evaluation(result: dict) -> None:
@@ -673,8 +735,9 @@ def _print_evaluation(result: dict) -> None:
         print(f"Per item (ROUGE-L): {against['wins']} better, {against['ties']} equal, {against['losses']} worse")
     if "judge" in result:
         judge = result["judge"]
-        print(f"Judge mean {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f}-{judge['ci95'][1]:.2f}), "
-              f"{judge['scored']} scored, {len(judge['unparsed'])} unparsed, {len(judge['failed'])} failed")
+        mean = ("Judge failed, no mean" if judge["status"] == "failed" else
+                f"Judge mean {judge['mean']:.2f} (95% CI {judge['ci95'][0]:.2f}-{judge['ci95'][1]:.2f})")
+        print(f"{mean}, {judge['scored']} scored, {len(judge['unparsed'])} unparsed, {len(judge['failed'])} failed")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -705,7 +768,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     markdown, html_file = RunFolder(job.out).report_files
     print(f"Report: {markdown} and {html_file}")
     print(f"Wall time: {result['wall_seconds']:.0f} s")
-    return 0
+    return _judge_exit_status(result)
 
 
 def _add_beam_options(parser: argparse.ArgumentParser, default: int | None, default_text: str) -> None:
@@ -718,16 +781,23 @@ def _add_beam_options(parser: argparse.ArgumentParser, default: int | None, defa
 def _add_judge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-url", default=None, help="judge server, e.g. http://localhost:11434 (Ollama)")
     parser.add_argument("--judge-model", default=None, help="judge model name, e.g. llama3")
-    parser.add_argument("--judge-api", default="ollama", help="ollama (native /api/chat, default) or openai (/v1/chat/completions)")
-    parser.add_argument("--judge-prompt", default="chapter", help="chapter (0-100, default) or rubric (1-5)")
-    parser.add_argument("--judge-timeout", type=float, default=60.0)
-    parser.add_argument("--judge-retries", type=int, default=3)
-    parser.add_argument("--judge-concurrency", type=int, default=4)
+    parser.add_argument("--judge-api", default="ollama", choices=("ollama", "openai"),
+                        help="ollama (native /api/chat, default) or openai (/v1/chat/completions)")
+    parser.add_argument("--judge-prompt", default="chapter", choices=("chapter", "rubric"),
+                        help="chapter (0-100, default) or rubric (1-5)")
+    parser.add_argument("--judge-timeout", type=POSITIVE_FLOAT, default=60.0,
+                        help="seconds one judge request may take in all, however the server streams it (default 60)")
+    parser.add_argument("--judge-retries", type=NON_NEGATIVE_INT, default=3,
+                        help="retries of a request that timed out, failed with 5xx or 429, or lost its connection (default 3)")
+    parser.add_argument("--judge-concurrency", type=POSITIVE_INT, default=4, help="requests in flight (default 4)")
+    parser.add_argument("--judge-max-failures", type=SHARE, default=0.1,
+                        help="share of entries the judge may leave unscored (failed or not a score) with a warning; "
+                             "more, or none scored, fails the evaluation with exit 1 (default 0.1, i.e. 10%%)")
     parser.add_argument("--judge-api-key-env", default=None, help="environment variable holding an API key")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="instructkit",
         description="Fine-tune pretrained causal language models to follow instructions, then measure them.",
     )
@@ -746,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", default=None, help="optional input field, with --prompt-style")
     gen.add_argument("--prompt-style", default=None, help="wrap the prompt as an instruction: alpaca, phi3, gemma")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
@@ -779,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="end a response when its last N tokens already appeared in it (a greedy loop), "
                            "dropping the repeat; 0 = off (default; the main job uses 16)")
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
+    resp.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     _add_beam_options(resp, 1, "1: greedy")
     resp.add_argument("--skip-invalid", action="store_true")
     resp.add_argument("--shuffle-seed", type=int, default=None, help="default: the run's")
@@ -816,14 +887,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quant", default=None,
                      help="gguf/ollama: f32, f16 (gguf default), q8_0 (ollama default) or q4_k_m (needs llama-cpp-python)")
     exp.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
-    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    exp.add_argument("--force", action="store_true", help="replace a previous export in --out")
     exp.set_defaults(handler=cmd_export)
 
     def talk_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--run", default=None, help="a finished fine-tuning run folder (its prompt style is used)")
         parser.add_argument("--model", default=None, help="or any model spec (then --prompt-style is needed)")
         parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
         parser.add_argument("--quantize", default=TALK_QUANTIZE,
                             help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                                  "greedy answers within the agreement target, docs/BENCHMARKS.md)")
@@ -841,10 +912,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv = subcommands.add_parser("serve", help="an OpenAI-compatible server and a chat page for a model")
     talk_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the bound URL is printed)")
+    srv.add_argument("--port", type=PORT, default=8000, help="port (0 picks a free one; the bound URL is printed)")
     srv.add_argument("--api-key-env", default=None, help="environment variable holding the API key clients must send")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     srv.add_argument("--compare-base", action="store_true", help="also serve the run's base model, for the page's compare mode")
+    srv.add_argument("--max-cache-tokens", type=int, default=32_768,
+                     help="KV-cache budget per model, in rows x tokens: requests beyond it wait (default 32768, ~1.2 GB for Gemma 3 270M)")
+    srv.add_argument("--max-request-bytes", type=int, default=4_000_000,
+                     help="larger request bodies are refused with 413 before parsing (default 4000000)")
+    srv.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                     help="Host header names to answer besides the bound address (against DNS rebinding; '*' allows any)")
     srv.set_defaults(handler=cmd_serve)
 
     pref = subcommands.add_parser("dpo", help="preference tuning (DPO) of a fine-tuned model",
@@ -887,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--data", default=None, help="a dataset: its train and test splits (as finetune splits it)")
     lk.add_argument("--train", default=None, help="or a training file ...")
     lk.add_argument("--test", default=None, help="... and a test file")
-    lk.add_argument("--method", default="rapidfuzz", help="near prompts by rapidfuzz (default) or tfidf")
+    lk.add_argument("--method", default="rapidfuzz", choices=("rapidfuzz", "tfidf"), help="near prompts by rapidfuzz (default) or tfidf")
     lk.add_argument("--cutoff", type=float, default=None, help="rapidfuzz ratio 0-100 (default 90) or cosine (default 0.8)")
     lk.add_argument("--skip-invalid", action="store_true")
     lk.add_argument("--shuffle-seed", type=int, default=None)

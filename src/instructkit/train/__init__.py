@@ -1,1 +1,2 @@
-"""Training: the loss, the loop, LoRA, checkpoints."""
+"""Training: the one loop (fit.py) and its objectives (loop.py: SFT, dpo.py: DPO), the losses, LoRA,
+checkpoints, configs and metrics loggers."""

@@ -21,8 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,93 +29,17 @@ import torch.nn.functional as F
 from instructkit.data.batching import batches_in_order, collate, length_grouped_batches
 from instructkit.data.preferences import EncodedPair, encode_pairs, load_preferences
 from instructkit.data.prompts import get_prompt_style
-from instructkit.devices import resolve_device
 from instructkit.data.tokenize import IGNORE_INDEX
+from instructkit.devices import resolve_device
 from instructkit.errors import UserError
-from instructkit.models.registry import load_model, save_model_folder
+from instructkit.models.registry import load_model
 from instructkit.runs import RunFolder
-from instructkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from instructkit.train import distributed
-from instructkit.train.config import BATCHING, config_differences
+from instructkit.train.config import LOSSES, REDUCTIONS, DPOConfig  # noqa: F401 (DPOConfig's home was here)
 from instructkit.train.distributed import SINGLE, World, all_reduce_sum, shard, unwrap
+from instructkit.train.fit import Session, autocast, say, steps_per_epoch, total_steps
 from instructkit.train.loss import sequence_logprob_sums
-
-LOSSES = ("sigmoid", "ipo", "robust")
-REDUCTIONS = ("mean", "sum")
-
-
-@dataclass
-class DPOConfig:
-    method: str = "dpo"  # tells a DPO run folder from a finetune one
-    start: str = ""  # the starting model: a finished fine-tuning run folder or a model spec
-    data: str = ""
-    out: str = "runs/dpo"
-    # The book's defaults.
-    beta: float = 0.1
-    lr: float = 5e-6
-    weight_decay: float = 0.01
-    epochs: int = 1
-    batch_size: int = 8
-    seed: int = 123
-    logp_reduction: str = "mean"
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    append_eos: bool = True
-    precompute_ref: bool = False
-    # Length-grouped batches of pairs (a pair's length: its longer response) instead of the book's
-    # shuffled order: the policy pads 2B rows to the longest, and random batches of the chapter's
-    # pairs are 1.5x their real tokens (68k real, 104k padded, Gemma tokens, one epoch).
-    batching: str = "grouped"
-    max_steps: int | None = None
-    max_length: int | None = None
-    warmup: int = 0
-    clip: float | None = None
-    eval_every: int = 5
-    eval_batches: int = 5
-    save_every: int = 50
-    prompt_style: str | None = None
-    skip_invalid: bool = False
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
-    freeze_embedding: bool = False
-    threads: int | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-
-    def validate(self) -> "DPOConfig":
-        for name in ("epochs", "batch_size", "eval_every", "eval_batches", "save_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_length", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.beta <= 0 or self.lr <= 0:
-            raise UserError(f"--beta and --lr must be positive, got {self.beta} and {self.lr}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.sft_weight < 0 or self.weight_decay < 0 or self.lora_rank < 0 or self.warmup < 0:
-            raise UserError("--sft-weight, --weight-decay, --lora-rank and --warmup cannot be negative")
-        if self.loss not in LOSSES:
-            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.logp_reduction not in REDUCTIONS:
-            raise UserError(f"--logp-reduction must be mean or sum, got {self.logp_reduction!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batching not in BATCHING:
-            raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DPOConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown or values.get("method") != "dpo":
-            raise UserError("not a DPO run folder (its config is not a DPO config); use `instructkit finetune --resume`")
-        return cls(**values)
+from instructkit.train.runner import check_existing, fit_and_write, make_session, make_trainable, save_trained, start_or_resume
 
 
 # The loss ----------------------------------------------------------------------------------
@@ -224,11 +147,124 @@ def _disable_dropout(model, say) -> None:
         say(f"Dropout switched off in {len(had)} modules (p was {max(had):g}): DPO compares log-probs of two models")
 
 
-# The run ----------------------------------------------------------------------------------
-def _say(message: str) -> None:
-    from tqdm import tqdm
+# The objective ------------------------------------------------------------------------------
+_SUMS = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
+         "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "chosen_nll", "chosen_tokens", "pairs")
 
-    tqdm.write(message)
+
+@dataclass
+class _PairWork:
+    """One step's micro-batches of pairs, with the chosen responses' tokens over all ranks."""
+
+    micro_batches: list[list[int]]
+    chosen_tokens: float
+    skip: bool = False
+
+
+class DPOObjective:
+    """dpo's objective for the one loop (train/fit.py): a step's loss is the mean DPO loss over
+    all its pairs (every rank and micro-batch) plus sft_weight x the mean NLL of all their chosen
+    tokens; evaluation measures losses, rewards and log-probs on the first pairs of each split."""
+
+    name = "dpo"
+
+    def __init__(self, train, val, pad_id: int, config: DPOConfig, session: Session, state: dict, *, reference=None,
+                 ref_train=None, ref_val=None):
+        self.train, self.val, self.pad_id, self.config, self.state = train, val, pad_id, config, state
+        self.world, self.device, self.precision = session.world, session.device, session.precision
+        self.reference, self.ref_train, self.ref_val = reference, ref_train, ref_val
+        self.train_size = len(train)
+        self.step_pairs = config.batch_size * self.world.size * config.grad_accum
+        self.evaluated = config.eval_batches * config.batch_size * self.world.size  # the first pairs of each split
+        self.warned = False  # the drift warning is said once per process
+
+    def step_orders(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(self.train, self.step_pairs, batching=self.config.batching, seed=self.config.seed + epoch)
+
+    def prepare(self, micro_batches: list[list[int]]) -> _PairWork:
+        local = float(sum(self.train[i].chosen.num_supervised for batch in micro_batches for i in batch))
+        return _PairWork(micro_batches, all_reduce_sum(local, self.world, self.device))
+
+    def micro_loss(self, model, index: int, work: _PairWork) -> tuple[torch.Tensor, dict]:
+        loss_sum, chosen_token_sum, sums = self.pair_terms(model, work.micro_batches[index], self.train, self.ref_train)
+        loss = loss_sum / self.step_pairs
+        if self.config.sft_weight:
+            loss = loss + self.config.sft_weight * (-chosen_token_sum / work.chosen_tokens)
+        return loss * self.world.size, sums  # DDP averages gradients over ranks: this makes it the sum
+
+    def step_row(self, parts: list[dict], work: _PairWork) -> tuple[dict, dict]:
+        row = self.row_from({name: sum(part[name] for part in parts) for name in _SUMS})
+        if not math.isfinite(row["loss"]):
+            raise UserError(f"DPO loss became {row['loss']} at step {self.state['step'] + 1}; lower --lr or --beta")
+        return row, {}
+
+    def pair_terms(self, net, indices: list[int], pairs, refs):
+        """This rank's pairs `indices`: the summed DPO losses, the chosen responses' summed token
+        log-probs (for the SFT term), and the metrics' sums over the pairs."""
+        config = self.config
+        with autocast(self.device, self.precision):
+            chosen, rejected, logps, counts = _pair_logprobs(net, [pairs[i] for i in indices], self.pad_id,
+                                                             config.logp_reduction, self.device)
+            if refs is not None:
+                ref_c, ref_r = refs[indices, 0], refs[indices, 1]
+            else:
+                with torch.no_grad():
+                    ref_c, ref_r, _, _ = _pair_logprobs(self.reference, [pairs[i] for i in indices], self.pad_id,
+                                                        config.logp_reduction, self.device)
+        chosen, rejected, ref_c, ref_r = chosen.float(), rejected.float(), ref_c.float(), ref_r.float()
+        losses, reward_c, reward_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=config.beta, loss=config.loss,
+                                              label_smoothing=config.label_smoothing)
+        chosen_counts = counts[: len(indices)]
+        chosen_token_sum = (chosen * chosen_counts if config.logp_reduction == "mean" else chosen).sum()
+        margins = reward_c - reward_r
+        sums = {"dpo_loss": float(losses.detach().sum()), "reward_chosen": float(reward_c.sum()),
+                "reward_rejected": float(reward_r.sum()), "reward_margin": float(margins.sum()),
+                "reward_accuracy": float((margins > 0).float().sum()), "logp_chosen": float(chosen.detach().sum()),
+                "logp_rejected": float(rejected.detach().sum()), "ref_logp_chosen": float(ref_c.sum()),
+                "ref_logp_rejected": float(ref_r.sum()), "chosen_nll": float(-chosen_token_sum.detach()),
+                "chosen_tokens": float(chosen_counts.sum()), "pairs": float(len(indices))}
+        return losses.sum(), chosen_token_sum, sums
+
+    def row_from(self, sums: dict) -> dict:
+        """Means over all ranks' pairs: the loss is the step's (DPO mean + SFT weight x token-mean NLL)."""
+        sums = {name: all_reduce_sum(value, self.world, self.device) for name, value in sums.items()}
+        pairs = max(sums.pop("pairs"), 1.0)
+        tokens = max(sums.pop("chosen_tokens"), 1.0)
+        nll = sums.pop("chosen_nll") / tokens
+        row = {name: value / pairs for name, value in sums.items()}
+        row["loss"] = row.pop("dpo_loss") + self.config.sft_weight * nll
+        row["reward_margin_unscaled"] = row["reward_margin"] / self.config.beta
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, session: Session, state: dict) -> dict:
+        session.trained.eval()
+        row = {}
+        for name, pairs, refs in (("train", self.train, self.ref_train), ("val", self.val, self.ref_val)):
+            mine = shard(list(range(len(pairs)))[: self.evaluated], self.world)
+            totals: dict = {}
+            for start in range(0, len(mine), self.config.batch_size):
+                _, _, sums = self.pair_terms(session.model, mine[start : start + self.config.batch_size], pairs, refs)
+                totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+            row.update({f"{name}_{k}": v for k, v in self.row_from({k: totals.get(k, 0.0) for k in _SUMS}).items()})
+        session.trained.train()
+        return row
+
+    def eval_message(self, row: dict) -> str:
+        return f", Train reward margins {row['train_reward_margin']:.3f}, Val reward margins {row['val_reward_margin']:.3f}"
+
+    def notes(self, row: dict) -> list[str]:
+        warning = drift_warning(row)
+        if warning is None or self.warned:
+            return []
+        self.warned = True
+        return [warning]
+
+    def sample(self, session: Session) -> None:
+        return None
+
+    def postfix(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.3f}", "margin": f"{row['reward_margin']:.3f}"}
 
 
 def start_model(config: DPOConfig):
@@ -244,6 +280,7 @@ def start_model(config: DPOConfig):
     return loaded, style
 
 
+# The run ----------------------------------------------------------------------------------
 def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
     """Run (or continue) the DPO run `config` describes, in this process or, under torchrun, as
     one rank of several: the same exactness as finetune (train/distributed.py), each step's
@@ -257,30 +294,15 @@ def dpo(config: DPOConfig, *, resume: bool = False) -> RunFolder:
         distributed.finish(world)
 
 
-def _metric_sums(row: dict, pairs: int) -> dict:
-    return {name: value * pairs for name, value in row.items()}
-
-
 def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) -> RunFolder:
-    from instructkit.train.config import TrainConfig
-    from instructkit.train.lora import apply_lora
-    from instructkit.train.loop import autocast, build_optimizer, lr_at
-
     run = RunFolder(config.out)
-    say = _say if world.is_main else (lambda message: None)
+    tell = say if world.is_main else (lambda message: None)
     if config.threads:
         torch.set_num_threads(config.threads)
-    checkpoint = None
-    if run.has_config():
-        if not resume:
-            raise UserError(f"{run}: already holds a run; pass --resume {run} to continue it, or choose another --out")
-        differences = config_differences(DPOConfig.from_dict(run.config()), config)
-        if differences:
-            raise UserError(f"{run}: holds a run with other settings ({'; '.join(differences)}); choose another --out")
-        if run.is_finished:
-            say(f"{run}: DPO already finished; nothing to resume")
-            return run
-        checkpoint = find_checkpoint(run)
+    check_existing(run, config, resume, lambda: DPOConfig.from_dict(run.config()))
+    if run.has_config() and run.is_finished:
+        tell(f"{run}: DPO already finished; nothing to resume")
+        return run
     prefs = load_preferences(config.data, skip_invalid=config.skip_invalid)
     loaded, style = start_model(config)
     config.prompt_style = style.name
@@ -289,197 +311,56 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
     train, train_report = encode_pairs(prefs.splits.train, style, tokenizer, append_eos=config.append_eos,
                                        max_length=config.max_length)
     val, _ = encode_pairs(prefs.splits.val, style, tokenizer, append_eos=config.append_eos, max_length=config.max_length)
-    say(f"Preference pairs: train {len(train)}, validation {len(val)}; dropped: {prefs.identical} with identical "
-        f"responses, {train_report.not_prefix} whose prompt is no token prefix, {train_report.truncated_away} "
-        f"truncated to an empty response" + (f", {prefs.skipped_invalid} invalid" if prefs.skipped_invalid else ""))
-    global_batch = config.batch_size * world.size
-    if len(train) < global_batch or not val:
+    tell(f"Preference pairs: train {len(train)}, validation {len(val)}; dropped: {prefs.identical} with identical "
+         f"responses, {train_report.not_prefix} whose prompt is no token prefix, {train_report.truncated_away} "
+         f"truncated to an empty response" + (f", {prefs.skipped_invalid} invalid" if prefs.skipped_invalid else ""))
+    if steps_per_epoch(len(train), config, world) == 0 or not val:
         raise UserError(f"{config.data}: {len(train)} training and {len(val)} validation pairs are too few for batch "
-                        f"{config.batch_size} x {world.size} process(es)")
+                        f"{config.batch_size} x {config.grad_accum} x {world.size} process(es)")
 
-    _disable_dropout(model, say)
+    _disable_dropout(model, tell)
     reference = copy.deepcopy(model).eval()
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
-    if config.lora_rank:
-        apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
-    if config.freeze_embedding:
-        model.lm_head.weight.requires_grad_(False)
+    make_trainable(model, config)
     model.to(device)
     reference.to(device)
-    pad = tokenizer.pad_id
-    per_epoch = len(train) // global_batch
-    steps = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
-    evaluated = config.eval_batches * global_batch  # evaluate() reads the first pairs of each split
-
-    def global_batches(epoch: int) -> list[list[int]]:
-        """Epoch `epoch`'s global batches of training pairs, the same on every rank and on resume."""
-        return epoch_batches(train, global_batch, batching=config.batching, seed=config.seed + epoch)
-
-    ref_train = ref_val = None
-    if config.precompute_ref:
-        # Only the pairs the run will read: a --max-steps run short of an epoch needs a fraction.
-        used = set(range(min(evaluated, len(train))))
-        for epoch in range(math.ceil(steps / per_epoch)):
-            for batch in global_batches(epoch)[: steps - epoch * per_epoch]:
-                used.update(batch)
-        common = dict(world=world, device=device)
-        ref_train = reference_logprobs(reference, train, pad, config.logp_reduction, config.batch_size,
-                                       needed=sorted(used), **common)
-        ref_val = reference_logprobs(reference, val, pad, config.logp_reduction, config.batch_size,
-                                     needed=list(range(min(evaluated, len(val)))), **common)
-        del reference
-        reference = None
-    trained = distributed.wrap(model, world, device, "ddp")
-    optimizer = build_optimizer(trained, TrainConfig(lr=config.lr, weight_decay=config.weight_decay))
-    parts = dict(model=model, optimizer=optimizer, world=world, device=device, trained=trained)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows": [], "elapsed_s": 0.0, "world_size": world.size}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, **parts)
-        distributed.check_world(state.get("world_size", 1), world)
-        say(f"Resuming {run} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
-    elif world.is_main:
-        run.remove_checkpoints()
-        run.write_start(config.to_dict(), style)
-    distributed.barrier(world)
-
-    schedule = TrainConfig(lr=config.lr, warmup=config.warmup)
-
-    def pair_terms(net, indices, pairs, refs):
-        """This rank's pairs `indices`: per-pair DPO losses, the chosen responses' summed token
-        log-probs and token count (for the SFT term), and the metrics' sums over the pairs."""
-        with autocast(device, config.precision):
-            chosen, rejected, logps, counts = _pair_logprobs(net, [pairs[i] for i in indices], pad, config.logp_reduction, device)
-            if refs is not None:
-                ref_c, ref_r = refs[indices, 0], refs[indices, 1]
-            else:
-                with torch.no_grad():
-                    ref_c, ref_r, _, _ = _pair_logprobs(reference, [pairs[i] for i in indices], pad, config.logp_reduction, device)
-        chosen, rejected, ref_c, ref_r = chosen.float(), rejected.float(), ref_c.float(), ref_r.float()
-        losses, reward_c, reward_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=config.beta, loss=config.loss,
-                                              label_smoothing=config.label_smoothing)
-        chosen_counts = counts[: len(indices)]
-        chosen_token_sum = (chosen * chosen_counts if config.logp_reduction == "mean" else chosen).sum()
-        margins = reward_c - reward_r
-        sums = {"dpo_loss": float(losses.detach().sum()), "reward_chosen": float(reward_c.sum()),
-                "reward_rejected": float(reward_r.sum()), "reward_margin": float(margins.sum()),
-                "reward_accuracy": float((margins > 0).float().sum()), "logp_chosen": float(chosen.detach().sum()),
-                "logp_rejected": float(rejected.detach().sum()), "ref_logp_chosen": float(ref_c.sum()),
-                "ref_logp_rejected": float(ref_r.sum()), "chosen_nll": float(-chosen_token_sum.detach()),
-                "chosen_tokens": float(chosen_counts.sum()), "pairs": float(len(indices))}
-        return losses.sum(), chosen_token_sum, sums
-
-    def row_from(sums: dict) -> dict:
-        """Means over all ranks' pairs: the loss is the step's (DPO mean + SFT weight x token-mean NLL)."""
-        sums = {name: all_reduce_sum(value, world, device) for name, value in sums.items()}
-        pairs = max(sums.pop("pairs"), 1.0)
-        tokens = max(sums.pop("chosen_tokens"), 1.0)
-        nll = sums.pop("chosen_nll") / tokens
-        row = {name: value / pairs for name, value in sums.items()}
-        row["loss"] = row.pop("dpo_loss") + config.sft_weight * nll
-        row["reward_margin_unscaled"] = row["reward_margin"] / config.beta
-        return row
-
-    warned = False  # the drift warning is said once per process
-
-    def evaluate() -> None:
-        nonlocal warned
-        trained.eval()
-        rows = []
-        with torch.no_grad():
-            for name, pairs, refs in (("train", train, ref_train), ("val", val, ref_val)):
-                mine = shard(list(range(len(pairs)))[:evaluated], world)
-                totals: dict = {}
-                for start in range(0, len(mine), config.batch_size):
-                    _, _, sums = pair_terms(model, mine[start : start + config.batch_size], pairs, refs)
-                    totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-                keys = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
-                        "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "chosen_nll", "chosen_tokens", "pairs")
-                rows.append({f"{name}_{k}": v for k, v in row_from({k: totals.get(k, 0.0) for k in keys}).items()})
-        trained.train()
-        row = {"kind": "eval", "step": state["step"], "epoch": state["step"] / max(per_epoch, 1), **rows[0], **rows[1]}
-        state["rows"].append(row)
-        say(f"Ep {min(state['epoch'] + 1, config.epochs)} (Step {state['step']:06d}): Train loss {row['train_loss']:.3f}, "
-            f"Val loss {row['val_loss']:.3f}, Train reward margins {row['train_reward_margin']:.3f}, "
-            f"Val reward margins {row['val_reward_margin']:.3f}")
-        warning = drift_warning(row)
-        if warning and not warned:
-            warned = True
-            say(warning)
-        if world.is_main:
-            run.write_metrics(state["rows"])
-
-    from tqdm import tqdm
-
-    trained.train()
-    if state["step"] == 0 and not state["rows"]:
-        evaluate()
-    bar = tqdm(total=steps, initial=state["step"], desc="dpo", unit="step", dynamic_ncols=True, disable=not world.is_main)
-    while state["step"] < steps:
-        # One global order; each step takes batch x world pairs, rank r its r-th slice.
-        mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
-        batches = [batch[mine] for batch in global_batches(state["epoch"])]
-        while state["batch_in_epoch"] < len(batches) and state["step"] < steps:
-            started = time.perf_counter()
-            lr = lr_at(state["step"], schedule, steps)
-            optimizer.zero_grad(set_to_none=True)
-            indices = batches[state["batch_in_epoch"]]
-            loss_sum, chosen_token_sum, sums = pair_terms(trained, indices, train, ref_train)
-            total_tokens = all_reduce_sum(sums["chosen_tokens"], world, device)
-            loss = loss_sum / global_batch
-            if config.sft_weight:
-                loss = loss + config.sft_weight * (-chosen_token_sum / total_tokens)
-            row = row_from(sums)
-            if not math.isfinite(row["loss"]):
-                raise UserError(f"DPO loss became {row['loss']} at step {state['step'] + 1}; lower --lr or --beta")
-            (loss * world.size).backward()  # DDP averages gradients over ranks: this makes it the sum
-            if config.clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], config.clip)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            seconds = time.perf_counter() - started
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            state["elapsed_s"] += seconds
-            state["rows"].append({"kind": "step", "step": state["step"], "lr": lr, "seconds": seconds, **row})
-            bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['reward_margin']:.3f}")
-            bar.update(1)
-            if state["step"] % config.eval_every == 0:
-                evaluate()
-            if state["step"] % config.save_every == 0:
-                save_checkpoint(run, state, **parts)
-        if state["batch_in_epoch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            save_checkpoint(run, state, **parts)
-    bar.close()
-    if state["rows"][-1]["kind"] != "eval":
-        evaluate()
-    if world.is_main:
-        _finish(model.cpu(), loaded, config, state, run)
-    distributed.barrier(world)
+    refs = _precomputed_references(reference, train, val, tokenizer.pad_id, config, world, device) \
+        if config.precompute_ref else {"reference": reference}
+    session = make_session(model, config, world, device)
+    state = start_or_resume(session, run, config, style, tell)
+    objective = DPOObjective(train, val, tokenizer.pad_id, config, session, state, **refs)
+    fit_and_write(session, objective, config, run, state, lambda trained: _finish(trained, loaded, config, state, run))
     return run
 
 
-def _finish(model, loaded, config: DPOConfig, state: dict, run: RunFolder) -> None:
-    from safetensors.torch import save_file
+def _precomputed_references(reference, train, val, pad_id: int, config: DPOConfig, world: World, device) -> dict:
+    """The reference's log-probs of the pairs the run will read (a --max-steps run short of an
+    epoch needs a fraction), computed once: the reference model itself is then let go."""
+    global_batch = config.batch_size * world.size
+    evaluated = config.eval_batches * global_batch  # evaluation reads the first pairs of each split
+    step_pairs = global_batch * config.grad_accum
+    per_epoch, steps = steps_per_epoch(len(train), config, world), total_steps(len(train), config, world)
+    used = set(range(min(evaluated, len(train))))
+    for epoch in range(math.ceil(steps / per_epoch)):
+        for batch in epoch_batches(train, step_pairs, batching=config.batching, seed=config.seed + epoch)[: steps - epoch * per_epoch]:
+            used.update(batch)
+    common = dict(world=world, device=device)
+    ref_train = reference_logprobs(reference, train, pad_id, config.logp_reduction, config.batch_size,
+                                   needed=sorted(used), **common)
+    ref_val = reference_logprobs(reference, val, pad_id, config.logp_reduction, config.batch_size,
+                                 needed=list(range(min(evaluated, len(val)))), **common)
+    return {"ref_train": ref_train, "ref_val": ref_val}
 
-    from instructkit.train.lora import lora_state_dict, merge_lora
+
+def _finish(model, loaded, config: DPOConfig, state: dict, run: RunFolder) -> None:
     from instructkit.train.plot import plot_dpo
 
-    if config.lora_rank:
-        tmp = run / ".adapter.safetensors.tmp"
-        save_file(lora_state_dict(model), str(tmp))
-        tmp.replace(run.adapter_file)
-        merge_lora(model)
-    model.tie_weights()
-    save_model_folder(run.path, model, loaded.tokenizer_ref)
-    run.write_metrics(state["rows"])
+    save_trained(model, config, run, loaded.tokenizer_ref)
     evals = [row for row in state["rows"] if row["kind"] == "eval"]
     plot_dpo(evals, run.loss_plot, run.path / "reward-margins-plot")
     run.remove_checkpoints()
     first, last = evals[0], evals[-1]
-    _say(f"Done: {state['step']} DPO steps in {state['elapsed_s']:.0f} s; validation reward accuracy "
-         f"{first['val_reward_accuracy']:.1%} -> {last['val_reward_accuracy']:.1%}, margin "
-         f"{first['val_reward_margin']:.3f} -> {last['val_reward_margin']:.3f}. Run folder: {run}")
+    say(f"Done: {state['step']} DPO steps in {state['elapsed_s']:.0f} s; validation reward accuracy "
+        f"{first['val_reward_accuracy']:.1%} -> {last['val_reward_accuracy']:.1%}, margin "
+        f"{first['val_reward_margin']:.3f} -> {last['val_reward_margin']:.3f}. Run folder: {run}")

@@ -1,5 +1,6 @@
-"""The one training loop, for full and LoRA fine-tuning alike (they differ only in which
-parameters train).
+"""Supervised fine-tuning's objective for the one loop (train/fit.py): the loss on a batch of
+instruction examples, its evaluation and its per-epoch sample, for full and LoRA fine-tuning alike
+(they differ only in which parameters train).
 
 Speed on a CPU comes from three things, none of which changes the loss:
   - the LM head and cross-entropy run only at supervised positions (Gemma's head has 262,144
@@ -20,8 +21,6 @@ train on exactly what one process would.
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample
 from instructkit.train.config import TrainConfig
 from instructkit.train.distributed import SINGLE, World, all_reduce_max, all_reduce_sum, is_sharded, shard, unwrap
+from instructkit.train.fit import Session, autocast, build_optimizer, optimizer_step, rank_micro_batches  # noqa: F401
 from instructkit.train.loss import fused_head_cross_entropy_sum
 
 
@@ -78,20 +78,21 @@ class _HeadGradientLast(torch.autograd.Function):
 
 
 def epoch_batches(examples: list[EncodedExample], config: TrainConfig, epoch: int, world: World = SINGLE) -> list[list[int]]:
-    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees
-    exactly the order an uninterrupted one would. The order is made for the effective batch
-    (batch_size x grad_accum), then each effective batch is cut into grad_accum micro-batches, so
-    batch 8 and batch 1 with --grad-accum 8 put the same examples into every optimizer step."""
+    """This rank's micro-batches of one epoch (see step_orders), grad_accum of them per step."""
+    return rank_micro_batches(step_orders(examples, config, epoch, world), config.batch_size, config.grad_accum, world)
+
+
+def step_orders(examples: list[EncodedExample], config: TrainConfig, epoch: int, world: World = SINGLE) -> list[list[int]]:
+    """The global step batches of one epoch: a pure function of (seed, epoch), so a resumed run
+    sees exactly the order an uninterrupted one would. The order is made for the effective batch
+    (batch_size x processes x grad_accum), so batch 8 and batch 1 with --grad-accum 8 put the same
+    examples into every optimizer step."""
     seed = config.seed + epoch
-    micro = config.batch_size * world.size  # one micro-batch of every rank together
-    effective = micro * config.grad_accum
+    effective = config.batch_size * world.size * config.grad_accum
     if config.batching == "chapter":
-        steps = batches_in_order(chapter_shuffle_order(len(examples), seed), effective, drop_last=True)
-    else:
-        lengths = [len(example) for example in examples]
-        steps = length_grouped_batches(lengths, effective, seed=seed, drop_last=True)
-    rank_slice = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
-    return [step[start : start + micro][rank_slice] for step in steps for start in range(0, effective, micro)]
+        return batches_in_order(chapter_shuffle_order(len(examples), seed), effective, drop_last=True)
+    lengths = [len(example) for example in examples]
+    return length_grouped_batches(lengths, effective, seed=seed, drop_last=True)
 
 
 def eval_batches(examples: list[EncodedExample], batch_size: int, limit: int) -> list[list[int]]:
@@ -130,37 +131,6 @@ def evaluate_loss(model, examples, batches, pad_id: int, *, world: World = SINGL
     return total / max(count, 1)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when asked; fp32 everywhere else (bf16 is ~300x slower on these CPUs
-    and refused there by the config)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Learning rate as a pure function of the optimizer step (0-based)."""
-    if config.warmup and step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    if config.schedule == "cosine":
-        progress = (step - config.warmup) / max(1, total_steps - config.warmup)
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.lr
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not on norms, biases or LoRA-free vectors)."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel updates each tensor in place: no optimizer-sized temporaries (the default
-    # multi-tensor path allocates some, which for Gemma's 168M-value embedding is ~0.7 GB each).
-    # (FSDP's sharded parameters take the plain per-tensor path.)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=fused, foreach=False if not fused else None)
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -168,6 +138,101 @@ class StepResult:
     real_tokens: int  # non-padding input tokens
     padded_tokens: int  # inputs.numel(), what the chapter counts as "tokens seen"
     skipped: bool = False  # no supervised token in the whole step: no update was made
+
+
+@dataclass
+class _StepWork:
+    """One step's micro-batches as tensors, with the step's supervised tokens over all ranks."""
+
+    collated: list[tuple[torch.Tensor, torch.Tensor]]
+    total_supervised: int
+    real: int
+    padded: int
+
+    @property
+    def skip(self) -> bool:  # e.g. every example truncated before its response: nothing to learn
+        return self.total_supervised == 0
+
+
+class SupervisedSteps:
+    """The loss of a step: the sum of token losses over every micro-batch of every rank divided by
+    the supervised tokens of all of them (one all-reduce of the count); DDP averages gradients
+    over ranks, so each rank's part is scaled by the world size to make that average the sum."""
+
+    name = "fine-tune"
+
+    def __init__(self, examples: list[EncodedExample], pad_id: int, *, world: World = SINGLE,
+                 device: torch.device | None = None, precision: str = "fp32"):
+        self.examples, self.pad_id = examples, pad_id
+        self.world, self.device, self.precision = world, device, precision
+
+    def prepare(self, micro_batches: list[list[int]]) -> _StepWork:
+        examples, world = self.examples, self.world
+        collated = [collate([examples[i] for i in batch], pad_id=self.pad_id) for batch in micro_batches]
+        local_supervised = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in collated)
+        total = int(global_token_count(local_supervised, world, self.device))
+        real = sum(sum(len(examples[i]) - 1 for i in batch) for batch in micro_batches)
+        return _StepWork(collated, total, real, sum(inputs.numel() for inputs, _ in collated))
+
+    def micro_loss(self, model, index: int, work: _StepWork) -> tuple[torch.Tensor, float]:
+        inputs, targets = work.collated[index]
+        with autocast(self.device, self.precision):
+            loss_sum, _ = supervised_loss_sum(model, inputs.to(self.device), targets.to(self.device))
+        return loss_sum * (self.world.size / work.total_supervised), float(loss_sum.detach())
+
+    def step_row(self, parts: list[float], work: _StepWork) -> tuple[dict, dict]:
+        if work.skip:
+            row = {"loss": None, "real_tokens": work.real, "supervised_tokens": 0, "skipped": True}
+            return row, {"tokens_seen": work.padded, "skipped_steps": 1}
+        world, device = self.world, self.device
+        total_loss = all_reduce_sum(sum(parts, 0.0), world, device)
+        real, padded = int(all_reduce_sum(work.real, world, device)), int(all_reduce_sum(work.padded, world, device))
+        row = {"loss": total_loss / work.total_supervised, "real_tokens": real, "supervised_tokens": work.total_supervised}
+        return row, {"tokens_seen": padded, "supervised_seen": work.total_supervised}
+
+    def postfix(self, row: dict) -> dict:
+        loss = float("nan") if row["loss"] is None else row["loss"]
+        return {"loss": f"{loss:.3f}", "lr": f"{row['lr']:.1e}", "tok_s": f"{row['real_tokens'] / row['seconds']:.0f}"}
+
+
+class SupervisedObjective(SupervisedSteps):
+    """finetune's objective: the steps above, the token-weighted train and validation losses on
+    fixed batches (plus `score_validation`'s metrics, one process only), a greedy sample."""
+
+    def __init__(self, train, val, tokenizer, style: PromptStyle, config: TrainConfig, session: Session, *,
+                 sample_record: dict, score_validation=None):
+        super().__init__(train, tokenizer.pad_id, world=session.world, device=session.device, precision=session.precision)
+        self.train_size, self.val, self.config = len(train), val, config
+        self.tokenizer, self.style, self.sample_record, self.score_validation = tokenizer, style, sample_record, score_validation
+        self.train_eval = eval_batches(train, config.batch_size, config.eval_batches)
+        self.val_eval = eval_batches(val, config.batch_size, config.eval_batches)
+
+    def step_orders(self, epoch: int) -> list[list[int]]:
+        return step_orders(self.examples, self.config, epoch, self.world)
+
+    def evaluate(self, session: Session, state: dict) -> dict:
+        measure = dict(world=self.world, device=self.device, precision=self.precision)
+        train_loss = evaluate_loss(session.trained, self.examples, self.train_eval, self.pad_id, **measure)
+        val_loss = evaluate_loss(session.trained, self.val, self.val_eval, self.pad_id, **measure)
+        row = {"tokens_seen": state["tokens_seen"], "train_loss": train_loss, "val_loss": val_loss,
+               "elapsed_s": state["elapsed_s"]}
+        if self.score_validation is not None and self.world.is_main and not self.world.distributed:
+            session.model.eval()
+            row.update(self.score_validation(session.model, self.tokenizer, self.style))
+            session.model.train()
+        return row
+
+    def eval_message(self, row: dict) -> str:
+        return "".join(f", {name.removeprefix('val_')} {value:.3f}" for name, value in row.items()
+                       if name.startswith("val_") and name != "val_loss")
+
+    def notes(self, row: dict) -> list[str]:
+        return []
+
+    def sample(self, session: Session) -> str | None:
+        if not self.config.sample_prompt or self.config.strategy == "fsdp":
+            return None  # rank 0 alone samples, from the plain model: no collective while the others wait
+        return sample_text(session.model, self.tokenizer, self.style, self.sample_record)
 
 
 def train_step(
@@ -183,38 +248,14 @@ def train_step(
     device: torch.device | None = None,
     precision: str = "fp32",
 ) -> StepResult:
-    """One optimizer step over `micro_batches` (this rank's share of the accumulation group).
-
-    The loss is the sum of token losses over every micro-batch of every rank divided by the
-    supervised tokens of all of them (one all-reduce of the count); DDP averages gradients over
-    ranks, so each rank's part is scaled by the world size to make that average the sum."""
+    """One optimizer step over `micro_batches` (this rank's share of the accumulation group),
+    outside a run: fit's step with the supervised loss (SupervisedSteps)."""
     device = device or next(unwrap(model).parameters()).device
-    collated = [collate([examples[i] for i in batch], pad_id=pad_id) for batch in micro_batches]
-    local_supervised = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in collated)
-    total_supervised = int(global_token_count(local_supervised, world, device))
-    real = sum(sum(len(examples[i]) - 1 for i in batch) for batch in micro_batches)
-    padded = sum(inputs.numel() for inputs, _ in collated)
-    if total_supervised == 0:  # e.g. every example truncated before its response: nothing to learn
-        return StepResult(float("nan"), 0, real, padded, skipped=True)
-    optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    for index, (inputs, targets) in enumerate(collated):
-        last = index == len(collated) - 1
-        # Gradients are all-reduced once per step, on its last micro-batch.
-        quiet = model.no_sync() if world.distributed and not last and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with quiet:
-            with autocast(device, precision):
-                loss_sum, _ = supervised_loss_sum(model, inputs.to(device), targets.to(device))
-            (loss_sum * (world.size / total_supervised)).backward()
-        total_loss += float(loss_sum.detach())
-    total_loss = all_reduce_sum(total_loss, world, device)
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return StepResult(total_loss / total_supervised, total_supervised, int(all_reduce_sum(real, world, device)),
-                      int(all_reduce_sum(padded, world, device)))
+    session = Session(unwrap(model), model, optimizer, world, device, precision)
+    steps = SupervisedSteps(examples, pad_id, world=world, device=device, precision=precision)
+    row, counts = optimizer_step(session, steps, micro_batches, lr=lr, clip=clip)
+    loss = float("nan") if row["loss"] is None else row["loss"]
+    return StepResult(loss, row["supervised_tokens"], row["real_tokens"], counts["tokens_seen"], row.get("skipped", False))
 
 
 def global_token_count(local: int, world: World, device) -> float:
@@ -233,12 +274,3 @@ def sample_text(model, tokenizer, style: PromptStyle, record: dict, max_new_toke
                       stop_ids=sorted({tokenizer.eos_id, end_token_id(style, tokenizer)}))[0]
     model.train(was_training)
     return result.text
-
-
-def steps_per_epoch(num_examples: int, config: TrainConfig, world: World = SINGLE) -> int:
-    return (num_examples // (config.batch_size * world.size)) // config.grad_accum
-
-
-def total_steps(num_examples: int, config: TrainConfig, world: World = SINGLE) -> int:
-    steps = steps_per_epoch(num_examples, config, world) * config.epochs
-    return min(steps, config.max_steps) if config.max_steps is not None else steps

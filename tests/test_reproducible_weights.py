@@ -1,0 +1,58 @@
+"""Same seed, same data, same config: the same bytes. The sha256 of model.safetensors of a tiny
+SFT run, a tiny LoRA run and a tiny DPO run, made through the real CLI, pinned to the values the
+code gave before the training loop was unified (issue 34), so a refactor of the loop that changes
+what any command computes fails here.
+
+Machine dependence: the hashes depend on the float kernels torch picks for this CPU (here AVX2,
+torch 2.13.0+cpu, one thread so no reduction is split differently) and on torch's version. On a
+machine where they differ, record the constants again from the code before the change (`git stash`
+is not needed: `git archive` the commit before the change into a second folder and run this file
+there with `pytest -s`: the fixture prints the hashes it found).
+"""
+
+import hashlib
+
+import pytest
+import torch
+
+from instructkit.cli import main
+
+PINNED = {
+    "sft": "1d60ca0300c5783f62870a95fe64c669a61e01566807dbefb492614dfcc865ef",
+    "lora": "f31ac2ea97990813ff5c0adfd7f757dd30ad8bc55297ab61a52bb492fb99b4ed",
+    "dpo": "ca880d85546d444d639e282939a403ddc3e026116a74d1054a5763b228387f3a",
+}
+
+# One thread: a matmul split over threads may sum in another order on another machine.
+COMMON = ["--threads", "1", "--seed", "7", "--eval-batches", "1", "--save-every", "2"]
+SFT = ["finetune", "--model", "tiny-gpt2", "--max-steps", "6", "--eval-every", "3", "--batch-size", "4",
+       "--grad-accum", "2", "--schedule", "cosine", "--warmup", "2", "--clip", "1.0", "--no-sample", *COMMON]
+LORA = ["finetune", "--model", "tiny-gpt2", "--max-steps", "4", "--eval-every", "2", "--lora-rank", "4",
+        "--mask-instructions", "--no-sample", *COMMON]
+DPO = ["dpo", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--sft-weight", "0.5", "--warmup", "1",
+       "--clip", "1.0", "--lr", "1e-4", *COMMON]
+
+
+def _sha256(run) -> str:
+    return hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def hashes(tmp_path_factory, chapter_data_path, shared_data):
+    threads = torch.get_num_threads()  # the runs set one thread in this process: put it back after
+    root = tmp_path_factory.mktemp("pinned")
+    try:
+        assert main([*SFT, "--data", str(chapter_data_path), "--out", str(root / "sft")]) == 0
+        assert main([*LORA, "--data", str(chapter_data_path), "--out", str(root / "lora")]) == 0
+        prefs = shared_data / "instruction-data-with-preference.json"
+        assert main([*DPO, "--run", str(root / "sft"), "--data", str(prefs), "--out", str(root / "dpo")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    found = {name: _sha256(root / name) for name in PINNED}
+    print("pinned:", found)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_weights_are_byte_identical_to_the_pinned_run(hashes, name):
+    assert hashes[name] == PINNED[name]
