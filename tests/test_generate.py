@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from instructkit.generate import Sampling, generate, generate_cacheless, repeats_itself, sample_next_token, stream_text
+from instructkit.decode.generate import Sampling, generate, generate_cacheless, repeats_itself, sample_next_token, stream_text
 from instructkit.models.registry import load_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3", "A\tb  c\n\nd"]

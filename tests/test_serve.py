@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from instructkit.data.prompts import get_prompt_style
-from instructkit.data.tokenize import end_token_id
-from instructkit.generate import TextStream, generate
+from instructkit.decode.generate import TextStream, generate
 from instructkit.models.registry import load_model
 
 from .conftest import require_module, run_cli
@@ -44,7 +43,7 @@ def client(server):
 
 def ours(tiny, messages, max_tokens, stop_strings=()):
     ids = tiny.tokenizer.encode(GEMMA.conversation(messages))
-    stops = sorted({tiny.tokenizer.eos_id, end_token_id(GEMMA, tiny.tokenizer)})
+    stops = GEMMA.stop_ids(tiny.tokenizer)
     result = generate(tiny.model, tiny.tokenizer, [ids], max_new_tokens=max_tokens, stop_ids=stops,
                       stop_strings=[*GEMMA.stop_strings, *stop_strings])[0]
     return ids, result

@@ -28,9 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from instructkit.data.prompts import PromptStyle
-from instructkit.data.tokenize import end_token_id
+from instructkit.decode.generate import Request, Sampling, TextStream
 from instructkit.errors import UserError
-from instructkit.generate import Request, Sampling, TextStream
 from instructkit.models.registry import LoadedModel
 from instructkit.serve.protocol import (
     ApiError,
@@ -190,7 +189,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None) -> Fast
         tokenizer = served.loaded.tokenizer
         ids = tokenizer.encode(prompt)
         generation = _Generation(served, ids, budget(served, ids, body.max_completion_tokens or body.max_tokens),
-                                 sampling(body), {tokenizer.eos_id, end_token_id(served.style, tokenizer)},
+                                 sampling(body), set(served.style.stop_ids(tokenizer)),
                                  [*served.style.stop_strings, *body.stop_strings()])
         return await _respond(generation, body, served, http_request, chat=True)
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from instructkit.generate import Decoder, Request
+from instructkit.decode.generate import Decoder, Request
 
 log = logging.getLogger("instructkit.serve")
 

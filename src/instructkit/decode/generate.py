@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from instructkit.decode.vocabulary import greedy
 from instructkit.models.attention import KVCache
 from instructkit.models.tokenizer import Tokenizer
-from instructkit.models.vocabulary import greedy
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Decoder:
         self._keep(keep)
         if self.rows:
             tokens, positions = kept_tokens[:, None].to(self.device), self.next_position[:, None].to(self.device)
-            static_step = getattr(self.model, "static_step", None)  # instructkit.static_decode.enable
+            static_step = getattr(self.model, "static_step", None)  # instructkit.decode.static_decode.enable
             if static_step is not None:
                 self.logits = static_step(tokens, positions, self.cache)
             else:
