@@ -43,7 +43,7 @@ def _prompts(quick: bool, count: int) -> list[list[int]]:
 
 
 def _ours(model, tokenizer, prompts: list[list[int]], budget: int, one_at_a_time: bool) -> dict:
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
 
     start = time.perf_counter()
     groups = [[p] for p in prompts] if one_at_a_time else [prompts]
@@ -55,7 +55,7 @@ def _ours(model, tokenizer, prompts: list[list[int]], budget: int, one_at_a_time
 def cache_vs_cacheless(quick: bool, repeats: int) -> dict:
     from instructkit.data.pipeline import prepare_data
     from instructkit.data.prompts import ALPACA
-    from instructkit.generate import generate, generate_cacheless
+    from instructkit.decode.generate import generate, generate_cacheless
     from instructkit.models.registry import load_model
 
     loaded = load_model("tiny-gpt2" if quick else "random:gpt2-small")

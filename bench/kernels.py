@@ -4,11 +4,11 @@ the tied head (262,144 x 640) and an MLP projection (2,048 x 640).
 
 Batch-1 decoding is bound by reading weights, so the figure of merit is the weight bytes read per
 second: a kernel that reads a quarter of the bytes but at a tenth of the speed loses. The rows are
-the kernels behind `--quantize` (models/quantize.py) and the candidates it does not use:
+the kernels behind `--quantize` (decode/quantize.py) and the candidates it does not use:
 
 - fp32 `x @ W.T` (aten / oneDNN), the exact baseline;
 - fp16 and per-row int8 on FBGEMM (`--quantize fp16`, int8's head);
-- int8 and int4 weight-only in groups of 32 on our own C++ kernels (models/native.py; `--quantize
+- int8 and int4 weight-only in groups of 32 on our own C++ kernels (decode/native.py; `--quantize
   int8`'s body, `--quantize int4`'s body and head);
 - int8 weight-only on aten's `_weight_int8pack_mm` (what gpt-fast and torchao call on CPU);
 - int4 in groups of 32 on aten's `_weight_int4pack_mm_for_cpu` (`--quantize int4`);
@@ -42,8 +42,8 @@ def _int8_mul_sum(x, q, scale):
 
 def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
     """name -> (a function of x (1, K) giving (1, N), weight bytes it reads per call)."""
-    from instructkit.models import native
-    from instructkit.models.quantize import (Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
+    from instructkit.decode import native
+    from instructkit.decode.quantize import (Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
                                              kernels_available)
 
     weight = torch.randn(n, k) * 0.02

@@ -16,7 +16,7 @@ import time
 def main() -> None:
     from instructkit.data.pipeline import prepare_data
     from instructkit.data.prompts import ALPACA
-    from instructkit.generate import generate_cacheless
+    from instructkit.decode.generate import generate_cacheless
     from instructkit.models.registry import load_model
 
     spec = json.loads(sys.argv[1])

@@ -1,7 +1,7 @@
 """`python -m bench smoothing`: a rejected candidate for faster int8 decoding, measured so the
 rejection can be checked: an int8 MLP (weights *and* inputs in int8 on FBGEMM) made accurate by
 SmoothQuant's rescaling of input channels (Xiao et al., 2022), on top of the library's int8 mode
-(models/quantize.py; int8 head behind an fp32-rescored shortlist).
+(decode/quantize.py; int8 head behind an fp32-rescored shortlist).
 
 Why it was tried (2026-12-04, when the library's int8 body was fp16): batch-1 decoding reads every
 weight once a token; the MLP was ~141 of the ~370 MB int8 read, and an int8 MLP halves that (this
@@ -45,7 +45,7 @@ class SmoothedInt8Linear(torch.nn.Module):
     """y = (x / s) (W * s)^T with W * s in per-row int8 and x / s quantized by FBGEMM per call."""
 
     def __init__(self, weight: torch.Tensor, input_max: torch.Tensor, alpha: float):
-        from instructkit.models.quantize import Int8RowLinear
+        from instructkit.decode.quantize import Int8RowLinear
 
         super().__init__()
         weight_max = weight.abs().amax(dim=0).clamp(min=1e-5)  # (K,)
@@ -100,7 +100,7 @@ def _choices(model, sequences: list[tuple[list[int], list[int]]]) -> torch.Tenso
 
 def _batched_vs_single(model, tokenizer, prompts: list[list[int]], tokens: int) -> int:
     """How many prompts' greedy streams differ between one batch of all prompts and each alone."""
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
 
     together = generate(model, tokenizer, prompts, max_new_tokens=tokens, stop_ids=())
     alone = [generate(model, tokenizer, [prompt], max_new_tokens=tokens, stop_ids=())[0] for prompt in prompts]
@@ -110,7 +110,7 @@ def _batched_vs_single(model, tokenizer, prompts: list[list[int]], tokens: int) 
 def _decode_speed(models: dict[str, torch.nn.Module], tokenizer, prompts: list[list[int]], budget: int,
                   repeats: int) -> dict[str, dict]:
     """Batch-1 greedy tokens/s (eager), the candidates interleaved in each round, in this process."""
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
 
     rates: dict[str, list[float]] = {label: [] for label in models}
     for model in models.values():
@@ -126,9 +126,9 @@ def _decode_speed(models: dict[str, torch.nn.Module], tokenizer, prompts: list[l
 
 def run(quick: bool, repeats: int = 3) -> dict:
     from instructkit.data.prompts import GEMMA
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
+    from instructkit.decode.quantize import quantize_model
     from instructkit.models.families import family_of
-    from instructkit.models.quantize import quantize_model
     from instructkit.models.registry import load_model
 
     name = "tiny-gemma3" if quick else "gemma-3-270m"

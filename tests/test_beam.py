@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from instructkit.beam import beam_search
 from instructkit.data.prompts import get_prompt_style
+from instructkit.decode.beam import beam_search
+from instructkit.decode.generate import generate
 from instructkit.export import export_model
-from instructkit.generate import generate
 from instructkit.models.registry import load_model
 
 from .conftest import require_module, run_cli

@@ -306,8 +306,7 @@ def test_gguf_with_unshifted_norms_is_caught(gemma_run, tmp_path, monkeypatch):
 def test_gguf_chat_continuations_from_the_embedded_template_equal_ours(gemma_exports):
     """llama.cpp renders the chat itself from tokenizer.chat_template; greedy 32-token answers
     must equal ours for F32. The quantized files' agreement is measured and printed."""
-    from instructkit.data.tokenize import end_token_id
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
 
     loaded, files = gemma_exports
     style = get_prompt_style("gemma")
@@ -316,7 +315,7 @@ def test_gguf_chat_continuations_from_the_embedded_template_equal_ours(gemma_exp
                  "Name a fruit that is yellow.", "What is the opposite of cold?", "List two planets.",
                  "Rewrite 'the dog barks' in the past tense."]
     chats = [[{"role": "user", "content": q}] for q in questions]
-    stops = sorted({loaded.tokenizer.eos_id, end_token_id(style, loaded.tokenizer)})
+    stops = style.stop_ids(loaded.tokenizer)
     ours = [r.text for r in generate(loaded.model, loaded.tokenizer, [loaded.tokenizer.encode(style.conversation(c))
                                                                        for c in chats], max_new_tokens=32, stop_ids=stops)]
     agreement = {}

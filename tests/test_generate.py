@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from instructkit.generate import Sampling, generate, generate_cacheless, repeats_itself, sample_next_token, stream_text
+from instructkit.decode.generate import Sampling, generate, generate_cacheless, repeats_itself, sample_next_token, stream_text
 from instructkit.models.registry import load_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3", "A\tb  c\n\nd"]
@@ -156,7 +156,7 @@ class _FailsAt(torch.nn.Module):
 
 
 def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens():
-    from instructkit.generate import Decoder, Request
+    from instructkit.decode.generate import Decoder, Request
 
     loaded = load_model("tiny-gemma3", seed=1)
     tokenizer = loaded.tokenizer
@@ -175,7 +175,7 @@ def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens():
 
 def test_the_cache_grows_with_the_rows_not_with_their_budgets():
     """max_new_tokens of 10**9 used to size the cache for the whole context at the first step."""
-    from instructkit.generate import Decoder, Request
+    from instructkit.decode.generate import Decoder, Request
 
     loaded = load_model("tiny-gemma3", seed=1)
     context = loaded.model.config.context_length

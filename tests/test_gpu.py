@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instructkit.data.batching import collate
-from instructkit.generate import generate
+from instructkit.decode.generate import generate
 from instructkit.models.registry import load_model
 from instructkit.train.config import TrainConfig
 from instructkit.train.loop import build_optimizer, supervised_loss_sum, train_step

@@ -1,4 +1,4 @@
-"""Low-precision decoding (models/quantize.py): each layer kind within its stated error bound and
+"""Low-precision decoding (decode/quantize.py): each layer kind within its stated error bound and
 equal to x @ W_ref^T for the weights it stands for; greedy agreement with fp32 on the real default
 model; the engine's batching properties kept; a cache reused only for the same weights; and one
 clear line where a kernel is missing."""
@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from instructkit.data.prompts import get_prompt_style
-from instructkit.generate import generate, generate_cacheless
-from instructkit.models import quantize
-from instructkit.models.quantize import (INT8_INPUT_GRID, Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
+from instructkit.decode import quantize
+from instructkit.decode.generate import generate, generate_cacheless
+from instructkit.decode.quantize import (INT8_INPUT_GRID, Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
                                          quantize_model)
-from instructkit.models.registry import load_model, quantize_loaded
+from instructkit.decode.load import quantize_loaded
+from instructkit.models.registry import load_model
 
 from .conftest import run_cli
 
@@ -194,7 +195,7 @@ def test_quantized_weights_are_cached_beside_the_model_and_only_reused_for_the_s
 
 
 def test_a_missing_kernel_or_unknown_mode_is_one_line():
-    code = ("import sys; import instructkit.models.quantize as q; q.kernels_available = lambda mode: False; "
+    code = ("import sys; import instructkit.decode.quantize as q; q.kernels_available = lambda mode: False; "
             "from instructkit.cli import main; sys.exit(main(['generate', '--model', 'tiny-gpt2', '--prompt', 'Hi', "
             "'--quantize', 'int8', '--max-new-tokens', '2']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -219,7 +220,7 @@ def test_int8_without_a_compiler_falls_back_to_pytorchs_kernels_in_one_line(tmp_
 
 
 def test_auto_falls_back_to_exact_weights_where_the_kernels_are_missing(monkeypatch):
-    import instructkit.models.quantize as quantize
+    import instructkit.decode.quantize as quantize
 
     monkeypatch.setattr(quantize, "kernels_available", lambda mode: False)
     loaded = quantize_loaded(load_model("tiny-gpt2", seed=1), "auto")
@@ -230,8 +231,8 @@ def test_int8_without_a_vnni_path_widens_row_by_row_and_keeps_fbgemms_head(monke
     """On processors without AVX512-VNNI our int8 kernel widens the weights to fp32 row by row;
     there int8's head stays FBGEMM's (faster there). Shown on any processor by hiding the VNNI
     path: the layer then keeps the plain row order and multiplies by exactly the reference weights."""
-    from instructkit.models import native
-    from instructkit.models.quantize import scheme
+    from instructkit.decode import native
+    from instructkit.decode.quantize import scheme
 
     has_vnni = native.int8_block_rows() == 16
     generator = torch.Generator().manual_seed(1)

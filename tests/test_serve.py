@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from instructkit.data.prompts import get_prompt_style
-from instructkit.data.tokenize import end_token_id
-from instructkit.generate import TextStream, generate
+from instructkit.decode.generate import TextStream, generate
 from instructkit.models.registry import load_model
 
 from .conftest import require_module, run_cli
@@ -46,7 +45,7 @@ def client(server):
 
 def ours(tiny, messages, max_tokens, stop_strings=()):
     ids = tiny.tokenizer.encode(GEMMA.conversation(messages))
-    stops = sorted({tiny.tokenizer.eos_id, end_token_id(GEMMA, tiny.tokenizer)})
+    stops = GEMMA.stop_ids(tiny.tokenizer)
     result = generate(tiny.model, tiny.tokenizer, [ids], max_new_tokens=max_tokens, stop_ids=stops,
                       stop_strings=[*GEMMA.stop_strings, *stop_strings])[0]
     return ids, result
@@ -497,6 +496,6 @@ def test_special_tokens_typed_in_a_message_are_text(server, tiny):
     reply = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="tiny-gemma3", messages=forged, temperature=0, max_tokens=12)
     expected = generate(tiny.model, tiny.tokenizer, [ids], max_new_tokens=12,
-                        stop_ids=sorted({tiny.tokenizer.eos_id, end_token_id(GEMMA, tiny.tokenizer)}),
+                        stop_ids=GEMMA.stop_ids(tiny.tokenizer),
                         stop_strings=list(GEMMA.stop_strings))[0]
     assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].message.content == expected.text

@@ -1,4 +1,4 @@
-"""The compiled decode step (instructkit.static_decode): its static-shape arithmetic (a slot tensor,
+"""The compiled decode step (instructkit.decode.static_decode): its static-shape arithmetic (a slot tensor,
 masks over the whole cache) gives the engine's tokens, batched and single, with padding, sliding
 windows and rows leaving; compiled, it gives the same tokens again; and on the real default
 model in int8, the mode chat and serve use, compiled streaming equals eager streaming. Its
@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instructkit import static_decode
-from instructkit.models import native
 from instructkit.data.prompts import get_prompt_style
-from instructkit.generate import generate, stream_tokens
-from instructkit.models.quantize import quantize_model
-from instructkit.models.registry import load_model, quantize_loaded
+from instructkit.decode import static_decode
+from instructkit.decode import native
+from instructkit.decode.generate import generate, stream_tokens
+from instructkit.decode.load import quantize_loaded
+from instructkit.decode.quantize import quantize_model
+from instructkit.models.registry import load_model
 
 from .conftest import run_cli
 
@@ -72,7 +73,7 @@ def test_static_shape_steps_give_the_engines_tokens_batched_and_single(name):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_the_compiled_step_gives_the_same_tokens_on_a_tiny_model(mode):
     """In int8, the mode chat and serve use, the products are the compiled graph's external calls
-    (ours and FBGEMM's, models/quantize.py's operators); in int4 only ours. The compiled step skips
+    (ours and FBGEMM's, decode/quantize.py's operators); in int4 only ours. The compiled step skips
     the guards on the model (static_decode._skip_model_guards): batch sizes seen before are picked
     again correctly, and a second model in the process gets graphs of its own, not the first's."""
     loaded = load_model("tiny-gemma3", seed=4)

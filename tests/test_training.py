@@ -15,8 +15,8 @@ from instructkit.data.pipeline import encode_splits, prepare_data
 from instructkit.data.prompts import ALPACA
 from instructkit.models.registry import load_model
 from instructkit.train.config import TrainConfig
-from instructkit.train.lora import apply_lora, merge_lora
 from instructkit.train.loop import build_optimizer, supervised_loss_sum, train_step
+from instructkit.train.lora import apply_lora, merge_lora
 from instructkit.train.loss import masked_cross_entropy
 
 from .conftest import kill_at_checkpoint, run_cli
@@ -219,7 +219,7 @@ def test_examples_longer_than_the_context_are_cut_with_a_count(chapter_data_path
 
 
 def test_unseeded_sampling_leaves_the_global_generator_alone(tiny_gpt2_examples):
-    from instructkit.generate import Sampling, generate
+    from instructkit.decode.generate import Sampling, generate
 
     loaded, _ = tiny_gpt2_examples
     torch.manual_seed(42)

@@ -1,10 +1,10 @@
-"""Block-wise argmax and top-k over the vocabulary (models/vocabulary.py) answer exactly what
+"""Block-wise argmax and top-k over the vocabulary (decode/vocabulary.py) answer exactly what
 PyTorch's `argmax` and `topk` answer, on Gemma's vocabulary size and others, with ties and NaN."""
 
 import pytest
 import torch
 
-from instructkit.models.vocabulary import greedy, top_candidates
+from instructkit.decode.vocabulary import greedy, top_candidates
 
 
 @pytest.mark.parametrize("vocab", [262_144, 50_257, 4_096, 1_000])

@@ -145,8 +145,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 def _inference_model(spec: str, args: argparse.Namespace):
     """A model for generate/respond/chat/serve: loaded, its decoding weights made (CPU kernels
     only: "auto" means exact weights on a GPU), then put on --device in --precision."""
+    from instructkit.decode.load import quantize_loaded
     from instructkit.devices import place_for_inference, resolve_device
-    from instructkit.models.registry import load_model, quantize_loaded
+    from instructkit.models.registry import load_model
 
     device = resolve_device(args.device, args.precision)
     mode = args.quantize
@@ -157,7 +158,7 @@ def _inference_model(spec: str, args: argparse.Namespace):
     loaded = quantize_loaded(load_model(spec), mode)
     place_for_inference(loaded.model, device, args.precision)
     if getattr(args, "compile", False):  # generate, chat and serve offer --compile
-        from instructkit import static_decode
+        from instructkit.decode import static_decode
 
         print("Compiling the decode step (torch.compile; ~10 s, up to ~100 s the first time on a machine)...", file=sys.stderr, flush=True)
         static_decode.enable(loaded.model)
@@ -175,8 +176,7 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit.data.prompts import get_prompt_style
-    from instructkit.data.tokenize import end_token_id
-    from instructkit.generate import Sampling, generate, stream_text
+    from instructkit.decode.generate import Sampling, generate, stream_text
     _positive("max-new-tokens", args.max_new_tokens)
     if args.top_k is not None:
         _positive("top-k", args.top_k)
@@ -189,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt_style:
         style = get_prompt_style(args.prompt_style)
         text = style.prompt({"instruction": args.prompt, "input": args.input or ""})
-        stop_ids.add(end_token_id(style, tokenizer))
+        stop_ids.add(style.end_token_id(tokenizer))
     options = dict(
         max_new_tokens=args.max_new_tokens,
         stop_ids=sorted(stop_ids),
@@ -321,8 +321,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_respond(args: argparse.Namespace) -> int:
-    from instructkit.data.pipeline import prepare_data
     from instructkit.data.fewshot import BASE_MODEL_STYLE
+    from instructkit.data.pipeline import prepare_data
     from instructkit.respond import respond, style_for
 
     _positive("max-new-tokens", args.max_new_tokens)
@@ -390,7 +390,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # Chat and serving decode one or a few sequences at a time, which is bound by reading the weights:
 # "auto" picks the mode measured fastest while greedy output stays within the agreement target
-# (models/quantize.py auto_mode: int8 where FBGEMM exists, else exact fp32).
+# (decode/quantize.py auto_mode: int8 where FBGEMM exists, else exact fp32).
 TALK_QUANTIZE = "auto"
 
 
@@ -662,7 +662,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from instructkit.evaluate.evaluation import agreement, evaluate_file, load_scores
 
     if args.preferences:
-        from instructkit.preference_eval import evaluate_preferences
+        from instructkit.evaluate.preference_eval import evaluate_preferences
 
         _positive("max-new-tokens", args.max_new_tokens)
         result = evaluate_preferences(RunFolder(args.preferences), data=args.data, split=args.split,

@@ -147,15 +147,14 @@ def validation_scorer(records: list[dict], max_new_tokens: int | None = None, tr
     """Scores of greedy responses to the validation split, for every evaluation of the run
     (metrics.jsonl and the quality plot): ROUGE-L, chrF, BLEU, and exact-check accuracy where
     the records carry checks."""
-    from instructkit.data.tokenize import end_token_id
+    from instructkit.decode.generate import generate
     from instructkit.evaluate.checks import score_checks
     from instructkit.evaluate.metrics import summarize
-    from instructkit.generate import generate
 
     def score(model, tokenizer, style) -> dict:
         budget = max_new_tokens or response_budget(train_records, tokenizer)
         prompts = [tokenizer.encode(style.prompt(record)) for record in records]
-        stops = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
+        stops = style.stop_ids(tokenizer)
         texts = [r.text.strip() for r in generate(model, tokenizer, prompts, max_new_tokens=budget, stop_ids=stops,
                                                   repeat_stop=REPEAT_STOP)]
         summary, _ = summarize(texts, [record["output"] for record in records])
@@ -172,9 +171,10 @@ def run_main_job(job: MainJob, say=print) -> dict:
     """Every stage of the main job, resumable; returns the evaluation result."""
     from instructkit.data.pipeline import prepare_data
     from instructkit.data.prompts import get_prompt_style
+    from instructkit.decode.load import load_start
     from instructkit.evaluate.evaluation import evaluate_file
     from instructkit.models.registry import load_model
-    from instructkit.respond import respond, style_for
+    from instructkit.respond import respond
     from instructkit.runs import RunFolder
     from instructkit.train.finetune import finetune
 
@@ -185,8 +185,9 @@ def run_main_job(job: MainJob, say=print) -> dict:
     finetune(job.recipe(), resume=run.has_config(),  # refuses a folder made with other settings
              score_validation=validation_scorer(data.splits.val, job.max_new_tokens, data.splits.train))
     say(f"{stamp()} fine-tuning done")
-    tuned = load_model(str(run.path))
-    style = style_for(tuned, run, None)
+    ready = load_start(str(run.path))
+    tuned, style = ready.loaded, ready.style
+    del ready
     budget = job.max_new_tokens or response_budget(data.splits.train, tuned.tokenizer)
     beams = job.chosen.beams
     respond(tuned, style, data.splits.test, run.responses_file("test"), max_new_tokens=budget, repeat_stop=REPEAT_STOP,

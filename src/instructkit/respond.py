@@ -21,14 +21,12 @@ from pathlib import Path
 import torch
 
 from instructkit.data.fewshot import few_shot_prompt, first_line, pick_shots
-from instructkit.data.prompts import PromptStyle, get_prompt_style
-from instructkit.data.tokenize import end_token_id
+from instructkit.data.prompts import PromptStyle
+from instructkit.decode.beam import beam_search
+from instructkit.decode.generate import generate
 from instructkit.errors import UserError
 from instructkit.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
-from instructkit.beam import beam_search
-from instructkit.generate import generate
 from instructkit.models.registry import LoadedModel
-from instructkit.runs import RunFolder
 
 RECORD_FIELDS = ("instruction", "input", "output")
 ROW_ONLY_KEYS = ("index", "finish_reason", "new_tokens", "settings")
@@ -135,7 +133,7 @@ def respond(
         return few_shot_prompt(style, entry, pick_shots(entry, shot_pool, shots))
 
     tokenizer = loaded.tokenizer
-    stop_ids = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
+    stop_ids = style.stop_ids(tokenizer)
     todo = [i for i in range(len(entries)) if i not in done]
     prompts = {i: prompt_of(entries[i]) for i in todo}
     # Similar lengths in a batch waste less on padding; the order of the output is unaffected.
@@ -167,11 +165,3 @@ def respond(
     output = [{key: value for key, value in done[index].items() if key not in ROW_ONLY_KEYS} for index in range(len(entries))]
     atomic_write_json(out, output, indent=4)
     return output
-
-
-def style_for(loaded: LoadedModel, run: RunFolder | None, name: str | None) -> PromptStyle:
-    """The prompt style: explicit, else the run folder's saved one, else the model's default."""
-    if name:
-        return get_prompt_style(name)
-    saved = run.prompt_style() if run is not None else None
-    return saved or get_prompt_style(loaded.default_prompt_style)

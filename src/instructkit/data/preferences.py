@@ -22,7 +22,7 @@ from instructkit.data.prompts import PromptStyle
 from instructkit.data.records import CONTROL_TOKEN_LITERALS, RecordProblem, _kind, format_problems, parse_records
 from instructkit.data.sources import resolve_source
 from instructkit.data.split import Splits, split_records
-from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample, end_token_id
+from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample
 from instructkit.errors import UserError
 from instructkit.models.tokenizer import Tokenizer
 
@@ -100,7 +100,7 @@ def _encode_response(prompt: str, response: str, style: PromptStyle, tokenizer: 
     if ids[: len(prompt_ids)] != prompt_ids or start != len(prompt_ids):
         return None
     if append_eos:
-        ids.append(end_token_id(style, tokenizer))
+        ids.append(style.end_token_id(tokenizer))
     if max_length is not None:
         ids = ids[: max_length + 1]
     labels = [IGNORE_INDEX] * start + ids[start:]

@@ -30,8 +30,12 @@ prefix and the input, so `prompt(record) == conversation([user_content(record)])
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from instructkit.errors import UserError
+
+if TYPE_CHECKING:
+    from instructkit.models.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,19 @@ class PromptStyle:
                 content = system[0] + "\n\n" + content
             text += self.prompt({"instruction": content})
         return text
+
+    def end_token_id(self, tokenizer: Tokenizer) -> int:
+        """The token that ends a response: the style's marker if the tokenizer has it, else EOS."""
+        if self.end_marker is not None:
+            marker_id = tokenizer.token_id(self.end_marker)
+            if marker_id is not None:
+                return marker_id
+        return tokenizer.eos_id
+
+    def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """Tokens that end generation: the style's end token and the tokenizer's EOS (a model may
+        write either)."""
+        return sorted({tokenizer.eos_id, self.end_token_id(tokenizer)})
 
     def training_text(self, record: dict) -> str:
         return self.prompt(record) + record["output"]

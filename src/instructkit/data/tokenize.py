@@ -53,15 +53,6 @@ class EncodingReport:
     nothing_supervised: int = 0  # after truncation, no target is left
 
 
-def end_token_id(style: PromptStyle, tokenizer: Tokenizer) -> int:
-    """The token that ends a response: the style's marker if the tokenizer has it, else EOS."""
-    if style.end_marker is not None:
-        marker_id = tokenizer.token_id(style.end_marker)
-        if marker_id is not None:
-            return marker_id
-    return tokenizer.eos_id
-
-
 def encode_example(
     record: dict,
     style: PromptStyle,
@@ -78,7 +69,7 @@ def encode_example(
     response_start = next((i for i, end in enumerate(ends) if end > boundary), len(ids))
     prompt_ids = tokenizer.encode(prompt)
     is_prefix = ids[: len(prompt_ids)] == prompt_ids and response_start == len(prompt_ids)
-    ids.append(end_token_id(style, tokenizer))
+    ids.append(style.end_token_id(tokenizer))
     if mask_instructions:
         labels = [IGNORE_INDEX] * response_start + ids[response_start:]
     else:

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from instructkit.data.prompts import PromptStyle
-from instructkit.data.tokenize import end_token_id
 from instructkit.errors import UserError
 from instructkit.export.templates import jinja_chat_template
 from instructkit.models.families import family_of
@@ -81,7 +80,7 @@ def _add_tokenizer(writer, loaded: LoadedModel, style: PromptStyle) -> None:
     unknown = tokenizer.token_id("<unk>")
     if unknown is not None:
         writer.add_unk_token_id(unknown)
-    end = end_token_id(style, tokenizer)
+    end = style.end_token_id(tokenizer)
     if end != tokenizer.eos_id:
         writer.add_eot_token_id(end)  # llama.cpp ends generation on it too
     writer.add_add_bos_token(tokenizer.bos_id is not None)

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 from instructkit.data.prompts import PromptStyle
-from instructkit.data.tokenize import end_token_id
 from instructkit.export.templates import jinja_chat_template
 from instructkit.models.families import family_of
 from instructkit.models.registry import LoadedModel
@@ -39,7 +38,7 @@ def write_hf(loaded: LoadedModel, style: PromptStyle, folder: Path) -> list[Path
     config = {**family.hf_config(model.config), "bos_token_id": special["bos"] if special["bos"] is not None else special["eos"],
               "eos_token_id": special["eos"], "pad_token_id": special["pad"]}
     _write_json(folder / "config.json", config)
-    stops = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
+    stops = style.stop_ids(tokenizer)
     _write_json(folder / "generation_config.json",
                 {"bos_token_id": config["bos_token_id"], "eos_token_id": stops if len(stops) > 1 else stops[0],
                  "pad_token_id": special["pad"], "do_sample": False})

@@ -39,12 +39,12 @@ class KVCache:
         self.length = 0
         self.capacity = capacity
         self.masks: dict[int | None, torch.Tensor | None] = {}  # per window, for the current forward pass
-        # Static-shape decoding (instructkit.static_decode): when set, a one-token step writes at
+        # Static-shape decoding (instructkit.decode.static_decode): when set, a one-token step writes at
         # this slot ((1,) long tensor, set by the caller) and attends over the whole capacity,
         # masked by position and validity, so no Python value in the step changes between steps
         # and a compiled step is reused for every token.
         self.write_slot: torch.Tensor | None = None
-        # Set with write_slot where our C++ kernels are built (models/native.py) and the cache is
+        # Set with write_slot where our C++ kernels are built (decode/native.py) and the cache is
         # fp32 on the CPU: a static step's attention then runs csrc/one_query_attention.cpp.
         self.one_query_kernel = False
 

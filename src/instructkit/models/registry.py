@@ -239,19 +239,6 @@ def _download_hub(repo_id: str) -> Path:
         ) from None
 
 
-def quantize_loaded(loaded: LoadedModel, mode: str, *, shortlist: int | None = 32) -> LoadedModel:
-    """Low-precision decoding weights (models/quantize.py; "auto" = its auto_mode), cached beside
-    the model folder, so the next start skips the quantizing."""
-    from instructkit.models.quantize import auto_mode, quantize_model
-
-    mode = auto_mode() if mode == "auto" else mode
-    folder = loaded.folder
-    cache = folder / f"quantized-{mode}.safetensors" if folder is not None and os.access(folder, os.W_OK) else None
-    quantize_model(loaded.model, mode, cache=cache, source=folder / "model.safetensors" if folder else None,
-                   shortlist=shortlist)
-    return loaded
-
-
 def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     """Resolve a `--model` spec (see the module docstring)."""
     if spec == EMBEDDED_DEFAULT:

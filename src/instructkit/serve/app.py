@@ -32,9 +32,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from instructkit.data.prompts import PromptStyle
-from instructkit.data.tokenize import end_token_id
+from instructkit.decode.generate import Request, Sampling, TextStream
 from instructkit.errors import UserError
-from instructkit.generate import Request, Sampling, TextStream
 from instructkit.models.registry import LoadedModel
 from instructkit.serve.conversation import encode_conversation
 from instructkit.serve.guard import SECURITY_HEADERS, Guard, HostCheck
@@ -229,7 +228,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
         except UserError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         generation = _Generation(served, ids, budget(served, ids, body.max_completion_tokens or body.max_tokens),
-                                 sampling(body), {tokenizer.eos_id, end_token_id(served.style, tokenizer)},
+                                 sampling(body), set(served.style.stop_ids(tokenizer)),
                                  [*served.style.stop_strings, *body.stop_strings()], http_request)
         return await _respond(generation, body, served, chat=True)
 

@@ -12,8 +12,7 @@ import sys
 import time
 
 from instructkit.data.prompts import PromptStyle
-from instructkit.data.tokenize import end_token_id
-from instructkit.generate import Sampling, TextStream, stream_tokens
+from instructkit.decode.generate import Sampling, TextStream, stream_tokens
 from instructkit.models.registry import LoadedModel
 from instructkit.serve.conversation import encode_conversation
 
@@ -63,7 +62,7 @@ class ChatSession:
         turn = len(self.history) // 2
         sampling = Sampling(temperature=self.temperature, seed=None if self.seed is None else self.seed + turn)
         tokens = stream_tokens(self.loaded.model, tokenizer, prompt, max_new_tokens=self.max_tokens,
-                               stop_ids=sorted({tokenizer.eos_id, end_token_id(self.style, tokenizer)}), sampling=sampling)
+                               stop_ids=self.style.stop_ids(tokenizer), sampling=sampling)
         stream = TextStream(tokenizer, self.style.stop_strings)
         started = time.perf_counter()
         try:

@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from instructkit.generate import Decoder, Request
+from instructkit.decode.generate import Decoder, Request
 
 log = logging.getLogger("instructkit.serve")
 

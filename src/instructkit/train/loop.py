@@ -264,13 +264,12 @@ def global_token_count(local: int, world: World, device) -> float:
 
 
 def sample_text(model, tokenizer, style: PromptStyle, record: dict, max_new_tokens: int = 50) -> str:
-    from instructkit.data.tokenize import end_token_id
-    from instructkit.generate import generate
+    from instructkit.decode.generate import generate
 
     was_training = model.training
     model.eval()
     ids = tokenizer.encode(style.prompt(record))
     result = generate(model, tokenizer, [ids], max_new_tokens=max_new_tokens,
-                      stop_ids=sorted({tokenizer.eos_id, end_token_id(style, tokenizer)}))[0]
+                      stop_ids=style.stop_ids(tokenizer))[0]
     model.train(was_training)
     return result.text

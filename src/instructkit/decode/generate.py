@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 # The engine's names, re-exported: callers import them from here.
-from instructkit.decoder import (  # noqa: F401
+from instructkit.decode.decoder import (  # noqa: F401
     GREEDY_BELOW,
     Decoder,
     Request,

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 from instructkit.data.preferences import encode_pairs, load_preferences
-from instructkit.data.tokenize import end_token_id
+from instructkit.decode.generate import generate
 from instructkit.errors import UserError
 from instructkit.evaluate.metrics import summarize
 from instructkit.fileio import atomic_write_json
-from instructkit.generate import generate
 from instructkit.models.registry import load_model
 from instructkit.runs import RunFolder
 from instructkit.train.dpo import DPOConfig, reference_logprobs, start_model
@@ -31,7 +30,7 @@ from instructkit.train.dpo import DPOConfig, reference_logprobs, start_model
 
 def _responses(loaded, style, records, max_new_tokens: int) -> list[str]:
     tokenizer = loaded.tokenizer
-    stops = sorted({tokenizer.eos_id, end_token_id(style, tokenizer)})
+    stops = style.stop_ids(tokenizer)
     prompts = [tokenizer.encode(style.prompt(r)) for r in records]
     return [r.text.strip() for r in generate(loaded.model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)]
 

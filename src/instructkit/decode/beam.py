@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructkit.generate import Generated, _fit_prompt, prefill, repeats_itself
+from instructkit.decode.generate import Generated, _fit_prompt, prefill, repeats_itself
 from instructkit.models.tokenizer import Tokenizer
 
 # What HF writes for "impossible" (a beam that cannot win); a float, not -inf, so sums stay finite.

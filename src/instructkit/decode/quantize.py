@@ -8,7 +8,7 @@ are untouched (the copies replace the linear layers of a model loaded for infere
 | mode | body (attention, MLP) | head (proposes 32 candidates, rescored in fp32) | kernel |
 | --- | --- | --- | --- |
 | fp16 | fp16 | fp16 (no shortlist) | FBGEMM `linear_dynamic_fp16` (x86) |
-| int8 | int8, groups of 32 | int8, groups of 32 | ours (models/native.py) |
+| int8 | int8, groups of 32 | int8, groups of 32 | ours (decode/native.py) |
 | int4 | int4, groups of 32 | int4, groups of 32 | ours |
 | int8 without AVX512-VNNI | int8, groups of 32 | int8 per row | body: ours; head: FBGEMM `linear_dynamic` |
 | int8 without ours | fp16 | int8 per row | FBGEMM (`linear_dynamic_fp16`, `linear_dynamic`) |
@@ -38,7 +38,7 @@ its input per call; rows scaled to max |x| = 1 and an anchor row that fixes the 
 row's candidates independent of what else is in the batch (Int8RowLinear). int4 mode's head is
 ours with `round_input` (x rounded to bf16, half the multiplies of its exact product on
 AVX512-BF16 processors): ~5 ms for one row on its 105 MB, but ~22 ms for 8 rows. The blocks'
-argmax and top-k (models/vocabulary.py) find the candidates.
+argmax and top-k (decode/vocabulary.py) find the candidates.
 
 Quantized weights are made once and cached (safetensors, plain tensors) beside the model folder;
 the kernels' packed forms are rebuilt from them at load, which takes well under a second.
@@ -55,8 +55,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from instructkit.decode.vocabulary import top_candidates
 from instructkit.errors import UserError
-from instructkit.models.vocabulary import top_candidates
 
 MODES = ("none", "fp16", "int8", "int4")
 INT4_GROUP = 32
@@ -79,7 +79,7 @@ SHORTLIST = 32
 # FBGEMM's packed weights are TorchScript objects, which torch.compile cannot pass through a
 # graph (every product would break it in two). So each packed weight is registered here under an
 # int, and the products are custom ops taking only tensors and ints: a compiled decode step
-# (instructkit.static_decode) then holds them as single external calls. A layer's entry leaves
+# (instructkit.decode.static_decode) then holds them as single external calls. A layer's entry leaves
 # with the layer.
 _PACKED: dict[int, object] = {}
 _next_key = itertools.count()
@@ -203,7 +203,7 @@ class Int8RowLinear(nn.Module):
 
 class _GroupLinear(nn.Module):
     """Weights in groups of 32 along K, multiplied with fp32 inputs by the project's C++ kernels
-    (models/native.py): weight-only, so the input is never rounded and a row's result ignores its
+    (decode/native.py): weight-only, so the input is never rounded and a row's result ignores its
     batch. Subclasses give the storage, the kernel call and the dequantized weight."""
 
     kernel = "native"
@@ -213,7 +213,7 @@ class _GroupLinear(nn.Module):
 
     def __init__(self, bias: torch.Tensor | None, out_features: int, in_features: int):
         super().__init__()
-        from instructkit.models import native
+        from instructkit.decode import native
 
         if (reason := native.load()) is not None:
             raise UserError(f"the int8/int4 kernels are unavailable: {reason}")
@@ -260,7 +260,7 @@ class Int8GroupLinear(_GroupLinear):
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__(bias, *tensors["q"].shape)
         n, k = tensors["q"].shape
-        from instructkit.models import native
+        from instructkit.decode import native
 
         rows = native.int8_block_rows()
         self.block_rows = rows if rows and n % rows == 0 else 0  # 0: plain row order
@@ -425,7 +425,7 @@ def _kinds_ready(kinds: tuple[type[nn.Module], ...]) -> bool:
     if "aten" in needs and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return False
     if "native" in needs:
-        from instructkit.models import native
+        from instructkit.decode import native
 
         return native.load() is None
     return True
@@ -441,7 +441,7 @@ def kernels_available(mode: str) -> bool:
 def scheme(mode: str) -> tuple[type[nn.Module], type[nn.Module]]:
     """The (body, head) layer kinds `mode` uses here: ours, or the fallback's after one line on
     stderr saying why."""
-    from instructkit.models import native
+    from instructkit.decode import native
 
     if _kinds_ready(SCHEMES[mode]):
         if mode in WITHOUT_VNNI and not native.int8_block_rows() and _kinds_ready(WITHOUT_VNNI[mode]):

@@ -5,7 +5,7 @@ At batch 1 a step of the default model reads the weights once but also runs ~1,5
 operations (norms, rotary embeddings, residual adds, cache writes; 2-5 us each plus the Python
 around them): on the AVX2 machine first measured, ~20 ms of a 37 ms int8 token
 (docs/BENCHMARKS.md). torch.compile (inductor) fuses those into a few generated C++ loops; the
-weight products stay external calls (FBGEMM's through the operators of models/quantize.py), and so
+weight products stay external calls (FBGEMM's through the operators of decode/quantize.py), and so
 does the attention of the new token, csrc/one_query_attention.cpp's where our kernels are built
 (PyTorch's SDPA spent ~60 us a layer on set-up: ~1 ms of a ~11 ms int8 token, 2026-12-06).
 
@@ -27,8 +27,8 @@ import types
 
 import torch
 
+from instructkit.decode import native
 from instructkit.errors import UserError
-from instructkit.models import native
 from instructkit.models.attention import KVCache
 
 

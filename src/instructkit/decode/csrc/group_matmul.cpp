@@ -465,7 +465,7 @@ int64_t int8_block_rows() {
 
 // x (M, K) fp32; q (N/16, 16 K) int8: each block of 16 weight rows as (K/4, 16, 4), four k of
 // row 0, four of row 1, ...; scale (N/16, 16 K/32) fp32 as (K/32, 16) -> (M, N) fp32. The same
-// weights as int8_group_mm's q (N, K) and scale (N, K/32), reordered (models/quantize.py).
+// weights as int8_group_mm's q (N, K) and scale (N, K/32), reordered (decode/quantize.py).
 at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check_input(x);
 #if defined(INSTRUCTKIT_INT8_VNNI)
@@ -499,7 +499,7 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
 // x (M, K) fp32, packed (N, K/2) uint8, scale and low (N, K/32) fp16 -> (M, N) fp32.
 // round_input: the product may round x to bf16 (8 significant bits) where that is faster (the
 // bf16 path, which then skips x's low half: half the multiplies); for a head that only proposes
-// candidates (models/quantize.py), as FBGEMM's int8 rounds x to 7 bits.
+// candidates (decode/quantize.py), as FBGEMM's int8 rounds x to 7 bits.
 at::Tensor int4_group_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
                          bool round_input) {
   check_input(x);

@@ -6,7 +6,7 @@ attention of one new token over a static KV cache (`one_query_attention`).
 It is built with PyTorch's own extension builder (a C++ compiler and ninja), once per machine,
 source and torch version, into the instructkit cache (~/.cache/instructkit/kernels); later
 processes load the built library in milliseconds. Where it cannot be built (no compiler, say),
-`load()` says why and `--quantize` falls back to PyTorch's own kernels (models/quantize.py), after
+`load()` says why and `--quantize` falls back to PyTorch's own kernels (decode/quantize.py), after
 one line on stderr."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // Attention of one new query per row over a static-capacity KV cache: the compiled decode step's
-// attention (instructkit.static_decode, models/attention.py).
+// attention (instructkit.decode.static_decode, models/attention.py).
 //
 //   out[b, h] = sum_l p[b, h, l] v[b, h / G, l],  p = softmax over the keys the mask allows of
 //   scale * q[b, h] . k[b, h / G, l]   (G = H / H_kv query heads share a key/value head)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from instructkit.decode.vocabulary import greedy
 from instructkit.models.attention import KVCache, LayerCache
-from instructkit.models.vocabulary import greedy
 
 
 # Below this temperature sampling is greedy: dividing logits by a tiny temperature overflows
@@ -300,7 +300,7 @@ class Decoder:
     def _forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens and positions (B,) -> logits (B, V), one slot further into `cache`."""
         tokens, positions = tokens[:, None].to(self.device), positions[:, None].to(self.device)
-        static_step = getattr(self.model, "static_step", None)  # instructkit.static_decode.enable
+        static_step = getattr(self.model, "static_step", None)  # instructkit.decode.static_decode.enable
         if static_step is not None:
             return static_step(tokens, positions, cache)
         hidden = self.model(tokens, positions=positions, cache=cache, return_hidden=True)
