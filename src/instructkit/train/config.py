@@ -1,100 +1,132 @@
-"""Fine-tuning configuration: one typed, validated dataclass, saved with every run."""
+"""Training configuration: typed, validated dataclasses, saved with every run.
+
+`TrainingConfig` holds what every training command shares (the loop's schedule, batches,
+evaluation cadence, checkpoints, what trains, where it runs, how it logs); `TrainConfig`
+(finetune) and `DPOConfig` (dpo) extend it with their own fields and defaults. Every field carries
+its help text as `metadata["help"]`, so a command line can be made from the fields.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from instructkit.errors import UserError
 
 BATCHING = ("grouped", "chapter")
 SCHEDULES = ("constant", "cosine")
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+LOSSES = ("sigmoid", "ipo", "robust")
+REDUCTIONS = ("mean", "sum")
+
+
+def option(default=MISSING, help: str = "", *, factory=MISSING):
+    """A config field with its help text (the command line's, shown with the field's default)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 def config_differences(saved, requested) -> list[str]:
     """Settings in which `requested` differs from a saved config (dataclasses of one kind), as
-    "name: saved -> requested". Ignored: where the run lives and how fast it goes (out, threads,
-    save_every); a prompt style left unset takes the saved one."""
-    ignored = {"out", "threads", "save_every", "device"}
+    "name: saved -> requested". Ignored: where the run lives, how fast it goes and where it logs
+    (out, threads, save_every, device, log); a prompt style left unset takes the saved one."""
+    ignored = {"out", "threads", "save_every", "device", "log"}
     if getattr(requested, "prompt_style", None) is None:
         ignored.add("prompt_style")
     return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
             for f in fields(saved) if f.name not in ignored and getattr(saved, f.name) != getattr(requested, f.name)]
 
 
-@dataclass
-class TrainConfig:
-    model: str = "gemma-3-270m"
-    data: str = "chapter7"
-    out: str = "runs/finetune"
-    # The chapter's defaults.
-    epochs: int = 2
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    warmup: int = 0
-    schedule: str = "constant"
-    clip: float | None = None
-    eval_every: int = 5
-    eval_batches: int = 5
-    early_stop: int | None = None  # evaluations without a new best validation loss
-    seed: int = 123
-    # Data.
-    prompt_style: str | None = None  # None: the model's default (alpaca for GPT-2, gemma for Gemma)
-    mask_instructions: bool = False
-    max_length: int | None = None
-    skip_invalid: bool = False
-    shuffle_seed: int | None = None
-    group_near_duplicates: bool = False  # near-duplicate prompts stay on one side of the split
-    batching: str = "grouped"  # length-grouped batches (little padding) or the chapter's order
-    # What trains.
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
-    freeze_embedding: bool = False
-    # Bookkeeping.
-    save_every: int = 50  # optimizer steps between resumable checkpoints (also at each epoch end)
-    sample_prompt: bool = True  # greedy sample for a fixed validation prompt after each epoch
-    threads: int | None = None
-    # Where and how it runs: auto = CUDA when available; bf16 autocast on CUDA only; across
-    # processes (torchrun), ddp replicates the weights and fsdp shards them.
-    device: str = "auto"
-    precision: str = "fp32"
-    strategy: str = "ddp"
-    # The sha256 of the validated records (set by finetune): a resumed run must read the same data.
-    data_sha256: str | None = None
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
-    def validate(self) -> "TrainConfig":
-        positive = ["epochs", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"]
-        for name in positive:
+
+def log_names(log: str | None) -> list[str]:
+    """The metrics loggers a `--log` value names (comma list), besides metrics.jsonl."""
+    return [name.strip() for name in (log or "").split(",") if name.strip() and name.strip() != "jsonl"]
+
+
+@dataclass
+class TrainingConfig:
+    """What every training command shares (the chapter's defaults)."""
+
+    data: str = option("chapter7", "training data: JSON/JSONL file, URL, or a named source")
+    out: str = option("runs/train", "run folder to create")
+    epochs: int = option(2, "passes over the training split")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    batch_size: int = option(8, "examples per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step; batch B with accumulation A puts the same "
+                                "examples into each step as batch B*A")
+    lr: float = option(5e-5, "peak learning rate")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices")
+    warmup: int = option(0, "linear warm-up steps")
+    schedule: str = option("constant", "learning-rate schedule after the warm-up: constant or cosine")
+    clip: float | None = option(None, "clip the gradient norm to this value")
+    eval_every: int = option(5, "optimizer steps between evaluations")
+    eval_batches: int = option(5, "train and validation batches per evaluation")
+    early_stop: int | None = option(None, "stop after N evaluations without a better validation loss")
+    seed: int = option(123, "seed of initialisation, data order and LoRA's matrices")
+    prompt_style: str | None = option(None, "alpaca, phi3 or gemma (default: the model's or starting run's own)")
+    max_length: int | None = option(None, "truncate examples to N training positions")
+    skip_invalid: bool = option(False, "drop invalid records instead of stopping")
+    batching: str = option("grouped", "grouped (length-grouped batches, little padding) or chapter (shuffled order)")
+    lora_rank: int = option(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha/rank (the book's exercise 7.4 "
+                                     "scales by alpha alone: its alpha a at rank r is our a*r)")
+    lora_targets: list[str] = option(help="LoRA's layers: attention, mlp, or layer names",
+                                     factory=lambda: ["attention", "mlp"])
+    freeze_embedding: bool = option(False, "freeze the (tied) token embedding")
+    save_every: int = option(50, "optimizer steps between resumable checkpoints (also at each epoch end)")
+    threads: int | None = option(None, "torch CPU threads")
+    device: str = option("auto", "auto (CUDA when available), cpu or cuda")
+    precision: str = option("fp32", "fp32 or bf16 (autocast; CUDA only)")
+    strategy: str = option("ddp", "with --nproc / torchrun: ddp (replicated weights) or fsdp (sharded, FSDP2)")
+    log: str | None = option(None, "metrics loggers besides metrics.jsonl (comma list): tensorboard (event files in "
+                                   "the run folder), wandb, mlflow (when installed)")
+
+    def validate(self):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "max_length", "early_stop", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise UserError(f"{_flag(name)} must be positive, got {value}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup < 0 or self.lora_rank < 0:
             raise UserError("--weight-decay, --warmup and --lora-rank cannot be negative")
         if self.clip is not None and self.clip <= 0:
             raise UserError(f"--clip must be positive, got {self.clip}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise UserError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
-        if self.batching not in BATCHING:
-            raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        for name, allowed in (("schedule", SCHEDULES), ("precision", ("fp32", "bf16")), ("strategy", ("ddp", "fsdp")),
+                              ("batching", BATCHING)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        unknown = [name for name in log_names(self.log) if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"--log must name some of jsonl, {', '.join(LOGGERS)}, got {unknown[0]!r}")
         return self
 
-    def differences(self, requested: "TrainConfig") -> list[str]:
+    def differences(self, requested) -> list[str]:
         return config_differences(self, requested)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class TrainConfig(TrainingConfig):
+    """`instructkit finetune`: supervised fine-tuning (full or LoRA)."""
+
+    model: str = option("gemma-3-270m", "preset, folder, .gguf, .pth or HF repo id")
+    out: str = option("runs/finetune", "run folder to create")
+    mask_instructions: bool = option(False, "supervise only the response and end token")
+    shuffle_seed: int | None = option(None, "shuffle records before splitting")
+    group_near_duplicates: bool = option(False, "keep near-duplicate prompts on one side of the split")
+    sample_prompt: bool = option(True, "a greedy sample for a fixed validation prompt after each epoch")
+    data_sha256: str | None = option(None, "the sha256 of the validated records (set by finetune): a resumed run "
+                                           "must read the same data")
+
+    def validate(self) -> "TrainConfig":
+        return super().validate()
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -102,4 +134,49 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown training option(s) in saved config: {', '.join(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """`instructkit dpo`: Direct Preference Optimization (the book's defaults)."""
+
+    method: str = option("dpo", "tells a DPO run folder from a finetune one")
+    start: str = option("", "the starting model: a finished fine-tuning run folder or a model spec")
+    data: str = option("", "preference records: instruction, input, chosen, rejected")
+    out: str = option("runs/dpo", "run folder to create")
+    lr: float = option(5e-6, "peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices")
+    epochs: int = option(1, "passes over the training pairs")
+    batch_size: int = option(8, "preference pairs per micro-batch (per process)")
+    beta: float = option(0.1, "DPO's beta")
+    logp_reduction: str = option("mean", "mean (the book's, length-normalised) or sum (TRL's) of token log-probs")
+    loss: str = option("sigmoid", "sigmoid (DPO), ipo or robust")
+    label_smoothing: float = option(0.0, "for sigmoid (conservative DPO) and robust")
+    sft_weight: float = option(0.0, "weight of an SFT term on the chosen response")
+    append_eos: bool = option(True, "append the end token to each response (the book does not)")
+    precompute_ref: bool = option(False, "compute the reference log-probs once (eval mode) instead of keeping a "
+                                         "second model")
+
+    def validate(self) -> "DPOConfig":
+        if self.beta <= 0 or self.lr <= 0:
+            raise UserError(f"--beta and --lr must be positive, got {self.beta} and {self.lr}")
+        super().validate()
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise UserError(f"--sft-weight cannot be negative, got {self.sft_weight}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.logp_reduction not in REDUCTIONS:
+            raise UserError(f"--logp-reduction must be mean or sum, got {self.logp_reduction!r}")
+        if self.strategy != "ddp":  # the frozen reference beside a sharded policy is untested
+            raise UserError(f"--strategy {self.strategy}: dpo runs its processes with ddp only")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DPOConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown or values.get("method") != "dpo":
+            raise UserError("not a DPO run folder (its config is not a DPO config); use `instructkit finetune --resume`")
         return cls(**values)

@@ -22,7 +22,6 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -41,82 +40,7 @@ from instructkit.train.config import BATCHING, config_differences
 from instructkit.train.distributed import SINGLE, World, all_reduce_sum, shard, unwrap
 from instructkit.train.loss import sequence_logprob_sums
 
-LOSSES = ("sigmoid", "ipo", "robust")
-REDUCTIONS = ("mean", "sum")
-
-
-@dataclass
-class DPOConfig:
-    method: str = "dpo"  # tells a DPO run folder from a finetune one
-    start: str = ""  # the starting model: a finished fine-tuning run folder or a model spec
-    data: str = ""
-    out: str = "runs/dpo"
-    # The book's defaults.
-    beta: float = 0.1
-    lr: float = 5e-6
-    weight_decay: float = 0.01
-    epochs: int = 1
-    batch_size: int = 8
-    seed: int = 123
-    logp_reduction: str = "mean"
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    append_eos: bool = True
-    precompute_ref: bool = False
-    # Length-grouped batches of pairs (a pair's length: its longer response) instead of the book's
-    # shuffled order: the policy pads 2B rows to the longest, and random batches of the chapter's
-    # pairs are 1.5x their real tokens (68k real, 104k padded, Gemma tokens, one epoch).
-    batching: str = "grouped"
-    max_steps: int | None = None
-    max_length: int | None = None
-    warmup: int = 0
-    clip: float | None = None
-    eval_every: int = 5
-    eval_batches: int = 5
-    save_every: int = 50
-    prompt_style: str | None = None
-    skip_invalid: bool = False
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
-    freeze_embedding: bool = False
-    threads: int | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-
-    def validate(self) -> "DPOConfig":
-        for name in ("epochs", "batch_size", "eval_every", "eval_batches", "save_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_length", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.beta <= 0 or self.lr <= 0:
-            raise UserError(f"--beta and --lr must be positive, got {self.beta} and {self.lr}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.sft_weight < 0 or self.weight_decay < 0 or self.lora_rank < 0 or self.warmup < 0:
-            raise UserError("--sft-weight, --weight-decay, --lora-rank and --warmup cannot be negative")
-        if self.loss not in LOSSES:
-            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.logp_reduction not in REDUCTIONS:
-            raise UserError(f"--logp-reduction must be mean or sum, got {self.logp_reduction!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batching not in BATCHING:
-            raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DPOConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown or values.get("method") != "dpo":
-            raise UserError("not a DPO run folder (its config is not a DPO config); use `instructkit finetune --resume`")
-        return cls(**values)
+from instructkit.train.config import LOSSES, REDUCTIONS, DPOConfig  # noqa: F401 (DPOConfig's home was here)
 
 
 # The loss ----------------------------------------------------------------------------------
