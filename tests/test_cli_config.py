@@ -81,6 +81,22 @@ def test_a_run_folders_recipe_repeats_the_run_bit_for_bit(chapter_data_path, tmp
     assert {**configs[0], "out": None} == {**configs[1], "out": None} and configs[1]["lora_rank"] == 2
 
 
+def test_a_dpo_run_folders_recipe_repeats_it_bit_for_bit(chapter_data_path, shared_data, tmp_path):
+    sft, first, second = tmp_path / "sft", tmp_path / "A", tmp_path / "B"
+    assert run_cli("finetune", "--model", "tiny-gpt2", "--data", str(chapter_data_path), "--out", str(sft),
+                   "--max-steps", "1", "--eval-batches", "1", "--no-sample-prompt").returncode == 0
+    made = run_cli("dpo", "--run", str(sft), "--data", str(shared_data / "instruction-data-with-preference.json"),
+                   "--out", str(first), "--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+                   "--lora-rank", "2", "--beta", "0.2")
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "method: dpo" in (first / "recipe.yaml").read_text()
+    again = run_cli("dpo", "--config", str(first / "recipe.yaml"), "--out", str(second))
+    assert again.returncode == 0, again.stderr[-2000:]
+    digests = [hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() for run in (first, second)]
+    assert digests[0] == digests[1]
+    assert json.loads((second / "config.json").read_text())["beta"] == 0.2
+
+
 def test_flags_override_the_recipe_file_and_toml_reads_the_same(tmp_path):
     toml = tmp_path / "r.toml"
     toml.write_text('data = "builtin:150"\nlr = 3e-4\nepochs = 1\nlora_targets = ["mlp"]\n')

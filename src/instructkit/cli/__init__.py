@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from instructkit.cli import data, datatools, evaluate, export, talk, train
+from instructkit.cli.common import Parser
 from instructkit.errors import UserError
 
 GROUPS = (data, train, talk, evaluate, export, datatools)
@@ -20,7 +21,7 @@ MIN_TORCH = (2, 5)  # pyproject.toml says the same; tests/test_torch_minimum.py 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="instructkit",
         description="Fine-tune pretrained causal language models to follow instructions, then measure them.",
     )

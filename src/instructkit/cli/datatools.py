@@ -37,7 +37,7 @@ def _register_leakage(subcommands) -> None:
     lk.add_argument("--data", default=None, help="a dataset: its train and test splits (as finetune splits it)")
     lk.add_argument("--train", default=None, help="or a training file ...")
     lk.add_argument("--test", default=None, help="... and a test file")
-    lk.add_argument("--method", default="rapidfuzz", help="near prompts by rapidfuzz (default) or tfidf")
+    lk.add_argument("--method", default="rapidfuzz", choices=("rapidfuzz", "tfidf"), help="near prompts by rapidfuzz (default) or tfidf")
     lk.add_argument("--cutoff", type=float, default=None, help="rapidfuzz ratio 0-100 (default 90) or cosine (default 0.8)")
     add_split_options(lk)
     lk.add_argument("--show", type=int, default=5, help="leaks of each kind to print (default 5)")

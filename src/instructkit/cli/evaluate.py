@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from instructkit.cli.common import add_judge_options, judge_config, positive, print_evaluation, print_report_files
+from instructkit.cli.common import (add_judge_options, judge_config, judge_exit_status, positive, print_evaluation,
+                                   print_report_files)
 from instructkit.errors import UserError
 from instructkit.runs import RunFolder
 
@@ -50,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            run_dir=run_dir)
     print_evaluation(result)
     print_report_files(out_dir)
-    return 0
+    return judge_exit_status(result)
 
 
 def _agreement(args: argparse.Namespace) -> int:

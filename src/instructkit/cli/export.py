@@ -18,7 +18,7 @@ def register(subcommands) -> None:
     exp.add_argument("--quant", default=None,
                      help="gguf/ollama: f32, f16 (gguf default), q8_0 (ollama default) or q4_k_m (needs llama-cpp-python)")
     exp.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
-    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    exp.add_argument("--force", action="store_true", help="replace a previous export in --out")
     exp.set_defaults(handler=cmd_export)
 
 
@@ -38,7 +38,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     loaded, style = _model_and_style(args)
-    exported = export_model(loaded, style, args.format, Path(args.out), quant=args.quant, force=args.force)
+    sources = tuple(Path(spec) for spec in (args.run, args.model) if spec and Path(spec).exists())
+    exported = export_model(loaded, style, args.format, Path(args.out), quant=args.quant, force=args.force,
+                            sources=sources)
     total = sum(path.stat().st_size for path in exported.files)
     print(f"Exported {loaded.name} ({args.format}, prompt style {style.name}) to {exported.folder}: "
           f"{len(exported.files)} files, {total / 1e6:,.0f} MB, in {time.perf_counter() - started:.1f} s")

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from instructkit.cli.common import (add_beam_options, add_device_options, add_run_or_model, add_split_options, env_secret,
-                                   positive, run_or_model)
+from instructkit.cli.common import (NON_NEGATIVE_FLOAT, PORT, POSITIVE_INT, add_beam_options, add_device_options,
+                                   add_run_or_model, add_split_options, env_secret, positive, run_or_model, set_threads)
 from instructkit.errors import UserError
 from instructkit.runs import RunFolder
 
@@ -27,7 +27,7 @@ def _register_generate(subcommands) -> None:
     gen.add_argument("--input", default=None, help="optional input field, with --prompt-style")
     gen.add_argument("--prompt-style", default=None, help="wrap the prompt as an instruction: alpaca, phi3, gemma")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
@@ -43,7 +43,7 @@ def _talk_options(parser: argparse.ArgumentParser) -> None:
     add_run_or_model(parser, "a finished fine-tuning run folder (its prompt style is used)",
                      "or any model spec (then --prompt-style is needed)")
     parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument("--quantize", default=TALK_QUANTIZE,
                         help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                              "greedy answers within the agreement target, docs/BENCHMARKS.md)")
@@ -63,10 +63,16 @@ def _register_chat_and_serve(subcommands) -> None:
     srv = subcommands.add_parser("serve", help="an OpenAI-compatible server and a chat page for a model")
     _talk_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the bound URL is printed)")
+    srv.add_argument("--port", type=PORT, default=8000, help="port (0 picks a free one; the bound URL is printed)")
     srv.add_argument("--api-key-env", default=None, help="environment variable holding the API key clients must send")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     srv.add_argument("--compare-base", action="store_true", help="also serve the run's base model, for the page's compare mode")
+    srv.add_argument("--max-cache-tokens", type=int, default=32_768,
+                     help="KV-cache budget per model, in rows x tokens: requests beyond it wait (default 32768, ~1.2 GB for Gemma 3 270M)")
+    srv.add_argument("--max-request-bytes", type=int, default=4_000_000,
+                     help="larger request bodies are refused with 413 before parsing (default 4000000)")
+    srv.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                     help="Host header names to answer besides the bound address (against DNS rebinding; '*' allows any)")
     srv.set_defaults(handler=cmd_serve)
 
 
@@ -82,6 +88,7 @@ def _register_respond(subcommands) -> None:
                       help="end a response when its last N tokens already appeared in it (a greedy loop), "
                            "dropping the repeat; 0 = off (default; the main job uses 16)")
     resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
+    resp.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     add_beam_options(resp, 1, "1: greedy")
     add_split_options(resp, default_text=" (default: the run's)")
     resp.add_argument("--quantize", default="none", help="none (default: exact fp32), fp16, int8, int4 or auto")
@@ -166,10 +173,7 @@ def _served_style(loaded, run, args: argparse.Namespace):
 
 def _load_for_talk(args: argparse.Namespace):
     run = run_or_model(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if run is None and RunFolder(args.model).has_config():
         run = RunFolder(args.model).require_finished()  # a run folder given as a model spec keeps its style
     loaded = inference_model(str(run.path) if run else args.model, args)
@@ -192,6 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from instructkit.serve.app import ServedModel, serve
 
     positive("max-batch", args.max_batch)
+    positive("max-cache-tokens", args.max_cache_tokens)
+    positive("max-request-bytes", args.max_request_bytes)
     api_key = env_secret("--api-key-env", args.api_key_env)
     loaded, run, style = _load_for_talk(args)
     models = [ServedModel(run.path.name if run else loaded.name, loaded, style, "fine-tuned" if run else "model")]
@@ -202,7 +208,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models.append(ServedModel(Path(base_spec).name or base_spec, inference_model(base_spec, args), style, "base"))
         if models[1].id == models[0].id:
             models[1].id += "-base"
-    serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
+    serve(models, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_cache_tokens=args.max_cache_tokens, max_request_bytes=args.max_request_bytes,
+          allowed_hosts=args.allowed_hosts)
     return 0
 
 
@@ -222,6 +230,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
     _check_respond(args)
     run = run_or_model(args)
+    set_threads(args.threads)
     saved = run.config() if run is not None and run.has_config() else {}
     data = args.data or saved.get("data")
     if data is None:

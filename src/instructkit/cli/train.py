@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from instructkit.cli.common import add_beam_options, add_judge_options, judge_config, print_evaluation, print_report_files
+from instructkit.cli.common import (add_beam_options, add_judge_options, judge_config, judge_exit_status, print_evaluation,
+                                   print_report_files)
 from instructkit.cli.flags import add_config_file_option, add_config_flags, config_from_layers, config_layers, given_flags
 from instructkit.errors import UserError
 from instructkit.recipes import RESPONSES
@@ -177,4 +178,4 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_evaluation(result)
     print_report_files(job.recipe().out)
     print(f"Wall time: {result['wall_seconds']:.0f} s")
-    return 0
+    return judge_exit_status(result)

@@ -170,8 +170,6 @@ class DPOConfig(TrainingConfig):
             raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.logp_reduction not in REDUCTIONS:
             raise UserError(f"--logp-reduction must be mean or sum, got {self.logp_reduction!r}")
-        if self.strategy != "ddp":  # the frozen reference beside a sharded policy is untested
-            raise UserError(f"--strategy {self.strategy}: dpo runs its processes with ddp only")
         return self
 
     @classmethod
