@@ -58,6 +58,7 @@ def test_finetune_help_shows_every_field_once_with_the_dataclass_default():
         assert count == (0 if field.name in FINETUNE_NO_FLAG else 1), flag
     assert "peak learning rate (default: 5e-05)" in " ".join(settings.split())
     assert "(default: attention,mlp)" in settings and "--no-sample-prompt" in settings
+    assert "Fields without a flag: data_sha256:" in settings  # the one field finetune records itself
 
 
 def test_flags_are_absent_unless_given():

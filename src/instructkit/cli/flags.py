@@ -46,11 +46,15 @@ def _help(field: Field, required: bool, default_text: str | None) -> str:
     return text.replace("%", "%%")  # argparse formats help text with %
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: dict[str, str] | None = None,
                      required: tuple[str, ...] = (), default_text: str | None = None) -> None:
-    """One flag per field of `cls` (but `skip`), in a group of their own. `required` fields show no
-    default (the command needs them given); `default_text` replaces every shown default."""
-    group = parser.add_argument_group(f"settings ({cls.__name__}; the same names are keys of a --config file)")
+    """One flag per field of `cls`, in a group of their own, but the fields in `skip` (name: why
+    it is no flag, said in the group's description). `required` fields show no default (the command
+    needs them given); `default_text` replaces every shown default."""
+    skip = skip or {}
+    unflagged = "; ".join(f"{name}: {why}" for name, why in skip.items())
+    group = parser.add_argument_group(f"settings ({cls.__name__}; the same names are keys of a --config file)",
+                                      f"Fields without a flag: {unflagged}." if unflagged else None)
     for field in fields(cls):
         if field.name in skip:
             continue

@@ -18,8 +18,8 @@ from instructkit.runs import RunFolder
 from instructkit.train.config import DPOConfig, TrainConfig
 
 # Fields that are no flag: each command says why.
-FINETUNE_NO_FLAG = ("data_sha256",)  # set by finetune from the data it reads
-DPO_NO_FLAG = ("method", "start")  # method: always "dpo"; start: --run/--sft-run or --model
+FINETUNE_NO_FLAG = {"data_sha256": "recorded by finetune from the data it reads"}
+DPO_NO_FLAG = {"method": "always dpo", "start": "given by --run/--sft-run or --model"}
 # Flags of these commands that are no config field.
 FINETUNE_OWN_FLAGS = ("resume", "nproc", "config")
 DPO_OWN_FLAGS = ("resume", "nproc", "config", "run", "model")
