@@ -86,21 +86,23 @@ def test_evaluate_bad_responses_file_is_one_line(tmp_path):
 
 
 def test_the_main_job_takes_each_datasets_recipe_and_explicit_settings_over_it(chapter_data_path, tmp_path):
-    """The per-dataset table (main_job.DataRecipe): full fine-tuning and greedy responses on the
-    built-in data, LoRA and beam search on the chapter's; an explicit setting wins over the table."""
+    """The per-dataset recipes (src/instructkit/recipes/builtin.yaml and chapter.yaml): full fine-tuning
+    and greedy responses on the built-in data, LoRA and beam search on the chapter's; an explicit
+    setting wins over the recipe."""
     from instructkit.main_job import MainJob
 
-    builtin = MainJob(data="builtin:150", out="x").recipe()
-    assert (builtin.epochs, builtin.lora_rank, builtin.lr) == (1, 0, 1e-4) and MainJob(data="builtin").chosen.beams == 1
-    chapter = MainJob(data=str(chapter_data_path), out="x")
+    builtin = MainJob(train={"data": "builtin:150", "out": "x"}).recipe()
+    assert (builtin.epochs, builtin.lora_rank, builtin.lr) == (1, 0, 1e-4) and MainJob().chosen_beams() == 1
+    chapter = MainJob(train={"data": str(chapter_data_path), "out": "x"})
     assert (chapter.recipe().epochs, chapter.recipe().lora_rank, chapter.recipe().lora_alpha) == (2, 16, 32.0)
-    assert chapter.chosen.beams == 4 and chapter.recipe().lr == 5e-4 and chapter.recipe().freeze_embedding
-    full = MainJob(data=str(chapter_data_path), out="x", lora_rank=0, epochs=3, beams=1)
-    assert (full.recipe().lora_rank, full.recipe().lr, full.recipe().epochs, full.chosen.beams) == (0, 1e-4, 3, 1)
-    assert MainJob(data=str(chapter_data_path), out="x", lr=2e-5).recipe().lr == 2e-5  # an explicit lr wins
+    assert chapter.chosen_beams() == 4 and chapter.recipe().lr == 5e-4 and chapter.recipe().freeze_embedding
+    full = MainJob(train={"data": str(chapter_data_path), "out": "x", "lora_rank": 0, "epochs": 3}, beams=1)
+    assert (full.recipe().lora_rank, full.recipe().lr, full.recipe().epochs, full.chosen_beams()) == (0, 1e-4, 3, 1)
+    assert MainJob(train={"data": str(chapter_data_path), "lr": 2e-5}).recipe().lr == 2e-5  # an explicit lr wins
     refused = run_cli("run", "--data", str(chapter_data_path), "--lora-rank", "-1", "--out", str(tmp_path / "r"))
     assert refused.returncode == 2 and not (tmp_path / "r").exists()
-    assert refused.stderr.strip() == "instructkit: error: --lora-rank must be 0 (no LoRA) or more, got -1"
+    # TrainConfig.validate() says it, the one place that checks a training setting.
+    assert refused.stderr.strip() == "instructkit: error: --weight-decay, --warmup and --lora-rank cannot be negative"
 
 
 def test_main_job_end_to_end_on_a_tiny_model(tmp_path):

@@ -1,21 +1,19 @@
 """The main job (`instructkit run`, what `make run` calls): fine-tune the embedded default model,
 answer the test split with the fine-tuned model and with the base model (k solved training
 examples first, in the plain-text style the base model reads best; its answer is the first line
-it writes: data/fewshot.py), evaluate,
-write the report. The recipe lives here, so the CLI and the benchmarks use the same one.
+it writes: data/fewshot.py), evaluate, write the report. The CLI and the benchmarks use the same job.
 
-The recipe, chosen for a CPU: the tied 262,144 x 640 token embedding stays frozen (63% of Gemma 3
-270M's parameters, whose gradient and AdamW state would dominate memory and time), loss on the
-response and end token only, length-grouped batches of 8, AdamW after 10 warm-up steps with cosine
-decay, gradient clipping at 1.0, evaluation every 58 steps (half an epoch of the built-in or the
-chapter's 935 training records) on the whole validation set. What differs by dataset is one
-table, DataRecipe, each value chosen on that dataset's validation split: on the built-in data one
-epoch of every other weight at a peak lr of 1e-4 and greedy test responses; on the chapter's (and
-any other) data two epochs of LoRA (rank 16, alpha 32, every attention and MLP projection, peak
-lr 5e-4) and beam search (4 beams, length penalty 1.0). Test responses end at the style's end
-token, at twice the longest training response, or when they start repeating themselves
-(response_budget, REPEAT_STOP). The validation responses scored at every evaluation stay greedy
-(cheap; a trend).
+The recipes are files beside the package (src/instructkit/recipes/): builtin.yaml for the built-in
+data and chapter.yaml for the chapter's (and any other), each value chosen on that dataset's
+validation split and explained there. Both train on a CPU: the tied 262,144 x 640 token embedding
+stays frozen, loss on the response and end token only, length-grouped batches of 8, AdamW after 10
+warm-up steps with cosine decay, gradient clipping at 1.0, evaluation every 58 steps on the whole
+validation set. On the built-in data one epoch of every other weight at a peak lr of 1e-4 and
+greedy test responses; on the chapter's two epochs of LoRA (rank 16, alpha 32, peak lr 5e-4) and
+beam search (4 beams). A `--config` file goes over the data's recipe and flags over both
+(MainJob.layers). Test responses end at the style's end token, at twice the longest training
+response, or when they start repeating themselves (response_budget, REPEAT_STOP). The validation
+responses scored at every evaluation stay greedy (cheap; a trend).
 
 The run folder belongs to one request: rerunning with the same settings continues it (a
 finished training is kept, responses resume where they stopped), with other settings or other
@@ -29,23 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instructkit.data.fewshot import BASE_MODEL_STYLE, DEFAULT_SHOTS
+from instructkit.errors import UserError
+from instructkit.recipes import RESPONSES, read_recipe, shipped, typed_values
+from instructkit.runs import default_run_dir
 from instructkit.train.config import TrainConfig
 
 
 @dataclass
 class MainJob:
-    model: str = "gemma-3-270m"
-    data: str = "builtin"
-    out: str = "runs/builtin"
-    seed: int = 123
-    epochs: int | None = None  # None: the data's recipe (data_recipe)
-    lr: float | None = None  # None: the data's recipe
-    lora_rank: int | None = None  # None: the data's recipe; 0: every weight but the tied embedding trains
-    warmup: int = 10
-    schedule: str = "cosine"
-    max_steps: int | None = None
+    # TrainConfig fields set on the command line: over the --config file, over the data's recipe.
+    train: dict = field(default_factory=dict)
+    config: str | None = None  # a recipe file (--config) over the data's own
     max_new_tokens: int | None = None  # None: response_budget(the training split)
-    beams: int | None = None  # None: the data's recipe
+    beams: int | None = None  # None: the recipe's (its `responses:` section)
     length_penalty: float = 1.0
     base_max_new_tokens: int = 64
     base_shots: int = DEFAULT_SHOTS
@@ -55,36 +49,51 @@ class MainJob:
     baseline: str | None = None
     baseline_label: str | None = None
 
-    @property
-    def chosen(self) -> "DataRecipe":
-        """The data's recipe with this job's explicit settings applied over it."""
-        recipe = data_recipe(self.data)
-        lora_rank = recipe.lora_rank if self.lora_rank is None else self.lora_rank
-        return DataRecipe(epochs=self.epochs or recipe.epochs, beams=self.beams or recipe.beams, lora_rank=lora_rank,
-                          lora_alpha=recipe.lora_alpha, lr=self.lr or peak_lr(lora_rank))
+    def layers(self) -> list[tuple[str, dict]]:
+        """(where, settings), later over earlier: the data's shipped recipe, --config, the command line."""
+        given = read_recipe(self.config) if self.config else {}
+        data = self.train.get("data") or given.get("data") or "builtin"
+        shipped_file = shipped(data_recipe(str(data)))
+        layers = [(str(shipped_file), read_recipe(shipped_file)), (str(self.config), given),
+                  ("the command line", {**self.train, "data": data})]
+        return layers if self.config else [layers[0], layers[2]]
 
     def recipe(self) -> TrainConfig:
-        chosen = self.chosen
-        return main_recipe(self.model, self.data, self.out, seed=self.seed, epochs=chosen.epochs, lr=chosen.lr,
-                           warmup=self.warmup, schedule=self.schedule, max_steps=self.max_steps,
-                           lora_rank=chosen.lora_rank, lora_alpha=chosen.lora_alpha)
+        """The fine-tuning config: the layers' settings, validated. A LoRA rank set without a peak
+        lr takes peak_lr(rank); a run without an --out is named after its data."""
+        values, chosen = {}, {}
+        for index, (where, settings) in enumerate(self.layers()):
+            typed = typed_values(TrainConfig, settings, where, skip=(RESPONSES,))
+            values.update(typed)
+            if index:  # what the user chose, over the shipped recipe
+                chosen.update(typed)
+        if "lora_rank" in chosen and "lr" not in chosen:
+            values["lr"] = peak_lr(values["lora_rank"])
+        values.setdefault("out", default_run_dir(values["data"]))
+        return TrainConfig.from_dict(values).validate()
 
+    def chosen_beams(self) -> int:
+        """Beams for the test responses: --beams, else the last `responses:` section's."""
+        beams = None
+        for where, settings in self.layers():
+            section = settings.get(RESPONSES, {})
+            if not isinstance(section, dict) or set(section) - {"beams"}:
+                raise UserError(f"{where}: {RESPONSES}: expected a mapping with the key beams, got {section!r}")
+            beams = section.get("beams", beams)
+        return self.beams or beams or 1
 
-@dataclass(frozen=True)
-class DataRecipe:
-    """What the main job does differently on each dataset, every value chosen on that dataset's
-    validation split (docs/BENCHMARKS.md, "The main job on the built-in data" and "Choosing the
-    recipe")."""
-
-    epochs: int
-    beams: int  # 1: greedy test responses; more: beam search (beam.py), length penalty 1.0
-    lora_rank: int = 0  # 0: every weight but the tied embedding trains
-    lora_alpha: float = 16.0
-    lr: float | None = None  # peak learning rate; None: peak_lr(lora_rank)
-
-    def __post_init__(self):
-        if self.lr is None:
-            object.__setattr__(self, "lr", peak_lr(self.lora_rank))
+    def validate(self) -> "MainJob":
+        for name in ("max_new_tokens", "beams", "base_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.base_shots < 0:
+            raise UserError(f"--base-shots must be 0 or more, got {self.base_shots}")
+        if self.baseline and not Path(self.baseline).is_file():
+            raise UserError(f"--baseline {self.baseline}: no such responses file")
+        self.recipe()
+        self.chosen_beams()
+        return self
 
 
 def peak_lr(lora_rank: int) -> float:
@@ -95,21 +104,9 @@ def peak_lr(lora_rank: int) -> float:
     return 1e-4 if lora_rank == 0 else 5e-4
 
 
-# The built-in data: one epoch (a second barely lowered the validation loss for twice the time),
-# greedy responses (its exact-answer checks were measured greedy), every weight but the embedding.
-BUILTIN_RECIPE = DataRecipe(epochs=1, beams=1)
-# The chapter's data, and any other: two epochs (`python -m bench recipes`: the best validation
-# ROUGE-L, chrF and BLEU among 1 epoch, 2 epochs, 2 epochs at lr 2e-4), beam search with 4 beams
-# (above greedy on every validation metric; 8 beams no better for twice the time), and LoRA
-# (rank 16, alpha 32, on every attention and MLP projection, lr 5e-4): chosen over training every
-# weight on the validation split pooled with a held-out fold of the training split (55 + 141
-# items), with the lower validation loss too (0.82 against 1.24): LoRA leaves the base model's
-# knowledge in place, and the full model at lr 1e-4 overfits 935 examples.
-CHAPTER_RECIPE = DataRecipe(epochs=2, beams=4, lora_rank=16, lora_alpha=32.0)
-
-
-def data_recipe(data: str) -> DataRecipe:
-    return BUILTIN_RECIPE if data.split(":")[0] == "builtin" else CHAPTER_RECIPE
+def data_recipe(data: str) -> str:
+    """The shipped recipe a dataset takes: builtin on the built-in data, chapter on any other."""
+    return "builtin" if data.split(":")[0] == "builtin" else "chapter"
 
 
 # Greedy decoding of a small model can fall into a loop and fill the budget with repeats, which
@@ -126,21 +123,8 @@ def response_budget(train_records: list[dict], tokenizer) -> int:
     return max(16, min(RESPONSE_CAP, 2 * longest))
 
 
-# Evaluations (and checkpoints) every half epoch: 116 steps an epoch on both the built-in and the
-# chapter's data. Each evaluation also writes 55 greedy validation responses (~15 s); every 40 steps
-# (until 2026-11-30) made 7 of them in a chapter-data job instead of 5, ~40 s of a 15-minute budget.
-# Evaluations do not change the training (no random draws), so the fine-tuned weights are the same.
-EVAL_EVERY = 58
-
-
-def main_recipe(model: str, data: str, out: str, *, seed: int = 123, epochs: int = 1, lr: float = 1e-4,
-                warmup: int = 10, schedule: str = "cosine", max_steps: int | None = None, lora_rank: int = 0,
-                lora_alpha: float = 16.0) -> TrainConfig:
-    """The main job's fine-tuning recipe (see the module docstring)."""
-    return TrainConfig(model=model, data=data, out=out, seed=seed, epochs=epochs, lr=lr, warmup=warmup,
-                       schedule=schedule, clip=1.0, mask_instructions=True, freeze_embedding=True,
-                       eval_every=EVAL_EVERY, eval_batches=7, max_steps=max_steps, save_every=EVAL_EVERY,
-                       lora_rank=lora_rank, lora_alpha=lora_alpha)
+# Evaluations (and checkpoints) every half epoch, as the shipped recipes say (bench/ reads it here).
+EVAL_EVERY = read_recipe(shipped("builtin"))["eval_every"]
 
 
 def validation_scorer(records: list[dict], max_new_tokens: int | None = None, train_records: list[dict] | None = None):
@@ -180,21 +164,23 @@ def run_main_job(job: MainJob, say=print) -> dict:
 
     started = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - started:.0f} s]"  # noqa: E731
-    run = RunFolder(job.out)
-    data = prepare_data(job.data)
-    finetune(job.recipe(), resume=run.has_config(),  # refuses a folder made with other settings
+    config, beams = job.recipe(), job.chosen_beams()
+    run = RunFolder(config.out)
+    # The split finetune makes: the same records stay held out.
+    data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed,
+                        group_near_duplicates=config.group_near_duplicates)
+    finetune(config, resume=run.has_config(),  # refuses a folder made with other settings
              score_validation=validation_scorer(data.splits.val, job.max_new_tokens, data.splits.train))
     say(f"{stamp()} fine-tuning done")
     ready = load_start(str(run.path))
     tuned, style = ready.loaded, ready.style
     del ready
     budget = job.max_new_tokens or response_budget(data.splits.train, tuned.tokenizer)
-    beams = job.chosen.beams
     respond(tuned, style, data.splits.test, run.responses_file("test"), max_new_tokens=budget, repeat_stop=REPEAT_STOP,
             beams=beams, length_penalty=job.length_penalty)
     del tuned
     say(f"{stamp()} fine-tuned responses written ({'greedy' if beams == 1 else f'{beams} beams'})")
-    base = load_model(job.model)
+    base = load_model(config.model)
     base_style = get_prompt_style(BASE_MODEL_STYLE) if job.base_shots else style
     respond(base, base_style, data.splits.test, run.responses_file(base=True), max_new_tokens=job.base_max_new_tokens,
             shots=job.base_shots, shot_pool=data.splits.train)

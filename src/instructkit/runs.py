@@ -4,6 +4,7 @@ A fine-tuning run folder describes itself, and every stage takes it (finetune wr
 evaluate, export, chat and serve read it):
 
     config.json            the resolved training config (handed up as data: the train package owns its schema)
+    recipe.yaml            the same config as a recipe file: `--config recipe.yaml` repeats the run (recipes/)
     prompt_style.json      the prompt style the model was trained with
     model.json, model.safetensors, tokenizer_ref.json [, tokenizer.json]
                            the fine-tuned model (a model folder: models/registry.py reads and writes these;
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from instructkit.data.prompts import PromptStyle
 from instructkit.errors import UserError
-from instructkit.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
+from instructkit.fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from instructkit.recipes import RECIPE_FILE, recipe_text
 
 MODEL_FILES = ("model.json", "model.safetensors", "tokenizer_ref.json")
 
@@ -50,6 +52,10 @@ class RunFolder:
     @property
     def config_file(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE_FILE
 
     @property
     def prompt_style_file(self) -> Path:
@@ -171,8 +177,10 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_start(self, config: dict, style: PromptStyle) -> None:
-        """What a run records before its first step: the resolved config and the prompt style."""
+        """What a run records before its first step: the resolved config (as config.json and as a
+        recipe file, the recipe first: a folder with a config has both) and the prompt style."""
         self.create()
+        atomic_write_text(self.recipe_file, recipe_text(config))
         atomic_write_json(self.config_file, config)
         atomic_write_json(self.prompt_style_file, style.to_dict())
 

@@ -19,9 +19,11 @@ LOSSES = ("sigmoid", "ipo", "robust")
 REDUCTIONS = ("mean", "sum")
 
 
-def option(default=MISSING, help: str = "", *, factory=MISSING):
-    """A config field with its help text (the command line's, shown with the field's default)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+def option(default=MISSING, help: str = "", *, factory=MISSING, off_flag: str | None = None):
+    """A config field with its help text (the command line's, shown with the field's default).
+    `off_flag`: a bool field's short flag for False, besides --no-NAME (kept from earlier releases)."""
+    metadata = {"help": help} | ({"off_flag": off_flag} if off_flag else {})
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 def config_differences(saved, requested) -> list[str]:
@@ -121,7 +123,8 @@ class TrainConfig(TrainingConfig):
     mask_instructions: bool = option(False, "supervise only the response and end token")
     shuffle_seed: int | None = option(None, "shuffle records before splitting")
     group_near_duplicates: bool = option(False, "keep near-duplicate prompts on one side of the split")
-    sample_prompt: bool = option(True, "a greedy sample for a fixed validation prompt after each epoch")
+    sample_prompt: bool = option(True, "a greedy sample for a fixed validation prompt after each epoch",
+                                 off_flag="--no-sample")
     data_sha256: str | None = option(None, "the sha256 of the validated records (set by finetune): a resumed run "
                                            "must read the same data")
 

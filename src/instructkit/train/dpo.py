@@ -28,11 +28,9 @@ import torch.nn.functional as F
 
 from instructkit.data.batching import batches_in_order, collate, length_grouped_batches
 from instructkit.data.preferences import EncodedPair, encode_pairs, load_preferences
-from instructkit.data.prompts import get_prompt_style
 from instructkit.data.tokenize import IGNORE_INDEX
 from instructkit.devices import resolve_device
 from instructkit.errors import UserError
-from instructkit.models.registry import load_model
 from instructkit.runs import RunFolder
 from instructkit.train import distributed
 from instructkit.train.config import LOSSES, REDUCTIONS, DPOConfig  # noqa: F401 (DPOConfig's home was here)
@@ -268,16 +266,12 @@ class DPOObjective:
 
 
 def start_model(config: DPOConfig):
-    """The starting model and its prompt style (a run folder keeps its own)."""
-    start = RunFolder(config.start)
-    if start.path.is_dir() and start.has_config():
-        start.require_finished()
-        loaded = load_model(str(start.path))
-        style = get_prompt_style(config.prompt_style) if config.prompt_style else start.prompt_style()
-    else:
-        loaded = load_model(config.start, seed=config.seed)
-        style = get_prompt_style(config.prompt_style or loaded.default_prompt_style)
-    return loaded, style
+    """The starting model and its prompt style, through the one loader (a run folder keeps its own
+    style; decode/load.py)."""
+    from instructkit.decode.load import load_start
+
+    ready = load_start(config.start, prompt_style=config.prompt_style, seed=config.seed)
+    return ready.loaded, ready.style
 
 
 # The run ----------------------------------------------------------------------------------
