@@ -154,10 +154,8 @@ def validation_scorer(records: list[dict], max_new_tokens: int | None = None, tr
 def run_main_job(job: MainJob, say=print) -> dict:
     """Every stage of the main job, resumable; returns the evaluation result."""
     from instructkit.data.pipeline import prepare_data
-    from instructkit.data.prompts import get_prompt_style
     from instructkit.decode.load import load_start
     from instructkit.evaluate.evaluation import evaluate_file
-    from instructkit.models.registry import load_model
     from instructkit.respond import respond
     from instructkit.runs import RunFolder
     from instructkit.train.finetune import finetune
@@ -180,8 +178,10 @@ def run_main_job(job: MainJob, say=print) -> dict:
             beams=beams, length_penalty=job.length_penalty)
     del tuned
     say(f"{stamp()} fine-tuned responses written ({'greedy' if beams == 1 else f'{beams} beams'})")
-    base = load_model(config.model)
-    base_style = get_prompt_style(BASE_MODEL_STYLE) if job.base_shots else style
+    # The base model answers k-shot in the plain style it reads best, else in the run's style.
+    base_ready = load_start(config.model, prompt_style=BASE_MODEL_STYLE if job.base_shots else style.name)
+    base, base_style = base_ready.loaded, base_ready.style
+    del base_ready
     respond(base, base_style, data.splits.test, run.responses_file(base=True), max_new_tokens=job.base_max_new_tokens,
             shots=job.base_shots, shot_pool=data.splits.train)
     del base

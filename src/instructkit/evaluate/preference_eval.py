@@ -20,10 +20,10 @@ import torch
 
 from instructkit.data.preferences import encode_pairs, load_preferences
 from instructkit.decode.generate import generate
+from instructkit.decode.load import load_start
 from instructkit.errors import UserError
 from instructkit.evaluate.metrics import summarize
 from instructkit.fileio import atomic_write_json
-from instructkit.models.registry import load_model
 from instructkit.runs import RunFolder
 from instructkit.train.dpo import DPOConfig, reference_logprobs, start_model
 
@@ -42,7 +42,7 @@ def evaluate_preferences(run: RunFolder, *, data: str | None = None, split: str 
     prefs = load_preferences(data or config.data, skip_invalid=config.skip_invalid)
     records = prefs.splits.by_name(split)
     start, style = start_model(config)
-    tuned = load_model(str(run.path))
+    tuned = load_start(str(run.path)).loaded
     pairs, report = encode_pairs(records, style, start.tokenizer, append_eos=config.append_eos, max_length=config.max_length)
     kept = [r for i, r in enumerate(records) if i not in set(report.dropped_indices)]
     if not pairs:
