@@ -8,7 +8,7 @@ from pathlib import Path
 
 from instructkit.cli.common import (NON_NEGATIVE_FLOAT, PORT, POSITIVE_INT, add_beam_options, add_device_options,
                                    add_run_or_model, add_split_options, env_secret, positive, set_threads)
-from instructkit.decode.load import TALK_QUANTIZE
+from instructkit.decode.load import TALK_QUANTIZE, source_of
 from instructkit.errors import UserError
 
 COMPILE_HELP = ("compile the decode step into one graph (torch.compile): faster tokens at batch 1 after a "
@@ -106,7 +106,7 @@ def _load(args: argparse.Namespace, *, model: str | None = None, strict_style: b
     from instructkit.decode.load import load_for_talk
 
     set_threads(getattr(args, "threads", None))
-    source = {"model": model} if model else {"run": args.run, "model": args.model}
+    source = {"model": model} if model else {"run": getattr(args, "run", None), "model": args.model}
     return load_for_talk(**source, prompt_style=prompt_style or args.prompt_style, strict_style=strict_style,
                          command=args.command, **_decoding(args))
 
@@ -198,12 +198,13 @@ def cmd_respond(args: argparse.Namespace) -> int:
     from instructkit.respond import respond
 
     _check_respond(args)
-    ready = _load(args, prompt_style=args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
-    loaded, run, style = ready.loaded, ready.run, ready.style
+    _, run = source_of(args.run, args.model, args.command)  # the data is checked before the model loads
     saved = run.config() if run is not None and run.has_config() else {}
     data = args.data or saved.get("data")
     if data is None:
         raise UserError("respond needs --data (or a --run whose config names its data)")
+    ready = _load(args, prompt_style=args.prompt_style or (BASE_MODEL_STYLE if args.few_shot else None))
+    loaded, style = ready.loaded, ready.style
     # The run's split, unless told otherwise: the same records stay held out.
     prepared = prepare_data(data, skip_invalid=args.skip_invalid or saved.get("skip_invalid", False),
                             shuffle_seed=args.shuffle_seed if args.shuffle_seed is not None else saved.get("shuffle_seed"),
