@@ -6,12 +6,11 @@ loop's state, and write the trained model into the run folder.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from instructkit.data.prompts import PromptStyle
 from instructkit.errors import UserError
+from instructkit.fileio import atomic_write_with
 from instructkit.models.registry import save_model_folder
 from instructkit.runs import RunFolder
 from instructkit.train import distributed
@@ -121,9 +120,8 @@ def save_trained(model: torch.nn.Module, config: TrainingConfig, run: RunFolder,
 
     model = model.cpu()
     if config.lora_rank:
-        tmp: Path = run / ".adapter.safetensors.tmp"
-        save_file(lora_state_dict(model), str(tmp))
-        tmp.replace(run.adapter_file)
+        adapters = lora_state_dict(model)
+        atomic_write_with(run.adapter_file, lambda tmp: save_file(adapters, str(tmp)))  # unique temp, fsynced
         merge_lora(model)
     model.tie_weights()
     save_model_folder(run.path, model, tokenizer_ref)
