@@ -36,7 +36,8 @@ def random_gemma_folder(tokenizer: Path, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from instructkit.models.checkpoints import gemma3_hf_config, gemma3_to_hf
-    from instructkit.models.gemma3 import GEMMA3_PRESETS, Gemma3
+    from instructkit.models.families import GEMMA3_PRESETS
+    from instructkit.models.transformer import Transformer as Gemma3
 
     torch.manual_seed(0)
     config = GEMMA3_PRESETS["gemma-3-270m"]

@@ -41,7 +41,8 @@ def communication() -> list[list]:
     """Per rank and optimizer step, ring all-reduce (DDP) sends 2 (N-1)/N of the gradient bytes;
     FSDP all-gathers the weights twice (forward, backward) and reduce-scatters the gradients, each
     (N-1)/N of their bytes. fp32 gradients, 4 bytes a value."""
-    from instructkit.models.gemma3 import GEMMA3_PRESETS, Gemma3
+    from instructkit.models.families import GEMMA3_PRESETS
+    from instructkit.models.transformer import Transformer as Gemma3
 
     rows = []
     for name in ("gemma-3-270m", "gemma-3-1b"):

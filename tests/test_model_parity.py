@@ -1,13 +1,12 @@
-"""Our models against HF transformers (a reference nobody here wrote), via our production loaders."""
+"""GPT-2 and the chapter's .pth files against HF transformers (a reference nobody here wrote), via our
+production loaders. The transformer families are checked in test_family_parity.py."""
 
-import json
-import shutil
 
 import pytest
 import torch
 
 from instructkit.errors import UserError
-from instructkit.models.registry import embedded_gemma_folder, load_model, save_chapter_pth
+from instructkit.models.registry import load_model, save_chapter_pth
 
 from .conftest import require_module
 
@@ -29,47 +28,6 @@ def test_gpt2_logits_match_hf(tmp_path):
         expected = reference(ids).logits
         actual = ours(ids)
     assert (actual - expected).abs().max().item() <= 1e-4
-
-
-def _tiny_hf_gemma3(tmp_path):
-    config = transformers.Gemma3TextConfig(
-        vocab_size=262144, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=256,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    reference = transformers.Gemma3ForCausalLM(config).eval()
-    with torch.no_grad():  # HF inits norm weights to zero; make them matter
-        for name, parameter in reference.named_parameters():
-            if "norm" in name:
-                parameter.normal_(0.0, 0.3)
-    reference.save_pretrained(tmp_path)
-    shutil.copy(embedded_gemma_folder() / "tokenizer.json", tmp_path / "tokenizer.json")
-    return reference
-
-
-def test_gemma3_logits_match_hf_across_the_sliding_window(tmp_path):
-    reference = _tiny_hf_gemma3(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["sliding_window"] == 5
-    ours = load_model(str(tmp_path)).model
-    assert [layer.self_attn.window for layer in ours.model.layers] == [5, 5, None, 5]
-    ids = _tokens(262144, 24)  # far longer than the window
-    with torch.no_grad():
-        expected = reference(ids).logits
-        actual = ours(ids)
-    assert (actual - expected).abs().max().item() <= 1e-4
-    # The window matters: without it the logits would differ (so this test can catch a wrong mask).
-    for layer in ours.model.layers:
-        layer.self_attn.window = None
-    with torch.no_grad():
-        assert (ours(ids) - expected).abs().max().item() > 1e-3
 
 
 def test_chapter_pth_round_trip(tmp_path):

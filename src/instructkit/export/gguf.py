@@ -103,7 +103,7 @@ def _write(loaded: LoadedModel, style: PromptStyle, path: Path, quant: str) -> N
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hyperparameters(writer, config)
     _add_tokenizer(writer, loaded, style)
-    state = family.to_gguf({name: tensor.detach().float() for name, tensor in loaded.model.state_dict().items()})
+    state = family.to_gguf({name: tensor.detach().float() for name, tensor in loaded.model.state_dict().items()}, config)
     for name, tensor in state.items():
         array = tensor.numpy()
         if array.ndim < 2 or quant == "f32":  # norms, biases and other vectors stay F32

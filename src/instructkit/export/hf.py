@@ -32,7 +32,7 @@ def write_hf(loaded: LoadedModel, style: PromptStyle, folder: Path) -> list[Path
 
     model, tokenizer = loaded.model, loaded.tokenizer
     family = family_of(model.config.family)
-    state = family.to_hf({name: tensor.detach().float() for name, tensor in model.state_dict().items()})
+    state = family.to_hf({name: tensor.detach().float() for name, tensor in model.state_dict().items()}, model.config)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     config = {**family.hf_config(model.config), "bos_token_id": special["bos"] if special["bos"] is not None else special["eos"],

@@ -144,8 +144,10 @@ def attend(
     window: int | None,
     scale: float,
     default_positions: bool,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with GQA, optional cache and sliding window. Returns (B, H, T, D).
+    """Scaled dot-product attention with GQA, optional cache, sliding window and logit
+    soft-capping (Gemma 2). Returns (B, H, T, D).
 
     `default_positions` says positions are 0..T-1 in every row, so a plain causal mask is exact."""
     steps = q.shape[2]
@@ -155,7 +157,7 @@ def attend(
         cache.values.index_copy_(2, slot, v)
         k, v = cache.keys, cache.values  # (B, H_kv, capacity, D)
         mask = attention_mask(positions, kv_cache.positions, kv_cache.valid, window)  # (B, 1, T, capacity)
-        if kv_cache.one_query_kernel:  # a static step has one new token a row (KVCache.reserve)
+        if kv_cache.one_query_kernel and softcap is None:  # a static step has one new token a row (KVCache.reserve)
             # SDPA's CPU kernel spends ~60 us a call on set-up for ~10 us of work at one query,
             # and computes the unfilled slots it then masks; ours skips both.
             return torch.ops.instructkit_native.one_query_attention(q, k, v, mask[:, 0, 0], scale)
@@ -183,8 +185,28 @@ def attend(
     # Grouped-query attention: SDPA shares each K/V head across H / H_kv query heads itself,
     # which on a CPU is ~15x faster at decode time than repeating K and V.
     gqa = q.shape[1] != k.shape[1]
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, cache is None or steps > 1, scale, softcap)
     if mask is None:
         causal = cache is None or steps > 1  # one cached query sees all keys: not the top-left causal corner
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          causal: bool, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with scores soft-capped before the softmax (cap * tanh(scores / cap)), which SDPA
+    cannot do: written out, as transformers' eager Gemma 2 attention is. q (B, H, Tq, D), k and v
+    (B, H_kv, Tk, D), mask (B, 1, Tq, Tk) or None (causal, bottom-right aligned, or everything)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and causal:
+        queries, keys = scores.shape[-2:]
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - queries)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).type_as(q) @ v

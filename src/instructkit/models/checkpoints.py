@@ -1,10 +1,9 @@
 """The one place that knows checkpoint formats and their parameter names.
 
-Supported: HF GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored (in, out)), the book's chapter
-`GPTModel` `.pth` state dicts, HF Gemma 3 (`Gemma3ForCausalLM`, names identical to ours), and
-GGUF tensors of the `gemma3` and `gpt2` architectures (dequantized elsewhere). Every converter
-returns a state dict in our names; `materialize` then checks names and shapes and stops
-with one line naming the first missing, unexpected or mis-shaped tensor.
+Here: HF GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored (in, out)), the book's chapter
+`GPTModel` `.pth` state dicts, GPT-2's GGUF names, reading safetensors files, and `materialize`,
+which checks names and shapes and stops with one line naming the first missing, unexpected or
+mis-shaped tensor. The other families' names are in weight_maps.py, driven by their table entry.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from pathlib import Path
 import torch
 
 from instructkit.errors import UserError
-from instructkit.models.gemma3 import Gemma3Config
 from instructkit.models.gpt2 import GPT2_PRESETS, GPT2Config
 
 # HF GPT-2 stores these as Conv1D (in, out); nn.Linear wants (out, in).
@@ -131,72 +129,10 @@ def _gpt2_from_chapter(state: dict[str, torch.Tensor], source: str) -> tuple[GPT
     return config, ours
 
 
-def gemma3_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    ours = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
-        # Multimodal checkpoints nest the text model one level deeper.
-        name = name.replace("model.language_model.", "model.")
-        ours[name] = tensor
-    return ours
-
-
-def gemma3_config_from_hf(config: dict) -> Gemma3Config:
-    config = config.get("text_config", config)
-    rope = config.get("rope_parameters") or {}
-    defaults = Gemma3Config()
-    return Gemma3Config(
-        vocab_size=config["vocab_size"],
-        context_length=config.get("max_position_embeddings", defaults.context_length),
-        emb_dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config["num_key_value_heads"],
-        head_dim=config["head_dim"],
-        hidden_dim=config["intermediate_size"],
-        query_pre_attn_scalar=config.get("query_pre_attn_scalar", config["head_dim"]),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        sliding_window=config.get("sliding_window", defaults.sliding_window),
-        sliding_window_pattern=config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6)),
-        rope_base_global=rope.get("full_attention", {}).get("rope_theta", config.get("rope_theta", defaults.rope_base_global)),
-        rope_base_local=rope.get("sliding_attention", {}).get("rope_theta", config.get("rope_local_base_freq", defaults.rope_base_local)),
-        layer_types=tuple(config["layer_types"]) if config.get("layer_types") else None,
-    )
-
-
-# GGUF tensor names -> ours. Gemma's GGUF norm weights hold (1 + w): llama.cpp's converter adds 1.
-_GGUF_GEMMA3_LAYER = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
 _GGUF_GPT2_LAYER = {
     "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
     "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
 }
-
-
-def gemma3_from_gguf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    ours = {}
-    for name, tensor in tensors.items():
-        if name == "token_embd.weight":
-            ours["model.embed_tokens.weight"] = tensor
-        elif name == "output_norm.weight":
-            ours["model.norm.weight"] = tensor - 1.0
-        elif name == "output.weight":
-            continue  # tied
-        elif m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name):
-            target = _GGUF_GEMMA3_LAYER.get(m.group(2))
-            if target is None:
-                raise UserError(f"GGUF tensor {name!r} is not part of the Gemma 3 architecture")
-            is_norm = m.group(2).endswith("norm")
-            ours[f"model.layers.{m.group(1)}.{target}.weight"] = tensor - 1.0 if is_norm else tensor
-        else:
-            raise UserError(f"GGUF tensor {name!r} is not part of the Gemma 3 architecture")
-    return ours
 
 
 def gpt2_from_gguf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,12 +166,52 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the weights are damaged") from None
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def iter_safetensors_fp32(path: Path):
+    """(name, fp32 tensor) for each tensor of a safetensors file, read one at a time with plain
+    file reads: a bf16 checkpoint of N parameters costs the N fp32 values plus one tensor's bytes,
+    never the whole file beside its fp32 copy (a memory map would keep the pages it read)."""
+    import json
+    import struct
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the model folder is incomplete")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            if header_size > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(file.read(header_size))
+            start = 8 + header_size
+            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0] if item[0] != "__metadata__" else -1):
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if start + end > size:
+                    raise ValueError(f"tensor {name!r} ends past the end of the file")
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                file.seek(start + begin)
+                raw = bytearray(end - begin)
+                file.readinto(raw)
+                tensor = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw else torch.empty(info["shape"], dtype=dtype)
+                yield name, tensor.float() if tensor.is_floating_point() else tensor
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UserError(f"{path}: not a complete safetensors file ({size:,} bytes; {type(exc).__name__}: {exc}); "
+                        "the weights are damaged") from None
+
+
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """Stop with one line at the first missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
+    tied = getattr(model.config, "tie_embeddings", True)
     for name, tensor in expected.items():
         if name not in state:
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and tied:
                 continue  # tied to the token embedding
             raise UserError(f"{source}: missing tensor {name!r} (is this checkpoint for a different model?)")
         if tuple(state[name].shape) != tuple(tensor.shape):
@@ -270,7 +246,8 @@ def materialize(build, config, state: dict[str, torch.Tensor], source: str | Pat
     with skip_weight_init():
         model = build(config)
     check_state(model, state, source)
-    state = {name: tensor.float() for name, tensor in state.items() if name != "lm_head.weight"}
+    tied = getattr(config, "tie_embeddings", True)
+    state = {name: tensor.float() for name, tensor in state.items() if not (tied and name == "lm_head.weight")}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
@@ -283,56 +260,12 @@ def gpt2_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, tensor in state.items() if name != "lm_head.weight"}
 
 
-def gemma3_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF Gemma3ForCausalLM names are ours; the head is tied (not stored)."""
-    return {name: tensor.contiguous() for name, tensor in state.items() if name != "lm_head.weight"}
-
-
 def gpt2_hf_config(config: GPT2Config) -> dict:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
             "n_positions": config.context_length, "n_ctx": config.context_length, "n_embd": config.emb_dim,
             "n_layer": config.n_layers, "n_head": config.n_heads, "n_inner": None, "activation_function": "gelu_new",
             "resid_pdrop": config.drop_rate, "embd_pdrop": config.drop_rate, "attn_pdrop": config.drop_rate,
             "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": True, "torch_dtype": "float32"}
-
-
-def gemma3_hf_config(config: Gemma3Config) -> dict:
-    """A Gemma3ForCausalLM config that transformers 4.5x (rope_theta, rope_local_base_freq,
-    sliding_window_pattern) and 5.x (rope_parameters, layer_types) both read."""
-    layer_types = [("sliding_attention" if config.is_sliding(i) else "full_attention") for i in range(config.n_layers)]
-    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": config.vocab_size,
-            "hidden_size": config.emb_dim, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layers,
-            "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": config.context_length,
-            "rms_norm_eps": config.rms_norm_eps,
-            # transformers' strict config wants an int where the value is whole (256, not 256.0).
-            "query_pre_attn_scalar": int(config.query_pre_attn_scalar) if float(config.query_pre_attn_scalar).is_integer()
-            else config.query_pre_attn_scalar,
-            "sliding_window": config.sliding_window, "sliding_window_pattern": config.sliding_window_pattern,
-            "layer_types": layer_types, "rope_theta": config.rope_base_global, "rope_local_base_freq": config.rope_base_local,
-            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": config.rope_base_global},
-                                "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_base_local}},
-            "attention_bias": False, "attention_dropout": 0.0, "final_logit_softcapping": None,
-            "attn_logit_softcapping": None, "tie_word_embeddings": True, "torch_dtype": "float32"}
-
-
-def gemma3_to_gguf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GGUF names, with every norm stored as 1 + w (llama.cpp multiplies by the stored value)."""
-    ours_to_gguf = {ours: gguf for gguf, ours in _GGUF_GEMMA3_LAYER.items()}
-    out = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue
-        if name == "model.embed_tokens.weight":
-            out["token_embd.weight"] = tensor
-        elif name == "model.norm.weight":
-            out["output_norm.weight"] = tensor + 1.0
-        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name):
-            gguf = ours_to_gguf[m.group(2)]
-            out[f"blk.{m.group(1)}.{gguf}.weight"] = tensor + 1.0 if gguf.endswith("norm") else tensor
-        else:
-            raise ValueError(f"no GGUF name for {name}")
-    return out
 
 
 def gpt2_to_gguf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

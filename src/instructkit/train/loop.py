@@ -42,7 +42,9 @@ def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: t
     inputs, targets: (B, T). hidden: (B, T, C) -> selected (N, C) -> loss (). `model` may be a
     DDP / FSDP wrapper: the forward pass goes through it, the head is read from the model inside."""
     head = unwrap(model).lm_head
-    plain = type(head) is not torch.nn.Linear or head.bias is not None  # a wrapped head: the plain way
+    # A wrapped head (LoRA, quantized) or one that is more than the linear map (Gemma 2's soft cap):
+    # the plain way, through the model's own head.
+    plain = type(head) is not torch.nn.Linear or head.bias is not None or not getattr(unwrap(model), "plain_head", True)
     sharded = is_sharded(model)
     # Made before the forward pass, so that its backward runs after the embedding lookup's (see
     # _HeadGradientLast): only when the tied weight trains.
