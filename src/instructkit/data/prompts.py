@@ -104,9 +104,10 @@ class PromptStyle:
         return tokenizer.eos_id
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
-        """Tokens that end generation: the style's end token and the tokenizer's EOS (a model may
-        write either)."""
-        return sorted({tokenizer.eos_id, self.end_token_id(tokenizer)})
+        """Tokens that end generation: the style's end token and every end-of-sequence token of the
+        tokenizer (a model may write any: Llama 3 Instruct ends turns with <|eot_id|> and text with
+        <|end_of_text|>)."""
+        return sorted({*tokenizer.eos_ids, self.end_token_id(tokenizer)})
 
     def training_text(self, record: dict) -> str:
         return self.prompt(record) + record["output"]

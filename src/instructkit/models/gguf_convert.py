@@ -13,14 +13,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from instructkit.errors import UserError
-from instructkit.models.families import family_for_gguf_arch, family_of
+from instructkit.models.families import FAMILIES, family_for_gguf_arch, family_of
 from instructkit.models.gpt2 import GPT2Config
 from instructkit.models.gguf_tokenizer import _array, _field, special_token_names, tokenizer_from_gguf
 
@@ -47,17 +48,63 @@ def dequantized_tensors(reader) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# What llama.cpp's implementation of each architecture reads from a GGUF and what it fixes ----------
+@dataclass(frozen=True)
+class LlamaCppArch:
+    """One row of what llama.cpp (as in llama-cpp-python 0.3.36) does with a GGUF architecture,
+    learnt from its source and by probing (shared/FINDINGS.md): export/gguf.py writes by it, and
+    `config_from_gguf` reads by it, so both sides agree on what a GGUF leaves unsaid."""
+
+    # Sliding windows: `attention.sliding_window` and a per-layer `attention.sliding_window_pattern`
+    # (bools). Without them llama.cpp runs every layer over the whole context.
+    windows: bool = False
+    # A separate RoPE base on sliding layers (`rope.freq_base_swa`) and llama.cpp's default for it.
+    local_rope_base: float | None = None
+    attn_softcap: bool = False  # attn_logit_softcapping
+    final_softcap: bool = False  # final_logit_softcapping
+    rope_freqs: bool = False  # a `rope_freqs` tensor of per-frequency divisors (Llama 3's scaling)
+    longrope: bool = False  # `rope_factors_long` / `rope_factors_short` (Phi-3)
+    # `rope.dimension_count` below key_length (most graphs assert they are equal, aborting the process)
+    partial_rotary: bool = False
+    output_required: bool = False  # no tied head: `output.weight` must be present
+    # llama.cpp scales queries by 1 / sqrt(head_dim) and reads no key for it; where it derives
+    # another value from the shape: (layers, hidden size, heads, head_dim) -> what it takes the
+    # inverse square root of (our query_pre_attn_scalar).
+    query_scalar: Callable[[int, int, int, int], float] | None = None
+
+    def llama_cpp_query_scalar(self, layers: int, hidden: int, heads: int, head_dim: int) -> float:
+        return head_dim if self.query_scalar is None else self.query_scalar(layers, hidden, heads, head_dim)
+
+
+def _gemma_query_scalar(layers_of_27b: int) -> Callable[[int, int, int, int], float]:
+    """llama.cpp's Gemma 2 / 3 rule: 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 27B's
+    layer count (after google/gemma_pytorch's configs)."""
+    return lambda layers, hidden, heads, head_dim: hidden / heads if layers == layers_of_27b else head_dim
+
+
+LLAMA_CPP: dict[str, LlamaCppArch] = {
+    "llama": LlamaCppArch(rope_freqs=True),
+    "qwen2": LlamaCppArch(),
+    "qwen3": LlamaCppArch(),
+    "phi3": LlamaCppArch(longrope=True, partial_rotary=True),
+    "gemma2": LlamaCppArch(windows=True, attn_softcap=True, final_softcap=True, partial_rotary=True,
+                           query_scalar=_gemma_query_scalar(46)),
+    "gemma3": LlamaCppArch(windows=True, local_rope_base=10_000.0, final_softcap=True, partial_rotary=True,
+                           query_scalar=_gemma_query_scalar(62)),
+    "olmo2": LlamaCppArch(output_required=True),
+}
+
+
 def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
     """The model config from a GGUF's metadata: llama.cpp's `{arch}.*` keys are read into the
     shape of an HF config.json and go through the family's own reader (families.py), so windows,
-    RoPE and norms are decided in one place. What a GGUF leaves out comes from the architecture
-    (Gemma 3: a global layer every 6th, local RoPE base 10,000, FINDINGS.md)."""
-    arch = _field(reader, "general.architecture")
+    RoPE and norms are decided in one place. What a GGUF leaves out is what llama.cpp assumes for
+    the architecture (LLAMA_CPP; Gemma 3: a global layer every 6th, a local RoPE base of 10,000)."""
+    arch = str(_field(reader, "general.architecture"))
     vocab = int(tensors["token_embd.weight"].shape[0]) if "token_embd.weight" in tensors else len(_array(reader, "tokenizer.ggml.tokens"))
 
     def key(name: str, default=None):
-        value = _field(reader, f"{arch}.{name}", default)
-        return value
+        return _field(reader, f"{arch}.{name}", default)
 
     if arch == "gpt2":
         return GPT2Config(
@@ -65,9 +112,11 @@ def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
             n_layers=int(key("block_count")), n_heads=int(key("attention.head_count")),
             layer_norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
         )
-    family = family_for_gguf_arch(str(arch), str(path))
+    family = family_for_gguf_arch(arch, str(path))
+    llama_cpp = LLAMA_CPP.get(arch, LlamaCppArch())
     heads = int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", int(key("embedding_length")) // heads))
+    output = tensors.get("output.weight")
     hf = {
         "vocab_size": vocab, "max_position_embeddings": int(key("context_length")),
         "hidden_size": int(key("embedding_length")), "num_hidden_layers": int(key("block_count")),
@@ -75,20 +124,33 @@ def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
         "num_key_value_heads": int(key("attention.head_count_kv", heads)), "head_dim": head_dim,
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(key("rope.freq_base", 10_000.0)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "attn_logit_softcapping": key("attn_logit_softcapping"), "final_logit_softcapping": key("final_logit_softcapping"),
+        # A head written out that equals the embedding is a tied one (archs that require the tensor).
+        "tie_word_embeddings": output is None or (output.shape == tensors["token_embd.weight"].shape
+                                                  and torch.equal(output, tensors["token_embd.weight"])),
     }
+    if llama_cpp.query_scalar is not None:
+        hf["query_pre_attn_scalar"] = llama_cpp.query_scalar(hf["num_hidden_layers"], hf["hidden_size"], heads, head_dim)
+    if llama_cpp.attn_softcap:
+        hf["attn_logit_softcapping"] = key("attn_logit_softcapping")
+    if llama_cpp.final_softcap:
+        hf["final_logit_softcapping"] = key("final_logit_softcapping")
+    if llama_cpp.local_rope_base is not None:
+        hf["rope_local_base_freq"] = float(key("rope.freq_base_swa", llama_cpp.local_rope_base))
     window = key("attention.sliding_window")
     if window:
         hf.update(sliding_window=int(window), use_sliding_window=True, max_window_layers=0)
+        pattern = key("attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # per layer; a scalar (or none) leaves the family's default
+            hf["layer_types"] = ["sliding_attention" if bool(p) else "full_attention" for p in pattern]
     rotary = key("rope.dimension_count")
     if rotary and int(rotary) != head_dim:
         hf["partial_rotary_factor"] = int(rotary) / head_dim
-    if arch in ("gemma2", "gemma3"):  # llama.cpp scales queries by 1/sqrt(head_dim) for these
-        hf.update(query_pre_attn_scalar=head_dim, rope_local_base_freq=10_000.0)
     if key("rope.scaling.type") == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     config = family.config_from_hf(hf)
+    if window and config.sliding_window is None:  # llama.cpp's `llama` is Llama and Mistral: the one with windows
+        config = next((c for c in (f.config_from_hf(hf) for f in FAMILIES.values() if f.gguf_arch == arch)
+                       if c.sliding_window is not None), config)
     if "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
         config = replace(config, rope_scaling={"rope_type": "factors", "factors": tensors["rope_freqs.weight"].tolist()})
     if "rope_factors_long.weight" in tensors:  # Phi-3's longrope
@@ -117,7 +179,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
         tokenizer.save(str(staging / "tokenizer.json"))
         (staging / "model.json").write_text(json.dumps({"family": config.family, "config": asdict(config)}, indent=2))
         (staging / "tokenizer_ref.json").write_text(
-            json.dumps({"kind": "tokenizer.json", "file": "tokenizer.json", **special_token_names(reader)}, indent=2)
+            json.dumps({"kind": "tokenizer.json", "file": "tokenizer.json", **special_token_names(reader, path)}, indent=2)
         )
         (staging / "source.json").write_text(json.dumps({"gguf": str(path), "size": path.stat().st_size}, indent=2))
         if out_dir.exists():

@@ -29,7 +29,7 @@ from instructkit.models import checkpoints, weight_maps
 from instructkit.models.transformer import TransformerConfig
 from instructkit.models.families import FAMILIES, family_for_hf_model_type, family_of
 from instructkit.models.gpt2 import GPT2
-from instructkit.models.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_json
+from instructkit.models.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_hf_folder, tokenizer_from_json
 
 EMBEDDED_DEFAULT = "gemma-3-270m"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -92,7 +92,8 @@ def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
         return tokenizer_from_ref(json.loads((folder / "tokenizer_ref.json").read_text()), folder)
     if ref["kind"] == "tokenizer.json":
         file = Path(ref["file"]) if folder is None else folder / ref["file"]
-        return tokenizer_from_json(file, eos=ref["eos"], pad=ref["pad"], bos=ref.get("bos"), name=ref.get("name", file.parent.name))
+        return tokenizer_from_json(file, eos=ref["eos"], pad=ref["pad"], bos=ref.get("bos"), name=ref.get("name", file.parent.name),
+                                   eos_extra=ref.get("eos_extra", ()))
     raise UserError(f"unknown tokenizer reference {ref!r}")
 
 
@@ -111,7 +112,9 @@ def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict)
         if Path(tokenizer_ref["file"]).resolve() != (folder / "tokenizer.json").resolve():
             atomic_copy(tokenizer_ref["file"], folder / "tokenizer.json")
         tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    tied = getattr(model.config, "tie_embeddings", True)  # an untied head (Llama, Phi-3, ...) is its own tensor
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+             if not (tied and name == "lm_head.weight")}
     atomic_write_with(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     checksum = sha256_of_file(folder / WEIGHTS)
     _record_verified(folder, checksum)  # the file was just hashed: its first load need not hash it again
@@ -262,20 +265,8 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
         return LoadedModel(model.eval(), gpt2_tokenizer(), name, {"kind": "gpt2"})
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder}: no tokenizer.json beside the weights")
-    tokenizer, ref = _tokenizer_from_hf_folder(folder)
+    tokenizer, ref = tokenizer_from_hf_folder(folder)
     return LoadedModel(model.eval(), tokenizer, name, ref)
-
-
-def _tokenizer_from_hf_folder(folder: Path):  # TEMPORARY until tokenizer.tokenizer_from_hf_folder lands
-    settings = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-
-    def text(value):
-        return value.get("content") if isinstance(value, dict) else value
-
-    eos = text(settings.get("eos_token"))
-    ref = {"kind": "tokenizer.json", "file": str((folder / "tokenizer.json").resolve()), "eos": eos,
-           "pad": text(settings.get("pad_token")) or eos, "bos": text(settings.get("bos_token")) if settings.get("add_bos_token") else None}
-    return tokenizer_from_ref(ref), ref
 
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",

