@@ -55,10 +55,13 @@ def test_token_ids_equal_llama_cpp(gemma, reference_vocab, chapter_data_path):
     mismatches = []
     for text in texts:
         expected = reference_vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        has_bos = text.startswith("<bos>")
+        if has_bos:  # llama.cpp adds a second BOS to a text that starts with one (and warns); we never do
+            expected = expected[1:]
         actual = gemma.tokenizer.encode(text)
         if actual != expected:
             mismatches.append((text, actual, expected))
-        assert gemma.tokenizer.decode(actual[1:]) == text
+        assert gemma.tokenizer.decode(actual if has_bos else actual[1:]) == text
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, first: {mismatches[0]!r}"
 
 
