@@ -51,6 +51,9 @@ class PromptStyle:
     turn_separator: str = "\n\n"
     # Where a system message goes: inside the first user turn (Gemma) or before everything.
     system_in_first_turn: bool = False
+    # What surrounds a system message's text (ChatML gives it a turn of its own).
+    system_prefix: str = ""
+    system_suffix: str = "\n\n"
     # Text that ends an answer when a model goes on with another turn instead of its end token
     # (chat, serving, and the stop lists that export writes for llama.cpp and Ollama).
     stop_strings: tuple[str, ...] = ()
@@ -84,16 +87,19 @@ class PromptStyle:
             if turn["role"] != expected:
                 raise UserError(f"message {index + len(system)} has role {turn['role']!r}; expected {expected!r} "
                                 "(user and assistant messages alternate, starting with user)")
-        text = system[0] + "\n\n" if system and system[0] and not self.system_in_first_turn else ""
+        text = self.system_text(system[0]) if system and system[0] and not self.system_in_first_turn else ""
         for index, turn in enumerate(turns):
             if turn["role"] == "assistant":
                 text += turn["content"] + self.turn_separator
                 continue
             content = turn["content"]
             if index == 0 and system and system[0] and self.system_in_first_turn:
-                content = system[0] + "\n\n" + content
+                content = self.system_text(system[0]) + content
             text += self.prompt({"instruction": content})
         return text
+
+    def system_text(self, system: str) -> str:
+        return self.system_prefix + system + self.system_suffix
 
     def end_token_id(self, tokenizer: Tokenizer) -> int:
         """The token that ends a response: the style's marker if the tokenizer has it, else EOS."""
@@ -154,7 +160,20 @@ GEMMA = PromptStyle(
     stop_strings=("<end_of_turn>", "<start_of_turn>"),
 )
 
-PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA)}
+# ChatML (SmolLM2, Qwen): every message a turn of its own, the system message included.
+CHATML = PromptStyle(
+    name="chatml",
+    instruction_prefix="<|im_start|>user\n",
+    input_prefix="\n\n",
+    response_prefix="<|im_end|>\n<|im_start|>assistant\n",
+    end_marker="<|im_end|>",
+    turn_separator="<|im_end|>\n",
+    system_prefix="<|im_start|>system\n",
+    system_suffix="<|im_end|>\n",
+    stop_strings=("<|im_end|>", "<|im_start|>"),
+)
+
+PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA, CHATML)}
 
 
 def get_prompt_style(name: str) -> PromptStyle:

@@ -68,6 +68,10 @@ class LoadedModel:
 
     @property
     def default_prompt_style(self) -> str:
+        """A tokenizer made for ChatML (SmolLM2, Qwen: it has <|im_start|> and <|im_end|>) gets
+        ChatML; otherwise the family's default."""
+        if self.tokenizer.token_id("<|im_start|>") is not None and self.tokenizer.token_id("<|im_end|>") is not None:
+            return "chatml"
         return family_of(self.model.config.family).default_prompt_style
 
 
