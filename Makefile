@@ -14,8 +14,12 @@ PIP := $(BIN)/python -m pip
 # The main job's data: the built-in verifiable dataset (offline, exactly scored). For the
 # chapter's data: make run DATA=../shared/data/instruction-data.json (or DATA=chapter7 online).
 DATA ?= builtin
-# The run folder is named after the data (runs/builtin, runs/instruction-data) unless RUN_DIR is set,
-# so runs on different data never share a folder.
+# The model: the recipe's (Gemma 3 270M, embedded) unless MODEL is set, e.g. MODEL=smollm2-135m-instruct
+# (also offline) or any --model spec (a Hugging Face folder or id, a .gguf file).
+MODEL ?=
+# The run folder is named after the data and a MODEL other than the default (runs/builtin,
+# runs/instruction-data, runs/builtin-smollm2-135m-instruct) unless RUN_DIR is set, so runs on
+# different data or models never share a folder.
 RUN_DIR ?=
 # On the chapter's data, the report compares our test responses with the book's own gpt2-medium
 # responses (the chapter's instruction-data-with-response.json, beside the data file).
@@ -52,7 +56,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(BIN)/instructkit run --data "$(DATA)" $(if $(RUN_DIR),--out "$(RUN_DIR)") \
+	$(BIN)/instructkit run --data "$(DATA)" $(if $(MODEL),--model "$(MODEL)") $(if $(RUN_DIR),--out "$(RUN_DIR)") \
 		$(if $(BASELINE),--baseline "$(BASELINE)" --baseline-label "the book's gpt2-medium")
 
 test: $(VENV)/.installed-test

@@ -31,6 +31,9 @@ def test_default_run_folders_follow_the_data():
     assert default_run_dir("../shared/data/instruction-data.json") == "runs/instruction-data"
     assert default_run_dir("https://host/x/alpaca_data.json") == "runs/alpaca_data"
     assert default_run_dir("chapter7") == "runs/chapter7"
+    assert default_run_dir("builtin", model="gemma-3-270m") == "runs/builtin"  # the default model
+    assert default_run_dir("builtin", model="smollm2-135m-instruct") == "runs/builtin-smollm2-135m-instruct"
+    assert default_run_dir("builtin", model="/models/Qwen2.5-0.5B/") == "runs/builtin-Qwen2.5-0.5B"
 
 
 def test_resume_refuses_other_settings_and_changed_data(chapter_data_path, tmp_path):

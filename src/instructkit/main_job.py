@@ -69,7 +69,7 @@ class MainJob:
                 chosen.update(typed)
         if "lora_rank" in chosen and "lr" not in chosen:
             values["lr"] = peak_lr(values["lora_rank"])
-        values.setdefault("out", default_run_dir(values["data"]))
+        values.setdefault("out", default_run_dir(values["data"], model=values.get("model")))
         return TrainConfig.from_dict(values).validate()
 
     def chosen_beams(self) -> int:

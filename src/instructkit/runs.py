@@ -108,7 +108,16 @@ class RunFolder:
 
     # State ---------------------------------------------------------------------------------
     def has_config(self) -> bool:
-        return self.config_file.exists()
+        """Whether the folder holds a run: its config.json is the run's settings. A Hugging Face
+        model folder (one saved by transformers, or our HF export) has a config.json too, the
+        model's, with its "model_type": that folder is a model to load, not a run."""
+        if not self.config_file.exists():
+            return False
+        try:
+            values = json.loads(self.config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return True  # a damaged run config: config() says so in one line
+        return not (isinstance(values, dict) and "model_type" in values)
 
     def has_model(self) -> bool:
         return all((self.path / name).exists() for name in MODEL_FILES)
@@ -197,7 +206,8 @@ class RunFolder:
 
 def _style_problem(style: PromptStyle) -> str | None:
     """What is wrong with the field types of a prompt style read from a file, or None."""
-    for name in ("name", "instruction_prefix", "input_prefix", "response_prefix", "turn_separator"):
+    for name in ("name", "instruction_prefix", "input_prefix", "response_prefix", "turn_separator", "system_prefix",
+                 "system_suffix"):
         if not isinstance(getattr(style, name), str):
             return f"{name!r} must be a string"
     if style.end_marker is not None and not isinstance(style.end_marker, str):
@@ -209,10 +219,15 @@ def _style_problem(style: PromptStyle) -> str | None:
     return None
 
 
-def default_run_dir(data: str, root: str = "runs") -> str:
-    """A run folder named after the data (runs/builtin, runs/instruction-data), so runs on
-    different data never share a folder."""
+def default_run_dir(data: str, root: str = "runs", model: str | None = None) -> str:
+    """A run folder named after the data (runs/builtin, runs/instruction-data) and, for another
+    model than the default, the model too (runs/builtin-smollm2-135m-instruct), so runs on
+    different data or models never share a folder."""
+    from instructkit.models.registry import EMBEDDED_DEFAULT
+
     stem = Path(data.rstrip("/")).name if not data.startswith("builtin") else data
     stem = re.sub(r"\.(jsonl?|ndjson)$", "", stem, flags=re.IGNORECASE)
+    if model and model != EMBEDDED_DEFAULT:
+        stem += "-" + Path(model.rstrip("/")).name.removesuffix(".gguf")
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "run"
     return str(Path(root) / stem)
