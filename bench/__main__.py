@@ -1,9 +1,10 @@
 """`python -m bench [SUITE ...] [--quick]`: run benchmark suites, print tables, save JSON results.
 
-Suites: peak, train, generate, quantized (generate's quantized-decoding rows alone), kernels (batch-1
+Suites: peak, train, generate, quantized (generate's quantized-decoding rows, then startup), startup (chat's default
+start timed: the decode step compiled in the background from an empty compile cache and from a filled one), kernels (batch-1
 matmuls by weight format and kernel, behind quantized), smoothing (a rejected int8-MLP candidate,
 measured on validation prompts), load, quality,
-export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), kernels, smoothing,
+export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), startup, kernels, smoothing,
 recipes (six fine-tunings, 35 to 70 minutes, to choose the chapter-data recipe on validation responses) and decoding
 (the test responses' decoding, chosen on the validation split of a finished main job: --run). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
@@ -14,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "quantized", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding")
+SUITES = ("peak", "train", "generate", "quantized", "startup", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "kernels", "smoothing")],
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import generate
 
         results["quantized"] = generate.quantized_decoding(args.quick, args.repeats or (1 if args.quick else 3))
+    if "quantized" in args.suites or "startup" in args.suites:
+        from bench import startup
+
+        results["startup"] = startup.run(args.quick, repeats=args.repeats)
     if "kernels" in args.suites:
         from bench import kernels
 

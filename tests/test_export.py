@@ -187,8 +187,6 @@ def test_export_refuses_bad_requests_with_one_line(tiny_runs, tmp_path):
         (["--run", str(tiny_runs["tiny-gpt2"]), "--format", "gguf", "--quant", "q3_x", "--out", str(tmp_path / "b")],
          "--quant 'q3_x' is not one of f32, f16, q8_0, q4_k_m"),
         (["--run", str(tiny_runs["tiny-gpt2"]), "--format", "onnx", "--out", str(tmp_path / "c")], "--format 'onnx'"),
-        (["--run", str(tiny_runs["tiny-gemma3"]), "--format", "gguf", "--out", str(tmp_path / "d")],
-         "differs from what llama.cpp assumes"),
     ]
     for args, words in cases:
         result = run_cli("export", *args)
@@ -266,7 +264,10 @@ def test_gguf_tokenization_equals_ours(gemma_exports, chapter_data_path):
     texts = corpus(chapter_data_path)
     assert len(texts) >= 200
     for text in texts:
-        assert vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True) == loaded.tokenizer.encode(text), text
+        expected = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        if text.startswith("<bos>"):  # llama.cpp adds a second BOS to a text that has one (and warns); we never do
+            expected = expected[1:]
+        assert expected == loaded.tokenizer.encode(text), text
 
 
 def test_gguf_logits_agree_with_ours_for_every_quant(gemma_exports):
@@ -289,11 +290,11 @@ def test_gguf_logits_agree_with_ours_for_every_quant(gemma_exports):
 
 def test_gguf_with_unshifted_norms_is_caught(gemma_run, tmp_path, monkeypatch):
     """Negative control: the comparison above fails for a GGUF whose norms lack llama.cpp's + 1."""
-    from instructkit.models import checkpoints, families
+    from instructkit.models import families, weight_maps
 
-    broken = dataclasses.replace(families.FAMILIES["gemma3"], to_gguf=lambda state: {
+    broken = dataclasses.replace(families.FAMILIES["gemma3"], to_gguf=lambda state, config: {
         name: (tensor - 1.0 if name.endswith("norm.weight") else tensor)
-        for name, tensor in checkpoints.gemma3_to_gguf(state).items()})
+        for name, tensor in weight_maps.to_gguf(families.GEMMA3, state, config).items()})
     monkeypatch.setitem(families.FAMILIES, "gemma3", broken)
     loaded = load_model(str(gemma_run))
     path = export_model(loaded, get_prompt_style("gemma"), "gguf", tmp_path / "broken", quant="f32").files[0]

@@ -108,16 +108,18 @@ class RunFolder:
 
     # State ---------------------------------------------------------------------------------
     def has_config(self) -> bool:
-        """Whether the folder holds a run: its config.json is the run's settings. A Hugging Face
-        model folder (one saved by transformers, or our HF export) has a config.json too, the
-        model's, with its "model_type": that folder is a model to load, not a run."""
-        if not self.config_file.exists():
-            return False
+        """Whether the folder holds a run: its config.json is the run's settings, not a model's
+        (see holds_hf_model)."""
+        return self.config_file.exists() and not self.holds_hf_model()
+
+    def holds_hf_model(self) -> bool:
+        """A Hugging Face model folder (saved by transformers, or our HF export): its config.json
+        is the model's, with a "model_type". It is a model to load, and no place to write a run."""
         try:
             values = json.loads(self.config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return True  # a damaged run config: config() says so in one line
-        return not (isinstance(values, dict) and "model_type" in values)
+            return False  # none, or a damaged run config: config() says so in one line
+        return isinstance(values, dict) and "model_type" in values
 
     def has_model(self) -> bool:
         return all((self.path / name).exists() for name in MODEL_FILES)

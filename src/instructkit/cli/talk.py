@@ -8,11 +8,19 @@ from pathlib import Path
 
 from instructkit.cli.common import (NON_NEGATIVE_FLOAT, PORT, POSITIVE_INT, add_beam_options, add_device_options,
                                    add_run_or_model, add_split_options, env_secret, positive, set_threads)
-from instructkit.decode.load import TALK_QUANTIZE, source_of
+from instructkit.decode.load import COMPILE_MODES, TALK_COMPILE, TALK_QUANTIZE, source_of
 from instructkit.errors import UserError
 
-COMPILE_HELP = ("compile the decode step into one graph (torch.compile): faster tokens at batch 1 after a "
-                "first compile of ~10-30 s (docs/BENCHMARKS.md)")
+
+def _add_compile_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """--compile [WHEN] (background, now or off; alone: now, its older meaning) and --no-compile."""
+    parser.add_argument("--compile", nargs="?", const="now", default=default, choices=COMPILE_MODES, metavar="WHEN",
+                        help="when to compile the decode step into one graph (torch.compile; ~1.7x the int8 tokens/s at "
+                             "batch 1, docs/BENCHMARKS.md): background (answer eagerly at once, switch to the compiled step "
+                             "when a thread has made it), now (before the first answer; --compile alone) or off "
+                             f"(default: {default}). The compiled code is cached: only a machine's first start compiles "
+                             "for long (60-100 s)")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
 
 
 def _register_generate(subcommands) -> None:
@@ -29,7 +37,7 @@ def _register_generate(subcommands) -> None:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--quantize", default="none", help="low-precision decoding weights: none (default), fp16, int8, int4 or auto")
-    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    _add_compile_option(gen, "off")
     add_device_options(gen)
     gen.set_defaults(handler=cmd_generate)
 
@@ -42,7 +50,7 @@ def _talk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=TALK_QUANTIZE,
                         help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
                              "greedy answers within the agreement target, docs/BENCHMARKS.md)")
-    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    _add_compile_option(parser, TALK_COMPILE)
     add_device_options(parser)
 
 
@@ -97,7 +105,7 @@ def _register_respond(subcommands) -> None:
 def _decoding(args: argparse.Namespace) -> dict:
     """How to decode, as the one loader (decode/load.py) takes it."""
     return {"device": args.device, "precision": args.precision, "quantize": args.quantize,
-            "compile": getattr(args, "compile", False)}
+            "compile": getattr(args, "compile", "off")}
 
 
 def _load(args: argparse.Namespace, *, model: str | None = None, strict_style: bool = False,

@@ -300,7 +300,9 @@ class Decoder:
     def _forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens and positions (B,) -> logits (B, V), one slot further into `cache`."""
         tokens, positions = tokens[:, None].to(self.device), positions[:, None].to(self.device)
-        static_step = getattr(self.model, "static_step", None)  # instructkit.decode.static_decode.enable
+        # Read once a step: a step compiled in the background (decode/background.py) takes over
+        # between two steps, never inside one (static_decode.enable attaches it the same way).
+        static_step = getattr(self.model, "static_step", None)
         if static_step is not None:
             return static_step(tokens, positions, cache)
         hidden = self.model(tokens, positions=positions, cache=cache, return_hidden=True)

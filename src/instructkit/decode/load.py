@@ -27,6 +27,11 @@ from instructkit.runs import RunFolder
 # "auto" picks the mode measured fastest while greedy output stays within the agreement target
 # (decode/quantize.py auto_mode: int8 where FBGEMM exists, else exact fp32).
 TALK_QUANTIZE = "auto"
+# When the decode step is compiled (decode/static_decode.py): "background" answers eagerly at once and
+# switches to the compiled step when a thread has made it (decode/background.py; chat's and serve's
+# default), "now" compiles before the first answer (what --compile alone means), "off" never.
+COMPILE_MODES = ("background", "now", "off")
+TALK_COMPILE = "background"
 
 
 @dataclass
@@ -85,12 +90,22 @@ def quantize_loaded(loaded: LoadedModel, mode: str, *, shortlist: int | None = 3
     return loaded
 
 
+def compile_mode(compile: bool | str) -> str:
+    """--compile's value as one of COMPILE_MODES (True is "now", False "off": the older booleans)."""
+    mode = {True: "now", False: "off", None: "off"}.get(compile, compile)
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    return mode
+
+
 def prepare_for_decoding(loaded: LoadedModel, *, device: str = "cpu", precision: str = "fp32", quantize: str = "none",
-                         compile: bool = False) -> LoadedModel:
+                         compile: bool | str = False) -> LoadedModel:
     """Decoding weights made (CPU kernels only: "auto" means exact weights on a GPU), the model
-    put on `device` in `precision`, and with `compile` the decode step compiled."""
+    put on `device` in `precision`, and the decode step compiled as `compile` says (COMPILE_MODES;
+    True = "now")."""
     from instructkit.devices import place_for_inference, resolve_device
 
+    compile = compile_mode(compile)
     where = resolve_device(device, precision)
     if where.type != "cpu":
         if quantize not in ("none", "auto"):
@@ -98,18 +113,22 @@ def prepare_for_decoding(loaded: LoadedModel, *, device: str = "cpu", precision:
         quantize = "none"
     quantize_loaded(loaded, quantize)
     place_for_inference(loaded.model, where, precision)
-    if compile:
+    if compile == "now":
         from instructkit.decode import static_decode
 
-        print("Compiling the decode step (torch.compile; ~10 s, up to ~100 s the first time on a machine)...",
-              file=sys.stderr, flush=True)
+        print("Compiling the decode step (torch.compile; seconds from the compile cache, up to ~100 s the first time "
+              "on a machine)...", file=sys.stderr, flush=True)
         static_decode.enable(loaded.model)
+    elif compile == "background":
+        from instructkit.decode.background import compile_in_background
+
+        compile_in_background(loaded.model)
     return loaded
 
 
 def load_for_talk(*, run: str | Path | None = None, model: str | None = None, prompt_style: str | None = None,
                   strict_style: bool = False, device: str = "cpu", precision: str = "fp32", quantize: str = "none",
-                  compile: bool = False, command: str = "this command") -> Ready:
+                  compile: bool | str = False, command: str = "this command") -> Ready:
     """A model to generate with: loaded from its spec, decoding weights made, placed, compiled."""
     spec, folder = source_of(run, model, command)
     loaded = prepare_for_decoding(load_model(spec), device=device, precision=precision, quantize=quantize,

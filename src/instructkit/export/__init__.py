@@ -91,7 +91,7 @@ def export_model(loaded: LoadedModel, style: PromptStyle, fmt: str, out: Path, *
                  force: bool = False, sources: tuple[Path, ...] = ()) -> Exported:
     """Export to the folder `out`. `sources`: paths the model was read from (a run folder, a model
     file), which `out` may not touch; the model's own folder is always among them."""
-    from instructkit.export.gguf import QUANTS, check_llama_cpp_compatible
+    from instructkit.export.gguf import QUANTS, plan_gguf
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -101,7 +101,7 @@ def export_model(loaded: LoadedModel, style: PromptStyle, fmt: str, out: Path, *
     if fmt != "hf":
         if quant not in QUANTS:
             raise UserError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
-        check_llama_cpp_compatible(loaded.model.config)
+        plan_gguf(loaded.model.config)  # a model llama.cpp would run differently stops here, in one line
     _refuse_unsafe_out(out, [*sources, *([loaded.folder] if loaded.folder is not None else [])])
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 
 def _write(loaded: LoadedModel, style: PromptStyle, fmt: str, quant: str, staging: Path, out: Path) -> list[str]:
-    from instructkit.export.gguf import write_gguf
+    from instructkit.export.gguf import plan_gguf, write_gguf
     from instructkit.export.hf import write_hf
     from instructkit.export.ollama import write_ollama
 
@@ -148,6 +148,6 @@ def _write(loaded: LoadedModel, style: PromptStyle, fmt: str, quant: str, stagin
                 f"python -c \"from llama_cpp import Llama; Llama('{out / name}').create_chat_completion("
                 f"messages=[{{'role': 'user', 'content': 'Hello'}}])\""]
     marker = style.end_marker if style.end_marker and loaded.tokenizer.token_id(style.end_marker) is not None else None
-    write_ollama(style, staging, name, marker, loaded.model.config.context_length)
+    write_ollama(style, staging, name, marker, plan_gguf(loaded.model.config).context_length)
     tag = out.name.lower().replace("_", "-") or "instructkit"
     return [f"ollama create {tag} -f {out / 'Modelfile'}", f"ollama run {tag}"]

@@ -51,7 +51,8 @@ def _transformer(spec: TransformerFamily, presets: dict | None = None, prompt_st
                  tokenizer_ref: dict | None = None, upgrade: Callable[[dict], dict] | None = None) -> Family:
     return Family(
         name=spec.name, config_class=TransformerConfig, model_class=Transformer, presets=presets or {},
-        default_prompt_style=prompt_style, lora_targets={"attention": ATTENTION, "mlp": MLP},
+        # A fused HF name (Phi-3's self_attn.qkv_proj, mlp.gate_up_proj) targets the layers it holds here.
+        default_prompt_style=prompt_style, lora_targets={"attention": ATTENTION, "mlp": MLP, **spec.fused},
         to_hf=partial(weight_maps.to_hf, spec), from_hf=partial(weight_maps.from_hf, spec),
         hf_config=partial(weight_maps.hf_config, spec), config_from_hf=partial(weight_maps.config_from_hf, spec),
         to_gguf=partial(weight_maps.to_gguf, spec), from_gguf=partial(weight_maps.from_gguf, spec),

@@ -302,4 +302,11 @@ class Transformer(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         cap = self.config.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        if cap is None:
+            return logits
+        capped = torch.tanh(logits / cap) * cap
+        if isinstance(self.lm_head, nn.Linear):
+            return capped
+        # A quantized head's shortlist (decode/quantize.py ShortlistHead) rules tokens out with -inf,
+        # which the cap would turn into -cap, a logit sampling could pick: they stay -inf.
+        return capped.masked_fill(logits == float("-inf"), float("-inf"))

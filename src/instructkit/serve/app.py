@@ -312,6 +312,9 @@ def serve(models: list[ServedModel], *, host: str = "127.0.0.1", port: int = 800
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening before the line below says so: a client that reads it connects into the backlog
+        # even while uvicorn is still starting (slower while the decode step compiles in the background).
+        sock.listen(2048)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
     bound_port = sock.getsockname()[1]

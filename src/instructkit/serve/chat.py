@@ -3,7 +3,9 @@
 Multi-turn by the prompt style's conversation rule (data/prompts.py); greedy unless /temp says
 otherwise, so answers are reproducible (with --seed, sampled ones too: turn k samples from
 seed + k). Ctrl-C stops the answer being written and keeps the conversation; tokens/s after
-every answer. Commands: /reset, /system TEXT, /temp X, /max N, /quit.
+every answer. Commands: /reset, /system TEXT, /temp X, /max N, /quit. With the decode step
+compiling in the background (chat's default, decode/background.py), a line after an answer says
+so, and another when the compiled step has taken over.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ class ChatSession:
         self.temperature, self.max_tokens, self.seed, self.system = temperature, max_tokens, seed, system
         self.history: list[dict] = []
         self.last_tokens = 0  # tokens of the latest answer, stopped or not
+        self._decoding_said: str | None = None
+
+    def decoding_note(self) -> str | None:
+        """A line about how the model decodes (eager while compiling, compiled, failed), when that
+        changed since it was last said; None otherwise (and always for a model with no background
+        compile)."""
+        handle = getattr(self.loaded.model, "background_compile", None)
+        state = handle.state if handle is not None else None  # read once: the thread may change it
+        if state is None or state == self._decoding_said:
+            return None
+        self._decoding_said = state
+        if state == "compiling":
+            return "(decoding eagerly while the decode step compiles in the background; faster answers once it is ready)"
+        if state == "compiled":
+            return f"(compiled decode step in use from here on: ready after {handle.seconds:.0f} s)"
+        return f"({handle.error}; decoding stays eager)"
 
     def command(self, line: str) -> str | None:
         """Apply a /command; returns what to print, or None for /quit."""
@@ -111,4 +129,6 @@ def run_chat(session: ChatSession, *, read=input, out=sys.stdout) -> None:
             stopped = True
         seconds, tokens = max(time.perf_counter() - started, 1e-9), session.last_tokens
         out.write(f"\n[{'stopped; ' if stopped else ''}{tokens} tokens, {tokens / seconds:.1f} tokens/s]\n")
+        if note := session.decoding_note():
+            out.write(note + "\n")
         out.flush()

@@ -5,7 +5,8 @@ them into its running batch at the next step boundary (continuous batching, up t
 rows and, with `max_cache_tokens`, only while the batch's planned KV cache stays within that
 budget; the rest wait in arrival order), and hands each token back through a callback. A request
 marked cancelled (a client gone, a stop string reached) leaves the batch at the next step. A
-request whose decoding fails gets its error and leaves; the rows beside it go on (Decoder).
+request whose decoding fails gets its error and leaves; the rows beside it go on (Decoder). A
+decode step compiled in the background (decode/background.py) takes over between two steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from instructkit.decode.background import describe
 from instructkit.decode.generate import Decoder, Request
 
 log = logging.getLogger("instructkit.serve")
@@ -56,10 +58,12 @@ class Worker:
             self.wake.notify()
 
     def state(self) -> dict:
-        """What /health shows: rows decoding, requests waiting, finish reasons so far."""
+        """What /health shows: rows decoding, requests waiting, finish reasons so far, and how the
+        model decodes (decode/background.py's `describe`: eager while its step compiles, then compiled)."""
         with self.wake:
             return {"busy_rows": len(self.jobs), "waiting": len(self.waiting), "ended": dict(self.ended),
-                    "cache_slots": self.decoder.cache.capacity * len(self.decoder) if self.decoder.cache else 0}
+                    "cache_slots": self.decoder.cache.capacity * len(self.decoder) if self.decoder.cache else 0,
+                    "decoding": describe(self.decoder.model)}
 
     def busy_rows(self) -> int:
         return len(self.jobs)

@@ -75,7 +75,7 @@ class TrainingConfig:
                                      "scales by alpha alone: its alpha a at rank r is our a*r)")
     lora_targets: list[str] = option(help="LoRA's layers: attention, mlp, or layer names",
                                      factory=lambda: ["attention", "mlp"])
-    freeze_embedding: bool = option(False, "freeze the (tied) token embedding")
+    freeze_embedding: bool = option(False, "freeze the token embedding and the LM head (one tensor where they are tied)")
     save_every: int = option(50, "optimizer steps between resumable checkpoints (also at each epoch end)")
     threads: int | None = option(None, "torch CPU threads")
     device: str = option("auto", "auto (CUDA when available), cpu or cuda")

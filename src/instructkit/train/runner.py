@@ -31,6 +31,8 @@ def check_existing(run: RunFolder, requested: TrainingConfig, resume: bool, load
     for name in log_names(requested.log):
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise UserError(f"--log {name}: the {PACKAGES[name]} package is not installed (pip install {PACKAGES[name]})")
+    if run.holds_hf_model():
+        raise UserError(f"{run}: holds a Hugging Face model (its config.json); choose another --out")
     if not run.has_config():
         return
     if not resume:
@@ -50,6 +52,8 @@ def make_trainable(model: torch.nn.Module, config: TrainingConfig) -> int:
     if config.freeze_embedding:
         model.tie_weights()  # the head's weight is the embedding: freezing it freezes both
         model.lm_head.weight.requires_grad_(False)
+        if not getattr(model.config, "tie_embeddings", True):  # an untied head (Llama, Phi-3, OLMo 2): the
+            model.model.embed_tokens.weight.requires_grad_(False)  # token embedding is a tensor of its own
     return wrapped
 
 
