@@ -87,6 +87,8 @@ def make_checkpoint(family: str, folder) -> torch.nn.Module:
         for name, parameter in reference.named_parameters():
             if "norm" in name:
                 parameter.normal_(0.0 if family.startswith("gemma") else 1.0, 0.3)
+            elif name.endswith(".bias"):  # transformers starts Qwen 2's q/k/v biases at zero
+                parameter.normal_(0.0, 0.3)
     reference.save_pretrained(folder)
     hf_tokenizer(gpt2_tokenizer()).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(

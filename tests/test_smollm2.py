@@ -53,3 +53,34 @@ def test_fp32_next_tokens_agree_with_llama_cpp(smollm2):
     rate = agree / total
     print(f"SmolLM2-135M-Instruct: next-token agreement with llama.cpp {agree}/{total} = {rate:.3f}")
     assert total >= 300 and rate >= 0.95
+
+
+def test_lora_finetune_on_the_chapters_data_and_its_gguf_answers_in_llama_cpp_as_ours(chapter_data_path, tmp_path):
+    """A short LoRA fine-tune of the real model on the chapter's data, end to end through the CLI;
+    its F32 GGUF export answers in llama.cpp with the greedy tokens our engine gives the run."""
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.decode.generate import generate
+
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    result = run_cli("finetune", "--model", "smollm2-135m-instruct", "--data", str(chapter_data_path), "--out", str(run),
+                     "--lora-rank", "8", "--max-steps", "2", "--batch-size", "2", "--eval-every", "100", "--eval-batches", "1",
+                     "--max-length", "64", "--no-sample-prompt", "--threads", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("export", "--run", str(run), "--format", "gguf", "--quant", "f32", "--out", str(tmp_path / "gguf"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    gguf = next((tmp_path / "gguf").glob("*.gguf"))
+    ours = load_model(str(run))
+    style = get_prompt_style("chatml")
+    reference = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    for question in ("Name a colour of the rainbow.", "What is the plural of 'mouse'?"):
+        prompt = ours.tokenizer.encode(style.prompt({"instruction": question}))
+        expected = generate(ours.model, ours.tokenizer, [prompt], max_new_tokens=12)[0].token_ids
+        reference.reset()
+        theirs = []
+        for token in reference.generate(prompt, temp=0.0, top_k=1):
+            if len(theirs) == len(expected):
+                break
+            theirs.append(token)
+        assert theirs == expected, question
