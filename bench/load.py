@@ -1,5 +1,8 @@
 """Load times of the default model: first load (assemble the GGUF, dequantize, convert, cache)
-into an empty cache folder, then cached loads."""
+into an empty cache folder, then cached loads. Then the memory of loading a Hugging Face folder
+of a 1.5B-parameter shape (Qwen2.5-1.5B's config, bf16 weights in two shards as on the Hub; the
+values are zeros: memory and time do not depend on them): peak RSS against the model's fp32 size
+(the loader streams tensors in one at a time, so it should stay near 1x, never 1.5x)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,49 @@ def _timed_load(cache: str) -> tuple[float, float]:
     return float(load), float(total)
 
 
+MAKE_FOLDER = """
+import json, shutil, sys, torch
+from safetensors.torch import save_file
+from instructkit.models.families import PRESET, family_of
+from instructkit.models.registry import smollm2_folder
+from instructkit.models.transformer import Transformer
+folder, config = sys.argv[1], PRESET
+with torch.device("meta"):
+    model = Transformer(config)
+state = {n: torch.zeros(t.shape, dtype=torch.bfloat16) for n, t in model.state_dict().items() if n != "lm_head.weight"}
+names = sorted(state)
+shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+for file, keys in shards.items():
+    save_file({k: state[k] for k in keys}, f"{folder}/{file}", metadata={"format": "pt"})
+json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}},
+          open(f"{folder}/model.safetensors.index.json", "w"))
+json.dump(family_of(config.family).hf_config(config), open(f"{folder}/config.json", "w"))
+shutil.copy(smollm2_folder() / "tokenizer.json", f"{folder}/tokenizer.json")
+json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, open(f"{folder}/tokenizer_config.json", "w"))
+""".replace("from instructkit.models.families import PRESET, family_of",
+            "from instructkit.models.families import QWEN2_PRESETS, family_of; PRESET = QWEN2_PRESETS['qwen2.5-1.5b']")
+LOAD_FOLDER = ("import resource, sys, time; t = time.perf_counter(); from instructkit.models.registry import load_model; "
+               "m = load_model(sys.argv[1]); n = sum(p.numel() for p in m.model.parameters()); "
+               "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t)")
+
+
+def folder_memory(repeats: int) -> dict:
+    """Peak RSS / fp32 size and seconds of loading the 1.5B-shape bf16 folder, each in a fresh process."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, "-c", MAKE_FOLDER, folder], check=True)
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", LOAD_FOLDER, folder], capture_output=True, text=True, check=True)
+            params, peak, seconds = out.stdout.strip().splitlines()[-1].split()
+            rows.append({"params": int(params), "peak_rss_gb": int(peak) / 1e9, "ratio": int(peak) / (4 * int(params)),
+                         "seconds": float(seconds)})
+    print_table("Loading a 1.5B-parameter HF folder (Qwen2.5-1.5B shape, bf16, 2 shards; weights all zero)",
+                ["repeat", "parameters", "peak RSS GB", "peak RSS / fp32 size", "seconds"],
+                [[i + 1, f"{r['params'] / 1e9:.3f}B", f"{r['peak_rss_gb']:.2f}", f"{r['ratio']:.3f}", f"{r['seconds']:.1f}"]
+                 for i, r in enumerate(rows)])
+    return {"folder_1_5b": rows}
+
+
 def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         first = _timed_load(cache)
@@ -29,4 +75,4 @@ def run(quick: bool = False) -> dict:
     print_table("Default model load, each in a fresh process (seconds)",
                 ["load", "load_model()", "process incl. imports"],
                 [["first (convert and cache)", *first]] + [[f"cached #{i + 1}", *t] for i, t in enumerate(cached)])
-    return {"first_s": first, "cached_s": cached}
+    return {"first_s": first, "cached_s": cached, **({} if quick else folder_memory(3))}
