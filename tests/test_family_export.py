@@ -14,7 +14,9 @@ flattens them into near-ties; here it caps at 30.0 (Gemma 2's own value), still 
 scales queries by 1/sqrt(24) where llama.cpp fixes 1/sqrt(head_dim) = 1/4 for its shape (as
 Gemma 2 27B differs from its head_dim), which the export folds into the query weights.
 Qwen's checkpoint pads its embedding past the tokenizer (as Qwen does), so the GGUF's vocabulary
-is padded with unused tokens.
+is padded with unused tokens. Gemma's weights are drawn with std 0.1, not the parity tests' 0.05:
+there the top two of 50,257 logits come within ~1e-4 of each other, under llama.cpp's ~1e-3
+differences on Gemma; the test asserts that every position's top-1 is decisive.
 """
 
 from __future__ import annotations
@@ -51,17 +53,19 @@ EXACT = {
     "phi3": {"sliding_window": None},
     "gemma2": {"final_logit_softcapping": 30.0, "query_pre_attn_scalar": 24},
 }
+STD = {"gemma2": 0.1, "gemma3": 0.1}  # initializer std where it differs from the parity checkpoints'
 CAPPED = ["mistral", "qwen2", "phi3"]
 
 
-def _checkpoint(family: str, folder, changes: dict | None = None):
-    """test_family_parity's checkpoint of `family`, its transformers config changed by `changes`."""
-    if not changes:
+def _checkpoint(family: str, folder, changes: dict | None = None, std: float | None = None):
+    """test_family_parity's checkpoint of `family`, its transformers config changed by `changes`,
+    its weights drawn with `std` if given."""
+    if not changes and std is None:
         return parity.make_checkpoint(family, folder)
-    config, std = parity._configs()[family]
+    config, parity_std = parity._configs()[family]
     values = {key: value for key, value in config.to_dict().items() if key != "layer_types"}
-    changed = type(config).from_dict({**values, **changes})
-    with mock.patch.object(parity, "_configs", lambda: {family: (changed, std)}):
+    changed = type(config).from_dict({**values, **(changes or {})})
+    with mock.patch.object(parity, "_configs", lambda: {family: (changed, std or parity_std)}):
         return parity.make_checkpoint(family, folder)
 
 
@@ -97,7 +101,7 @@ def exports(tmp_path_factory):
     def export(family: str):
         if family not in made:
             folder = tmp_path_factory.mktemp(family)
-            _checkpoint(family, folder / "hf", EXACT.get(family))
+            _checkpoint(family, folder / "hf", EXACT.get(family), STD.get(family))
             loaded = load_model(str(folder / "hf"))
             result, notices = _export(loaded, folder / "gguf")
             made[family] = family, loaded, result.files[0], notices
@@ -120,7 +124,10 @@ def test_llama_cpp_gives_our_top1_at_every_position(exported):
     ids = _ids()
     theirs, ours = _llama_cpp_logits(path, ids), _ours(loaded, ids)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all(), (family, np.flatnonzero(theirs.argmax(-1) != ours.argmax(-1)))
-    assert np.abs(theirs - ours).max() <= 1e-2, family
+    differences = np.abs(theirs - ours).max(-1)
+    assert differences.max() <= 1e-2, family
+    top2 = np.sort(ours, -1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0] > differences).all(), family  # decisive: no near-tie agreed by chance
 
 
 def test_our_loader_reads_the_export_back(exported, tmp_path):
@@ -148,8 +155,10 @@ def test_a_window_llama_cpp_does_not_run_caps_the_context(family, tmp_path):
     assert window == parity.WINDOW
     result, notices = _export(loaded, tmp_path / "gguf")
     lines = notices.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"note: {family}: ") and f"capped at the window ({window} tokens)" in lines[0]
-    assert read_gguf(result.files[0]).fields[f"{'llama' if family == 'mistral' else family}.context_length"].contents() == window
+    assert len(lines) == 1 and lines[0].startswith(f"note: {family}: ")
+    assert f"capped at the window ({window} tokens)" in lines[0]
+    arch = "llama" if family == "mistral" else family
+    assert read_gguf(result.files[0]).fields[f"{arch}.context_length"].contents() == window
     ids = _ids(window)
     theirs, ours = _llama_cpp_logits(result.files[0], ids), _ours(loaded, ids)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all() and np.abs(theirs - ours).max() <= 1e-2
@@ -186,9 +195,11 @@ def test_ollama_export_of_a_non_gemma_family(exports, tmp_path):
     _, _ = _export(loaded, tmp_path / "ollama", fmt="ollama", quant="q8_0")
     style = get_prompt_style("phi3")
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
-    assert modelfile.startswith('FROM ./model.gguf\nTEMPLATE """') and f'TEMPLATE """{go_template(style)}"""' in modelfile
+    assert modelfile.startswith('FROM ./model.gguf\nTEMPLATE """')
+    assert f'TEMPLATE """{go_template(style)}"""' in modelfile
     assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == \
         [f'PARAMETER stop "{stop}"' for stop in style.stop_strings]
-    assert "PARAMETER temperature 0" in modelfile and f"PARAMETER num_ctx {loaded.model.config.context_length}" in modelfile
+    assert "PARAMETER temperature 0" in modelfile
+    assert f"PARAMETER num_ctx {loaded.model.config.context_length}" in modelfile
     llm = llama_cpp.Llama(str(tmp_path / "ollama" / "model.gguf"), n_ctx=128, n_threads=2, verbose=False)
     assert llm.metadata["general.architecture"] == "phi3" and "<|assistant|>" in llm.metadata["tokenizer.chat_template"]

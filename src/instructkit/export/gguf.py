@@ -213,7 +213,8 @@ def gguf_tensors(loaded: LoadedModel, plan: GGUFPlan) -> dict[str, torch.Tensor]
     """The model's tensors in llama.cpp's names, as plan says (a head where the arch needs one)."""
     config = loaded.model.config
     family = family_of(config.family)
-    tensors = family.to_gguf({name: tensor.detach().float() for name, tensor in loaded.model.state_dict().items()}, config)
+    state = {name: tensor.detach().float() for name, tensor in loaded.model.state_dict().items()}
+    tensors = family.to_gguf(state, config)
     if isinstance(config, TransformerConfig):
         if "output.weight" not in tensors and LLAMA_CPP[plan.arch].output_required:
             tensors["output.weight"] = tensors["token_embd.weight"]

@@ -233,7 +233,8 @@ def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
                                                   and torch.equal(output, tensors["token_embd.weight"])),
     }
     if llama_cpp.query_scalar is not None:
-        hf["query_pre_attn_scalar"] = llama_cpp.query_scalar(hf["num_hidden_layers"], hf["hidden_size"], heads, head_dim)
+        hf["query_pre_attn_scalar"] = llama_cpp.query_scalar(hf["num_hidden_layers"], hf["hidden_size"], heads,
+                                                             head_dim)
     if llama_cpp.attn_softcap:
         hf["attn_logit_softcapping"] = key("attn_logit_softcapping")
     if llama_cpp.final_softcap:
