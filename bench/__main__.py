@@ -6,7 +6,8 @@ matmuls by weight format and kernel, behind quantized), smoothing (a rejected in
 measured on validation prompts), load, quality,
 export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), startup, kernels, smoothing,
 recipes (six fine-tunings, 35 to 70 minutes, to choose the chapter-data recipe on validation responses) and decoding
-(the test responses' decoding, chosen on the validation split of a finished main job: --run). --quick runs small models and few
+(the test responses' decoding, chosen on the validation split of a finished main job: --run) and families
+(SmolLM2-135M-Instruct and a random-weight Llama-3.2-1B shape: batch-1 decoding against llama.cpp Q8_0, LoRA training). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "quantized", "startup", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding")
+SUITES = ("peak", "train", "generate", "quantized", "startup", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding", "families")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing")],
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing", "families")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import smoothing
 
         results["smoothing"] = smoothing.run(args.quick, repeats=args.repeats or (1 if args.quick else 3))
+    if "families" in args.suites:
+        from bench import families
+
+        results["families"] = families.run(args.quick, repeats=args.repeats)
     if "load" in args.suites:
         from bench import load
 

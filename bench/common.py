@@ -17,6 +17,18 @@ BOOK = CHAPTER.with_name("instruction-data-with-response.json")  # the book's gp
 DATA = str(CHAPTER) if CHAPTER.exists() else "builtin"
 
 
+QUICK_RECORDS = 200  # --quick's data: the first 200 records of a file (splits of 170, 20 and 10)
+
+
+def quick_data_file(source: Path, folder: Path, count: int = QUICK_RECORDS) -> Path:
+    """For --quick: the first `count` records of the data file `source`, in a file of its own in
+    `folder`, split by the same rules as the whole file. A quick run checks the harness, not the
+    numbers, and every split a command trains on, scores or answers costs in proportion to it."""
+    path = folder / f"quick-{source.name}"
+    path.write_text(json.dumps(json.loads(source.read_text())[:count]))
+    return path
+
+
 def machine_info() -> dict:
     import torch
 

@@ -1,13 +1,14 @@
 """Choosing how the main job decodes its test responses, on the validation split alone.
 
 A finished main-job folder on the chapter's data (`--run`, e.g. runs/bench-quality/seed-123; with
---quick a 3-step tiny model made here) answers the validation split with each decoding candidate
-through `instructkit respond`, the path the main job takes: greedy, and beam search with 4 or 8
-beams at length penalty 0.5 or 1.0, all with the main job's token budget and repeat stop. The
-choice is the best mean rank over validation ROUGE-L, chrF and BLEU among candidates whose test
-responses keep the whole job 30 s under its 15 minutes (the folder's fine-tuning wall time + the
-candidate's test responses + ~75 s for the base-model row and the report). The test split is answered
-by every candidate for its time; its scores are printed once, after the choice.
+--quick a 3-step tiny model made here on the chapter's first 200 records) answers the validation
+split with each decoding candidate through `instructkit respond`, the path the main job takes:
+greedy, and beam search with 4 or 8 beams at length penalty 0.5 or 1.0, all with the main job's
+token budget and repeat stop. The choice is the best mean rank over validation ROUGE-L, chrF and
+BLEU among candidates whose test responses keep the whole job 30 s under its 15 minutes (the
+folder's fine-tuning wall time + the candidate's test responses + ~75 s for the base-model row and
+the report). The test split is answered by every candidate for its time; its scores are printed
+once, after the choice.
 
     python -m bench decoding --run runs/bench-quality/seed-123 [--quick]
 """
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import print_table
-from bench.common import BOOK, CHAPTER, chapter_response_budget, cli_seconds, score_responses
+from bench.common import BOOK, CHAPTER, chapter_response_budget, cli_seconds, quick_data_file, score_responses
 from instructkit.main_job import REPEAT_STOP
 
 CANDIDATES = {"greedy": (1, 1.0), "4 beams, length penalty 0.5": (4, 0.5), "4 beams, length penalty 1.0": (4, 1.0),
@@ -42,7 +43,8 @@ def run(run_dir: Path | None, quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
             run_dir = Path(tmp) / "run"
-            cli_seconds("finetune", "--model", "tiny-gemma3", "--data", str(CHAPTER), "--out", str(run_dir), "--max-steps", "3",
+            data = quick_data_file(CHAPTER, Path(tmp))
+            cli_seconds("finetune", "--model", "tiny-gemma3", "--data", str(data), "--out", str(run_dir), "--max-steps", "3",
                  "--eval-batches", "1", "--no-sample")
         elif run_dir is None or not (run_dir / "metrics.jsonl").exists():
             print("\ndecoding: needs --run, a finished main-job folder on the chapter's data (python -m bench quality "

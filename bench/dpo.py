@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.common import CHAPTER, cli_seconds, print_table
+from bench.common import CHAPTER, cli_seconds, print_table, quick_data_file
 
 PREFERENCES = CHAPTER.with_name("instruction-data-with-preference.json")
 TARGET_ACCURACY, TARGET_SECONDS = 0.8, 600
@@ -33,9 +33,9 @@ RECIPE = ("--freeze-embedding",)
 STEPS = ("--max-steps", "40", "--eval-every", "40")
 
 
-def _short_run(sft: Path, out: Path, precompute: bool, quick: bool) -> dict:
+def _short_run(sft: Path, preferences: Path, out: Path, precompute: bool, quick: bool) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    cli_seconds("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--max-steps", "2" if quick else "6",
+    cli_seconds("dpo", "--run", str(sft), "--data", str(preferences), "--out", str(out), "--max-steps", "2" if quick else "6",
          *RECIPE, *(["--precompute-ref"] if precompute else []))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -51,15 +51,17 @@ def run(run_dir: str | None = None, quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sft = Path(run_dir) if run_dir else tmp / "sft"
+        # --quick: the first 200 records of each file (test splits of 20), on a tiny model
+        preferences = quick_data_file(PREFERENCES, tmp) if quick else PREFERENCES
         if not run_dir:
             model = ["--model", "tiny-gemma3", "--max-steps", "3", "--max-new-tokens", "8", "--base-max-new-tokens", "4"] if quick else []
-            cli_seconds("run", *model, "--data", str(CHAPTER), "--out", str(sft))
+            cli_seconds("run", *model, "--data", str(quick_data_file(CHAPTER, tmp) if quick else CHAPTER), "--out", str(sft))
         # Short runs first (with and without the reference model in memory), each its own process.
         # The smaller run first: peak RSS is read as the largest child so far.
-        with_pre = _short_run(sft, tmp / "precomputed", True, quick)
-        without = _short_run(sft, tmp / "two-models", False, quick)
+        with_pre = _short_run(sft, preferences, tmp / "precomputed", True, quick)
+        without = _short_run(sft, preferences, tmp / "two-models", False, quick)
         out = tmp / "dpo"
-        seconds = cli_seconds("dpo", "--run", str(sft), "--data", str(PREFERENCES), "--out", str(out), "--precompute-ref",
+        seconds = cli_seconds("dpo", "--run", str(sft), "--data", str(preferences), "--out", str(out), "--precompute-ref",
                        *RECIPE, *(["--max-steps", "3"] if quick else STEPS))
         cli_seconds("evaluate", "--preferences", str(out), "--max-new-tokens", "8" if quick else "96")
         evaluation = json.loads((out / "evaluation-preferences.json").read_text())

@@ -22,7 +22,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.common import BOOK, CHAPTER, chapter_response_budget, cli_seconds, print_table, score_responses
+from bench.common import (BOOK, CHAPTER, chapter_response_budget, cli_seconds, print_table, quick_data_file,
+                          score_responses)
 from instructkit.main_job import EVAL_EVERY, REPEAT_STOP
 
 # The main job's fixed settings (main_job.main_recipe) as flags; each candidate adds its own.
@@ -41,12 +42,12 @@ BUDGET_SECONDS = 15 * 60 - 90  # the base-model responses and the report take th
 DECODING = ["--beams", "4", "--length-penalty", "1.0"]  # the main job's on the chapter's data
 
 
-def _candidate(name: str, added: list[str], folder: Path, fold_data: Path, quick: bool) -> dict:
+def _candidate(name: str, added: list[str], folder: Path, data: Path, fold_data: Path, quick: bool) -> dict:
     model = ["--model", "tiny-gemma3", "--max-steps", "3"] if quick else ["--model", "gemma-3-270m"]
     flags = BASE_FLAGS + added
     tokens = ["--max-new-tokens", "8"] if quick else ["--max-new-tokens", str(chapter_response_budget()), "--stop-on-repeat", str(REPEAT_STOP)]
     out, fold = folder / "run", folder / "fold"
-    train_s = cli_seconds("finetune", *model, "--data", str(CHAPTER), "--out", str(out), *flags)
+    train_s = cli_seconds("finetune", *model, "--data", str(data), "--out", str(out), *flags)
     val_s = cli_seconds("respond", "--run", str(out), "--split", "val", *tokens, *DECODING)
     test_s = cli_seconds("respond", "--run", str(out), "--split", "test", *tokens, *DECODING)
     cli_seconds("finetune", *model, "--data", str(fold_data), "--shuffle-seed", str(FOLD_SHUFFLE_SEED), "--out", str(fold), *flags)
@@ -59,24 +60,26 @@ def _candidate(name: str, added: list[str], folder: Path, fold_data: Path, quick
             "val": score_responses(out / "val-responses.json"), "pooled": score_responses(*pooled), "test": score_responses(out / "test-responses.json")}
 
 
-def _training_split_file(folder: Path, quick: bool) -> Path:
-    """The chapter's training split as a data file of its own, for the held-out fold."""
+def _training_split_file(folder: Path, data: Path) -> Path:
+    """The training split of `data` (the chapter's) as a data file of its own, for the held-out fold."""
     from instructkit.data.pipeline import prepare_data
 
-    records = prepare_data(str(CHAPTER)).splits.train
+    records = prepare_data(str(data)).splits.train
     path = folder / "training-split.json"
-    path.write_text(json.dumps(records[:200] if quick else records))
+    path.write_text(json.dumps(records))
     return path
 
 
 def run(quick: bool = False) -> dict:
     results = []
     with tempfile.TemporaryDirectory() as shared:
-        fold_data = _training_split_file(Path(shared), quick)
+        # --quick: the chapter's first 200 records (its fold: their 170 training records)
+        data = quick_data_file(CHAPTER, Path(shared)) if quick else CHAPTER
+        fold_data = _training_split_file(Path(shared), data)
         for name, added in CANDIDATES.items():
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    results.append(_candidate(name, added, Path(tmp), fold_data, quick))
+                    results.append(_candidate(name, added, Path(tmp), data, fold_data, quick))
                 except RuntimeError as exc:
                     results.append({"name": name, "error": str(exc)})
                 print(f"recipes: {name} done", flush=True)

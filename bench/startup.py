@@ -21,17 +21,17 @@ from bench.common import fmt_spread, print_table, run_worker, spread
 
 MODELS = ("gemma-3-270m", "smollm2-135m-instruct")  # the default model; a llama-family one
 QUESTIONS = ["Write a short poem about the sea.", "Explain what a noun is.", "Describe a sunny day in the city."]
-KEYS = ("load_s", "ttft_s", "compile_s", "eager_tok_s", "tok_s_while_compiling", "compiled_tok_s")
+KEYS = ("load_s", "ttft_s", "compile_s", "eager_tok_s", "tok_s_while_compiling", "compiled_tok_s", "peak_rss_bytes")
 
 
 def _prompts(model: str, count: int) -> list[list[int]]:
     """The questions in the model's own chat format, as chat sends them."""
     from instructkit.models.registry import load_model
     from instructkit.serve.conversation import encode_conversation
-    from instructkit.data.prompts import get_prompt_style
+    from instructkit.data.prompts import resolve_prompt_style
 
     loaded = load_model(model)
-    style = get_prompt_style(loaded.default_prompt_style)
+    style = resolve_prompt_style(loaded.default_prompt_style, loaded)
     return [encode_conversation(style, [{"role": "user", "content": q}], loaded.tokenizer) for q in QUESTIONS[:count]]
 
 
@@ -69,11 +69,12 @@ def run(quick: bool = False, repeats: int | None = None, threads: int | None = N
         rows.append([name, fmt_spread(s["load_s"], "{:.1f}"), fmt_spread(s["ttft_s"], "{:.2f}"),
                      fmt_spread(s["compile_s"], "{:.1f}"), fmt_spread(s["eager_tok_s"], "{:.1f}"),
                      fmt_spread(s["tok_s_while_compiling"], "{:.1f}"), fmt_spread(s["compiled_tok_s"], "{:.1f}"),
-                     fmt_spread(s["speedup"], "{:.2f}", "x"), "yes" if s["same_tokens"] else "NO",
+                     fmt_spread(s["speedup"], "{:.2f}", "x"), f"{s['peak_rss_bytes']['median'] / 1e9:.2f}",
+                     "yes" if s["same_tokens"] else "NO",
                      errors[0][:80] if errors else ""])
     print_table(f"Chat's default start (--compile background, --quantize auto), batch 1: {budget} new tokens a prompt; "
                 "cold = empty compile cache, warm = the cache the cold start filled",
                 ["start", "load s", "TTFT s", "compile s", "eager tok/s", "tok/s compiling", "compiled tok/s",
-                 "compiled/eager", "same tokens", ""], rows)
+                 "compiled/eager", "peak RSS GB", "same tokens", ""], rows)
     return {"summary": summary, "raw": runs, "budget": budget, "repeats": repeats, "threads": threads,
             "load_average": {"before": load_before, "after": os.getloadavg()}}

@@ -15,17 +15,18 @@ from __future__ import annotations
 from bench import peak
 from bench.common import DATA, fmt_spread, print_table, run_worker, spread
 
-TARGET = 1.5
+TARGET = 2.0  # the brief: >= 2x HF + TRL/PEFT on the same trainable parameters
 
 
 def configurations(quick: bool) -> list[tuple[str, dict]]:
     gpt2 = "tiny-gpt2" if quick else "random:gpt2-small"
     gemma = "tiny-gemma3" if quick else "gemma-3-270m"
+    smol = "smollm2-135m-instruct"  # --quick leaves its rows out: the same code paths as Gemma's
     base = {"data": DATA, "batch": 8, "steps": 3 if quick else 8, "warmup": 1}
     # The chapter's recipe: every token supervised, evaluation every 5 steps on 5 + 5 batches.
     chapter = {**base, "eval_every": 5, "eval_batches": 5}
     gemma_base = {**base, "steps": 3 if quick else 6, "eval_every": 0, "mask_instructions": True}
-    return [
+    rows = [
         ("gpt2: the chapter's loop", {**chapter, "impl": "naive", "model": gpt2}),
         ("gpt2: ours, chapter recipe", {**chapter, "impl": "ours", "model": gpt2}),
         ("gpt2: ours, chapter recipe, chapter batching", {**chapter, "impl": "ours", "model": gpt2, "batching": "chapter"}),
@@ -42,9 +43,17 @@ def configurations(quick: bool) -> list[tuple[str, dict]]:
         ("gemma: HF + TRL, full, TRL defaults (gradient checkpointing)",
          {**gemma_base, "impl": "hf_trl", "model": gemma, "gradient_checkpointing": True}),
         ("gemma: ours, LoRA r16", {**gemma_base, "impl": "ours", "model": gemma, "lora_rank": 16}),
+        # A llama-family model (SmolLM2-135M-Instruct, real weights): the same comparisons, with
+        # PEFT's LoRA on the same seven projections beside ours.
+        ("smollm2: ours, full", {**gemma_base, "impl": "ours", "model": smol}),
+        ("smollm2: HF + TRL, full", {**gemma_base, "impl": "hf_trl", "model": smol}),
+        ("smollm2: ours, LoRA r16", {**gemma_base, "impl": "ours", "model": smol, "lora_rank": 16}),
+        ("smollm2: HF + TRL + PEFT, LoRA r16", {**gemma_base, "impl": "hf_trl", "model": smol, "lora_rank": 16}),
+        ("gemma: HF + TRL + PEFT, LoRA r16", {**gemma_base, "impl": "hf_trl", "model": gemma, "lora_rank": 16}),
         ("gemma: ours, frozen embedding, head everywhere",
          {**gemma_base, "impl": "ours", "model": gemma, "freeze_embedding": True, "head": "full"}),
     ]
+    return [(name, spec) for name, spec in rows if not (quick and name.startswith("smollm2"))]
 
 
 # (ours, peer, what is compared, measure, same work?)
@@ -56,6 +65,11 @@ COMPARISONS = [
     ("gemma: ours, frozen embedding", "gemma: HF + TRL, frozen embedding",
      "Gemma 3 270M, all but the tied embedding trains", "real_tok_s", True),
     ("gemma: ours, full", "gemma: HF + TRL, full", "Gemma 3 270M, full fine-tuning", "real_tok_s", True),
+    ("gemma: ours, LoRA r16", "gemma: HF + TRL + PEFT, LoRA r16", "Gemma 3 270M, LoRA r16 on the 7 projections",
+     "real_tok_s", True),
+    ("smollm2: ours, full", "smollm2: HF + TRL, full", "SmolLM2-135M-Instruct, full fine-tuning", "real_tok_s", True),
+    ("smollm2: ours, LoRA r16", "smollm2: HF + TRL + PEFT, LoRA r16", "SmolLM2-135M-Instruct, LoRA r16 on the 7 projections",
+     "real_tok_s", True),
     ("gemma: ours, full", "gemma: HF + TRL, full, TRL defaults (gradient checkpointing)",
      "Gemma 3 270M, full; TRL recomputes its forward pass (its default)", "real_tok_s", False),
     ("gpt2: ours, chapter recipe, chapter batching", "gpt2: the chapter's loop",

@@ -18,18 +18,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _setup(spec: dict):
     import torch
 
     from instructkit.data.pipeline import encode_splits, prepare_data
-    from instructkit.data.prompts import get_prompt_style
+    from instructkit.data.prompts import resolve_prompt_style
     from instructkit.models.registry import load_model
 
     torch.manual_seed(0)
     loaded = load_model(spec["model"], seed=0)
-    style = get_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style)
+    style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
     data = prepare_data(spec["data"])
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=spec.get("mask_instructions", False))
     return loaded, style, encoded["train"][0], encoded["val"][0]
@@ -183,55 +184,53 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
             "real_tok_s": real / train_time, "padded_tok_s": padded / train_time, "supervised_tok_s": supervised / train_time,
             "run_real_tok_s": real / (train_time + eval_seconds), "eval_share": eval_seconds / (train_time + eval_seconds),
             "model_gflops": flops / train_time / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             **({"cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gpu": torch.cuda.get_device_name()} if cuda else {})}
 
 
 def run_hf_trl(spec: dict) -> dict:
-    """HF transformers' Gemma3ForCausalLM with our converted weights, trained by TRL's SFTTrainer.
+    """HF transformers' model of the same family with our weights, trained by TRL's SFTTrainer
+    (with PEFT's LoRA when the spec has `lora_rank`).
 
-    Same work as ours where the spec says so: the same trainable parameters (`freeze_embedding`
-    freezes the tied embedding, so the optimizer skips it, as ours does), the same supervision
+    The peer loads our own HF export of the model (export/hf.py: config.json, safetensors,
+    tokenizer) with AutoModelForCausalLM, so every family works the same way and both sides start
+    from the same weights. Same work as ours where the spec says so: the same trainable parameters
+    (`freeze_embedding` freezes the tied embedding, so the optimizer skips it, as ours does; LoRA
+    wraps the same seven projections at the same rank and alpha), the same supervision
     (completion-only loss), batch and data; gradient checkpointing as the spec says (TRL's
     SFTConfig turns it on by default, which recomputes the forward pass). Real tokens are counted
     from the batches the trainer actually ran (attention-mask sums, minus one per row: the
     positions that predict a next token, as ours counts)."""
     import tempfile
 
+    import torch
     import transformers
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from instructkit.data.pipeline import prepare_data
-    from instructkit.data.prompts import get_prompt_style
+    from instructkit.data.prompts import resolve_prompt_style
+    from instructkit.export.hf import write_hf
     from instructkit.models.registry import load_model
 
     loaded = load_model(spec["model"], seed=0)
-    ours = loaded.model
-    style = get_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style)
-    c = ours.config
-    if c.family != "gemma3":
-        raise SystemExit("hf_trl is set up for Gemma 3")
-    config = transformers.Gemma3TextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.emb_dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        query_pre_attn_scalar=int(c.query_pre_attn_scalar), sliding_window=c.sliding_window, max_position_embeddings=c.context_length,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_base_global},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_base_local}},
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    config._attn_implementation = "sdpa"
-    model = transformers.Gemma3ForCausalLM(config)
-    model.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
-    model.tie_weights()
-    del ours
+    style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
+    with tempfile.TemporaryDirectory() as folder:
+        write_hf(loaded, style, Path(folder))
+        del loaded
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if spec.get("freeze_embedding"):
         model.get_input_embeddings().weight.requires_grad_(False)  # tied: the head is frozen with it
-    tokenizer_file = loaded.tokenizer_ref.get("file")
-    if tokenizer_file is None:
-        from instructkit.models.registry import embedded_gemma_folder
+    peft_config = None
+    if spec.get("lora_rank"):
+        from peft import LoraConfig
 
-        tokenizer_file = str(embedded_gemma_folder() / "tokenizer.json")
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, bos_token="<bos>", eos_token="<end_of_turn>",
-                                                     pad_token="<pad>")
+        peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=16.0, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                                 "qkv_proj", "gate_up_proj"])
     records = prepare_data(spec["data"]).splits.train
     dataset = Dataset.from_list([{"prompt": style.prompt(r), "completion": r["output"]} for r in records])
     steps, warmup = spec["steps"], spec.get("warmup", 1)
@@ -263,8 +262,8 @@ def run_hf_trl(spec: dict) -> dict:
                          completion_only_loss=spec.get("mask_instructions", True), packing=False, seed=123,
                          max_length=None, gradient_checkpointing=spec.get("gradient_checkpointing", False))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[Timer()])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                             callbacks=[Timer()], peft_config=peft_config)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
     from bench.common import peak_rss_bytes, versions
 

@@ -139,15 +139,31 @@ func main() {
 """
 
 
+def _model_template_styles() -> dict:
+    """Styles that are models' own chat templates: SmolLM2's (inside its GGUF, with a default system
+    turn) and Qwen2.5's (../shared, a default system prompt of its own)."""
+    from instructkit.data.prompts import model_style
+
+    from .conftest import SHARED_DATA
+
+    smollm2 = load_model("smollm2-135m-instruct")
+    qwen = (SHARED_DATA / "chat-templates" / "qwen2.5-instruct.jinja").read_text(encoding="utf-8")
+    return {"smollm2": model_style(smollm2.chat_template, smollm2.tokenizer),
+            "qwen2.5": dataclasses.replace(model_style(qwen, smollm2.tokenizer), name="qwen2.5")}
+
+
 def test_ollama_template_renders_like_our_rule_in_gos_text_template(tmp_path):
-    """Ollama cannot run here; its TEMPLATE is Go's text/template, which Go itself renders."""
+    """Ollama cannot run here; its TEMPLATE is Go's text/template, which Go itself renders. Our
+    named styles, and models' own chat templates translated to Go (export/templates.py), render
+    every conversation as our training and prompts do."""
     go = require_program("go", "Debian's golang package; .ci/run installs it")
     program = tmp_path / "render.go"
     program.write_text(GO_RENDER)
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
     binary = tmp_path / "render"
     subprocess.run([go, "build", "-o", str(binary), str(program)], check=True, env=env, timeout=300)
-    for style in PROMPT_STYLES.values():
+    styles = {**PROMPT_STYLES, **_model_template_styles()}
+    for style in styles.values():
         for messages in CONVERSATIONS:
             for system_from_modelfile in (False, True):
                 turns = [{"Role": m["role"], "Content": m["content"]} for m in messages]
@@ -158,6 +174,22 @@ def test_ollama_template_renders_like_our_rule_in_gos_text_template(tmp_path):
                 rendered = subprocess.run([str(binary)], input=payload, capture_output=True, text=True, check=True,
                                           timeout=60).stdout
                 assert rendered == style.conversation(messages), (style.name, messages, system_from_modelfile)
+
+
+def test_a_chat_template_go_cannot_express_is_refused_naming_the_construct():
+    from instructkit.data.prompts import model_style
+    from instructkit.errors import UserError
+
+    from .conftest import SHARED_DATA
+
+    tokenizer = load_model("smollm2-135m-instruct").tokenizer
+    llama3 = (SHARED_DATA / "chat-templates" / "llama-3-instruct.jinja").read_text().replace("    ", "").replace("\n", "")
+    with pytest.raises(UserError, match=r"cannot be written as Ollama's Go template: it trims message text \(\| trim\)"):
+        go_template(model_style(llama3.replace("<|eot_id|>", "<|im_end|>"), tokenizer))
+    numbered = ("{% for m in messages %}<|im_start|>{{ m.role }} {{ loop.index }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(UserError, match="cannot be made role by role"):
+        go_template(model_style(numbered, tokenizer))
 
 
 def test_ollama_export_writes_a_modelfile(tmp_path):

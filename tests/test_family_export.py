@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructkit.data.prompts import get_prompt_style
+from instructkit.data.prompts import get_prompt_style, resolve_prompt_style
 from instructkit.errors import UserError
 from instructkit.export import export_model
 from instructkit.export.templates import go_template
@@ -73,7 +73,7 @@ def _export(loaded, out, fmt="gguf", quant="f32"):
     """export_model in the model's own prompt style, with what it prints to stderr (its notices)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        exported = export_model(loaded, get_prompt_style(loaded.default_prompt_style), fmt, out, quant=quant)
+        exported = export_model(loaded, resolve_prompt_style(loaded.default_prompt_style, loaded), fmt, out, quant=quant)
     return exported, err.getvalue()
 
 

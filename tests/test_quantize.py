@@ -249,3 +249,25 @@ def test_int8_without_a_vnni_path_widens_row_by_row_and_keeps_fbgemms_head(monke
         assert scheme("int8") == (Int8GroupLinear, Int8GroupLinear) and blocked.block_rows == 16
         torch.testing.assert_close(blocked.dequantized(), reference, rtol=0, atol=0)
         assert torch.all((blocked(x) - plain(x)).abs() <= _input_grid_bound(x, reference) * 1.001 + 2e-5)
+
+
+def test_a_killed_kernel_build_never_blocks_the_next_process(tmp_path):
+    """PyTorch's extension builder guards its folder with a lock file that a killed build leaves
+    behind; every later process then waited on it forever (seen: a whole test run hung on one).
+    With the library built and a stale lock file beside it, a fresh process loads the kernels at
+    once, without the builder (a build holds an OS lock, flock, which dies with its process)."""
+    import shutil
+
+    from instructkit.decode import native
+
+    assert native.load() is None, native.load()
+    name = native._build_name()
+    built = native.cache_dir() / "kernels" / name / f"{name}.so"
+    folder = tmp_path / "kernels" / name
+    folder.mkdir(parents=True)
+    shutil.copy(built, folder / built.name)
+    (folder / "lock").touch()  # what a SIGKILLed build leaves
+    env = {**os.environ, "INSTRUCTKIT_CACHE": str(tmp_path)}
+    probe = [sys.executable, "-c", "from instructkit.decode import native; print(native.load())"]
+    result = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "None" and "building" not in result.stderr, result.stderr

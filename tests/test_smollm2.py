@@ -55,32 +55,68 @@ def test_fp32_next_tokens_agree_with_llama_cpp(smollm2):
     assert total >= 300 and rate >= 0.95
 
 
-def test_lora_finetune_on_the_chapters_data_and_its_gguf_answers_in_llama_cpp_as_ours(chapter_data_path, tmp_path):
-    """A short LoRA fine-tune of the real model on the chapter's data, end to end through the CLI;
-    its F32 GGUF export answers in llama.cpp with the greedy tokens our engine gives the run."""
-    from instructkit.data.prompts import get_prompt_style
+def _sorting_conversations(count: int) -> list[dict]:
+    """Two-turn conversations whose second question depends on the first answer."""
+    rows = []
+    for i in range(count):
+        numbers = [(i * 7 + k * 13) % 97 for k in range(4)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"Sort these: {', '.join(map(str, numbers))}"},
+            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)))},
+            {"role": "user", "content": "Now only the first two."},
+            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)[:2]))}]})
+    return rows
+
+
+def test_lora_on_conversations_with_its_own_template_answers_in_llama_cpp_as_ours(tmp_path):
+    """A short LoRA fine-tune of the real model on a two-turn conversation file through the CLI,
+    with the model's own chat template (from inside its GGUF: the default, `--prompt-style model`);
+    its F32 GGUF export carries that template, llama-cpp-python's chat formatter renders a two-turn
+    conversation from the exported file's template to our bytes, and llama.cpp's greedy answer
+    equals ours token for token; its HF export renders the same bytes in transformers'
+    `apply_chat_template`."""
+    import json
+
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     from instructkit.decode.generate import generate
+    from instructkit.runs import RunFolder
 
     from .conftest import run_cli
 
-    run = tmp_path / "run"
-    result = run_cli("finetune", "--model", "smollm2-135m-instruct", "--data", str(chapter_data_path), "--out", str(run),
+    data, run = tmp_path / "conversations.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _sorting_conversations(40)))
+    result = run_cli("finetune", "--model", "smollm2-135m-instruct", "--data", str(data), "--out", str(run),
                      "--lora-rank", "8", "--max-steps", "2", "--batch-size", "2", "--eval-every", "100", "--eval-batches", "1",
-                     "--max-length", "64", "--no-sample-prompt", "--threads", "2")
+                     "--no-sample-prompt", "--threads", "2")
     assert result.returncode == 0, result.stderr[-2000:]
+    style = RunFolder(run).prompt_style()
+    assert style.name == "model" and style.end_marker == "<|im_end|>"
     result = run_cli("export", "--run", str(run), "--format", "gguf", "--quant", "f32", "--out", str(tmp_path / "gguf"))
     assert result.returncode == 0, result.stderr[-2000:]
     gguf = next((tmp_path / "gguf").glob("*.gguf"))
     ours = load_model(str(run))
-    style = get_prompt_style("chatml")
     reference = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=2, verbose=False)
-    for question in ("Name a colour of the rainbow.", "What is the plural of 'mouse'?"):
-        prompt = ours.tokenizer.encode(style.prompt({"instruction": question}))
-        expected = generate(ours.model, ours.tokenizer, [prompt], max_new_tokens=12)[0].token_ids
-        reference.reset()
-        theirs = []
-        for token in reference.generate(prompt, temp=0.0, top_k=1):
-            if len(theirs) == len(expected):
-                break
-            theirs.append(token)
-        assert theirs == expected, question
+    template = reference.metadata["tokenizer.chat_template"]
+    assert template == ours.chat_template == load_model("smollm2-135m-instruct").chat_template
+    formatter = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    conversation = [{"role": "user", "content": "Sort these: 5, 3, 9, 1"}, {"role": "assistant", "content": "1, 3, 5, 9"},
+                    {"role": "user", "content": "Now only the first two."}]
+    text = style.conversation(conversation)
+    assert formatter(messages=conversation).prompt == text
+    result = run_cli("export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == text
+    prompt = ours.tokenizer.encode(text)
+    assert prompt == reference.tokenize(text.encode(), add_bos=False, special=True)
+    expected = generate(ours.model, ours.tokenizer, [prompt], max_new_tokens=12, stop_ids=style.stop_ids(ours.tokenizer))[0].token_ids
+    reference.reset()
+    theirs = []
+    for token in reference.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == len(expected) or token in style.stop_ids(ours.tokenizer):
+            break
+    assert theirs == expected

@@ -131,19 +131,22 @@ def validation_scorer(records: list[dict], max_new_tokens: int | None = None, tr
     """Scores of greedy responses to the validation split, for every evaluation of the run
     (metrics.jsonl and the quality plot): ROUGE-L, chrF, BLEU, and exact-check accuracy where
     the records carry checks."""
+    from instructkit.data.conversations import scored_entries
     from instructkit.decode.generate import generate
     from instructkit.evaluate.checks import score_checks
     from instructkit.evaluate.metrics import summarize
 
+    entries = [entry for record in records for entry in scored_entries(record)]  # conversations: every turn
+
     def score(model, tokenizer, style) -> dict:
         budget = max_new_tokens or response_budget(train_records, tokenizer)
-        prompts = [tokenizer.encode(style.prompt(record)) for record in records]
+        prompts = [tokenizer.encode(style.prompt_of(record)) for record in entries]
         stops = style.stop_ids(tokenizer)
         texts = [r.text.strip() for r in generate(model, tokenizer, prompts, max_new_tokens=budget, stop_ids=stops,
                                                   repeat_stop=REPEAT_STOP)]
-        summary, _ = summarize(texts, [record["output"] for record in records])
+        summary, _ = summarize(texts, [record["output"] for record in entries])
         scores = {"val_rouge_l": summary["rouge_l"], "val_chrf": summary["chrf"], "val_bleu": summary["bleu"]}
-        checks = score_checks([{**record, "model_response": text} for record, text in zip(records, texts)])
+        checks = score_checks([{**record, "model_response": text} for record, text in zip(entries, texts)])
         if checks is not None:
             scores["val_accuracy"] = checks["accuracy"]
         return scores
@@ -166,7 +169,7 @@ def run_main_job(job: MainJob, say=print) -> dict:
     run = RunFolder(config.out)
     # The split finetune makes: the same records stay held out.
     data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed,
-                        group_near_duplicates=config.group_near_duplicates)
+                        group_near_duplicates=config.group_near_duplicates, fmt=config.format, columns=config.columns)
     finetune(config, resume=run.has_config(),  # refuses a folder made with other settings
              score_validation=validation_scorer(data.splits.val, job.max_new_tokens, data.splits.train))
     say(f"{stamp()} fine-tuning done")
@@ -178,17 +181,19 @@ def run_main_job(job: MainJob, say=print) -> dict:
             beams=beams, length_penalty=job.length_penalty)
     del tuned
     say(f"{stamp()} fine-tuned responses written ({'greedy' if beams == 1 else f'{beams} beams'})")
-    # The base model answers k-shot in the plain style it reads best, else in the run's style.
-    base_ready = load_start(config.model, prompt_style=BASE_MODEL_STYLE if job.base_shots else style.name)
+    # The base model answers k-shot in the plain style it reads best, else in the run's style;
+    # conversations zero-shot in the run's style (few-shot prompts are made of Alpaca records).
+    shots = job.base_shots if data.loaded.format == "alpaca" else 0
+    base_ready = load_start(config.model, prompt_style=BASE_MODEL_STYLE if shots else style.name)
     base, base_style = base_ready.loaded, base_ready.style
     del base_ready
     respond(base, base_style, data.splits.test, run.responses_file(base=True), max_new_tokens=job.base_max_new_tokens,
-            shots=job.base_shots, shot_pool=data.splits.train)
+            shots=shots, shot_pool=data.splits.train)
     del base
-    say(f"{stamp()} base-model responses written ({job.base_shots}-shot, first line)")
+    say(f"{stamp()} base-model responses written ({shots}-shot, first line)")
     result = evaluate_file(run.responses_file("test"), out_dir=run.path, judge=job.judge,
                            baseline_path=run.responses_file(base=True),
-                           baseline_label=f"base model, {job.base_shots}-shot", run_dir=run.path,
+                           baseline_label=f"base model, {shots}-shot", run_dir=run.path,
                            against_path=Path(job.baseline) if job.baseline else None, against_label=job.baseline_label)
     result["wall_seconds"] = time.perf_counter() - started
     return result

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from instructkit.data.conversations import scored_entries
 from instructkit.data.fewshot import few_shot_prompt, first_line, pick_shots
 from instructkit.data.prompts import PromptStyle
 from instructkit.decode.beam import beam_search
@@ -111,6 +112,9 @@ def respond(
     if beams > 1 and shots:
         raise UserError("--beams does not combine with --few-shot (a few-shot answer ends at a stop string, "
                         "which beam search does not track)")
+    if shots and any("messages" in entry for entry in entries):
+        raise UserError("--few-shot prompts are built from Alpaca records; these are conversations")
+    entries = [entry for record in entries for entry in scored_entries(record)]  # a conversation: every turn
     settings = {"model": loaded.name, "prompt_style": style.name, "max_new_tokens": max_new_tokens, "shots": shots}
     if repeat_stop:
         settings["repeat_stop"] = repeat_stop
@@ -129,7 +133,7 @@ def respond(
 
     def prompt_of(entry: dict) -> str:
         if not shots:
-            return style.prompt(entry)
+            return style.prompt_of(entry)
         return few_shot_prompt(style, entry, pick_shots(entry, shot_pool, shots))
 
     tokenizer = loaded.tokenizer

@@ -218,6 +218,10 @@ def _style_problem(style: PromptStyle) -> str | None:
         return "'system_in_first_turn' must be true or false"
     if not all(isinstance(stop, str) for stop in style.stop_strings):
         return "'stop_strings' must be a list of strings"
+    if style.chat_template is not None and not isinstance(style.chat_template, str):
+        return "'chat_template' must be a string or null"
+    if not all(len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in style.template_tokens):
+        return "'template_tokens' must be [name, text] pairs"
     return None
 
 

@@ -45,7 +45,7 @@ def _register_generate(subcommands) -> None:
 def _talk_options(parser: argparse.ArgumentParser) -> None:
     add_run_or_model(parser, "a finished fine-tuning run folder (its prompt style is used)",
                      "or any model spec (then --prompt-style is needed)")
-    parser.add_argument("--prompt-style", default=None, help="alpaca, phi3 or gemma (default: the run's)")
+    parser.add_argument("--prompt-style", default=None, help="model (its own chat template), alpaca, phi3, gemma or chatml (default: the run's)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument("--quantize", default=TALK_QUANTIZE,
                         help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "
@@ -120,7 +120,7 @@ def _load(args: argparse.Namespace, *, model: str | None = None, strict_style: b
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from instructkit.data.prompts import get_prompt_style
+    from instructkit.data.prompts import resolve_prompt_style
     from instructkit.decode.generate import Sampling, generate, stream_text
 
     positive("max-new-tokens", args.max_new_tokens)
@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop_ids = {tokenizer.eos_id}
     text = args.prompt
     if args.prompt_style:
-        style = get_prompt_style(args.prompt_style)
+        style = resolve_prompt_style(args.prompt_style, loaded)
         text = style.prompt({"instruction": args.prompt, "input": args.input or ""})
         stop_ids.update(style.stop_ids(tokenizer))
     options = dict(
@@ -216,7 +216,8 @@ def cmd_respond(args: argparse.Namespace) -> int:
     # The run's split, unless told otherwise: the same records stay held out.
     prepared = prepare_data(data, skip_invalid=args.skip_invalid or saved.get("skip_invalid", False),
                             shuffle_seed=args.shuffle_seed if args.shuffle_seed is not None else saved.get("shuffle_seed"),
-                            group_near_duplicates=args.group_near_duplicates or saved.get("group_near_duplicates", False))
+                            group_near_duplicates=args.group_near_duplicates or saved.get("group_near_duplicates", False),
+                            fmt=saved.get("format", "auto"), columns=saved.get("columns"))
     entries = prepared.splits.by_name(args.split)
     out = Path(args.out) if args.out else (run.responses_file(args.split) if run else Path(f"{args.split}-responses.json"))
     started = time.perf_counter()

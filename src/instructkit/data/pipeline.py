@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instructkit.data.builtin import generate_builtin, parse_builtin_spec
+from instructkit.data.builtin_chat import generate_builtin_chat, parse_builtin_chat_spec
 from instructkit.data.batching import batches_in_order, chapter_shuffle_order, length_grouped_batches, padding_share
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.records import LoadedRecords, load_records
@@ -34,20 +35,32 @@ class PreparedData:
 
 
 def prepare_data(source: str, *, skip_invalid: bool = False, shuffle_seed: int | None = None,
-                 group_near_duplicates: bool = False) -> PreparedData:
+                 group_near_duplicates: bool = False, fmt: str = "auto", columns: str | None = None) -> PreparedData:
     """Load, validate and split. `group_near_duplicates`: clusters of near-duplicate prompts stay on
-    one side of the split (data/split.py's grouped_split), so none leaks into the test split."""
-    builtin = parse_builtin_spec(source)
+    one side of the split (data/split.py's grouped_split), so none leaks into the test split.
+    `fmt` and `columns`: the file's format and field names (data/conversations.py)."""
+    from instructkit.data.conversations import Columns
+
+    builtin, builtin_chat = parse_builtin_spec(source), parse_builtin_chat_spec(source)
     if builtin is not None:
         loaded = LoadedRecords(path=Path(source), records=generate_builtin(*builtin), problems=[])
+    elif builtin_chat is not None:
+        loaded = LoadedRecords(path=Path(source), records=generate_builtin_chat(*builtin_chat), problems=[], format="messages")
     else:
-        loaded = load_records(resolve_source(source), skip_invalid=skip_invalid)
+        loaded = load_records(resolve_source(source), skip_invalid=skip_invalid, fmt=fmt, columns=Columns.parse(columns))
     if group_near_duplicates:
         records = list(loaded.records)
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(records)
         return PreparedData(source=source, loaded=loaded, splits=grouped_split(records))
     return PreparedData(source=source, loaded=loaded, splits=split_records(loaded.records, shuffle_seed=shuffle_seed))
+
+
+def uses_rendering(data: PreparedData, style: PromptStyle, train_on: str | None) -> bool:
+    """Conversations, a model's own template, or an explicit --train-on go through the renderer
+    (data/rendering.py); Alpaca records in a named style keep the record path (data/tokenize.py),
+    which gives the same ids and labels for them (tested) and the chapter's statistics."""
+    return data.loaded.format != "alpaca" or style.chat_template is not None or train_on is not None
 
 
 def encode_splits(
@@ -57,7 +70,20 @@ def encode_splits(
     *,
     mask_instructions: bool = False,
     max_length: int | None = None,
+    train_on: str | None = None,
+    skip_invalid: bool = False,
 ) -> dict[str, tuple[list[EncodedExample], EncodingReport]]:
+    """Each split's examples and its report: an EncodingReport (record path) or a
+    ConversationReport (renderer path: mask coverage, truncation, records dropped)."""
+    if uses_rendering(data, style, train_on):
+        from instructkit.data.rendering import Renderer, encode_conversations
+
+        conversations = data.loaded.format != "alpaca" or style.chat_template is not None
+        train_on = train_on or ("assistant" if conversations or mask_instructions else "all")
+        renderer = Renderer(tokenizer, style=style)
+        return {name: encode_conversations(data.splits.by_name(name), renderer, train_on=train_on, max_length=max_length,
+                                           skip_invalid=skip_invalid, source=f"{data.loaded.path} ({name} split)")
+                for name in SPLIT_NAMES}
     return {
         name: encode_records(
             data.splits.by_name(name),

@@ -1,5 +1,7 @@
 """Preference data for DPO: records with an instruction, an optional input, and a `chosen` and a
-`rejected` response (JSON list or JSONL; other keys are kept).
+`rejected` response (JSON list or JSONL; other keys are kept); or conversations: `messages`
+ending with the user message both responses answer (TRL's conversational `prompt` list and
+one-message `chosen` / `rejected` lists too), rendered with the run's prompt style or template.
 
 Validation is the instruction data's (data/records.py): one clear line per fault, or
 --skip-invalid to drop and count. Pairs whose chosen and rejected responses are identical carry
@@ -38,7 +40,41 @@ class Preferences:
     identical: int = 0  # pairs dropped because chosen == rejected
 
 
+def _conversation_preference(value: dict) -> tuple[dict | None, str | None]:
+    """{"messages": [... ending with a user message], "chosen": str, "rejected": str}, or TRL's
+    conversational form {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}."""
+    from instructkit.data.conversations import conversation_problem
+
+    messages = value.get("messages", value.get("prompt"))
+    key = "messages" if "messages" in value else "prompt"
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        return None, f"field {key!r} must be a list of messages with 'role' and 'content' strings"
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not messages or messages[-1]["role"] != "user":
+        return None, f"field {key!r} must end with a user message (the one the responses answer)"
+    problem = conversation_problem(messages + [{"role": "assistant", "content": "."}])
+    if problem is not None:
+        return None, f"field {key!r}: {problem}"
+    answers = {}
+    for name in ("chosen", "rejected"):
+        answer = value.get(name)
+        if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict) and answer[0].get("role") == "assistant":
+            answer = answer[0].get("content")
+        if not isinstance(answer, str) or not answer.strip():
+            return None, f"field '{name}' must be a non-empty string (or one assistant message)"
+        answers[name] = answer
+    for message in [*messages, *({"content": a} for a in answers.values())]:
+        for literal in CONTROL_TOKEN_LITERALS:
+            if literal in message["content"]:
+                return None, f"a message contains the literal control token {literal!r}"
+    rest = {k: v for k, v in value.items() if k not in ("messages", "prompt", "chosen", "rejected")}
+    return {**rest, "messages": messages, **answers, "instruction": messages[-1]["content"], "input": ""}, None
+
+
 def check_preference(value: object) -> tuple[dict | None, str | None]:
+    if isinstance(value, dict) and ("messages" in value or isinstance(value.get("prompt"), list)):
+        return _conversation_preference(value)
     if not isinstance(value, dict):
         return None, f"is {_kind(value)}, expected an object with 'instruction', 'chosen' and 'rejected'"
     for name in ("instruction", "chosen", "rejected"):
@@ -112,7 +148,7 @@ def encode_pairs(records: list[dict], style: PromptStyle, tokenizer: Tokenizer, 
     """Both responses of every pair, supervised on the response (and end token) only."""
     report, pairs = PairReport(), []
     for index, record in enumerate(records):
-        prompt = style.prompt(record)
+        prompt = style.conversation(record["messages"]) if "messages" in record else style.prompt(record)
         chosen = _encode_response(prompt, record["chosen"], style, tokenizer, append_eos=append_eos, max_length=max_length)
         rejected = _encode_response(prompt, record["rejected"], style, tokenizer, append_eos=append_eos, max_length=max_length)
         report.pairs += 1

@@ -29,7 +29,7 @@ prefix and the input, so `prompt(record) == conversation([user_content(record)])
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from instructkit.errors import UserError
@@ -57,6 +57,15 @@ class PromptStyle:
     # Text that ends an answer when a model goes on with another turn instead of its end token
     # (chat, serving, and the stop lists that export writes for llama.cpp and Ollama).
     stop_strings: tuple[str, ...] = ()
+    # A model's own chat template (Jinja) and the special-token texts it renders with: when set, it
+    # renders every prompt and conversation (`model_style` builds such a style).
+    chat_template: str | None = None
+    template_tokens: tuple[tuple[str, str], ...] = ()
+
+    def _template(self):
+        from instructkit.data.chat_template import ChatTemplate
+
+        return ChatTemplate(self.chat_template, self.template_tokens, origin=f"the {self.name} chat template")
 
     def format_input(self, record: dict) -> str:
         """Instruction and input, without the response header (the chapter's `format_input`)."""
@@ -67,7 +76,18 @@ class PromptStyle:
 
     def prompt(self, record: dict) -> str:
         """Everything the model sees before it starts answering."""
+        if self.chat_template is not None:
+            return self.conversation([{"role": "user", "content": self.user_content(record)}])
         return self.format_input(record) + self.response_prefix
+
+    def prompt_of(self, record: dict) -> str:
+        """The prompt for a record's (last) answer: `prompt` for an Alpaca record; for a
+        conversation, the messages before its last assistant message, rendered to be answered."""
+        if "messages" not in record:
+            return self.prompt(record)
+        messages = record["messages"]
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        return self.conversation(messages[:last])
 
     def user_content(self, record: dict) -> str:
         """The record as one user message (instruction, and the input under its prefix)."""
@@ -76,21 +96,37 @@ class PromptStyle:
     def conversation(self, messages: list[dict]) -> str:
         """The text before the next assistant answer, for messages {"role": system|user|assistant,
         "content": ...}: optional system first, then user and assistant alternating, ending with user."""
+        if not [m for m in messages if m["role"] != "system"] or messages[-1]["role"] != "user":
+            raise UserError("a conversation must end with a user message")
+        return self.render(messages, end_text="")
+
+    def render(self, messages: list[dict], end_text: str) -> str:
+        """A conversation as text, ending with a user message (then with its response header: the
+        prompt for the next answer) or an assistant one. Each answer is followed by `end_text` when
+        the style has no end marker of its own (training passes the tokenizer's EOS text, which it
+        reads as the EOS token; `conversation` passes "") and the turn separator."""
+        if self.chat_template is not None:
+            from instructkit.data.conversations import conversation_problem
+
+            problem = conversation_problem(messages + ([] if messages[-1]["role"] == "assistant" else
+                                                       [{"role": "assistant", "content": "."}]))
+            if problem is not None and "no assistant" not in problem:
+                raise UserError(f"a conversation: {problem}")
+            return self._template().render(messages, add_generation_prompt=messages[-1]["role"] == "user")
         system = [m["content"] for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
         if len(system) > 1 or (system and messages[0]["role"] != "system"):
             raise UserError("a conversation has at most one system message, and it comes first")
-        if not turns or turns[-1]["role"] != "user":
-            raise UserError("a conversation must end with a user message")
         for index, turn in enumerate(turns):
             expected = "user" if index % 2 == 0 else "assistant"
             if turn["role"] != expected:
                 raise UserError(f"message {index + len(system)} has role {turn['role']!r}; expected {expected!r} "
                                 "(user and assistant messages alternate, starting with user)")
         text = self.system_text(system[0]) if system and system[0] and not self.system_in_first_turn else ""
+        closing = "" if self.end_marker is not None else end_text
         for index, turn in enumerate(turns):
             if turn["role"] == "assistant":
-                text += turn["content"] + self.turn_separator
+                text += turn["content"] + closing + self.turn_separator
                 continue
             content = turn["content"]
             if index == 0 and system and system[0] and self.system_in_first_turn:
@@ -124,7 +160,8 @@ class PromptStyle:
     @classmethod
     def from_dict(cls, value: dict) -> "PromptStyle":
         try:
-            return cls(**{**value, "stop_strings": tuple(value.get("stop_strings", ()))})
+            return cls(**{**value, "stop_strings": tuple(value.get("stop_strings", ())),
+                          "template_tokens": tuple(tuple(pair) for pair in value.get("template_tokens", ()))})
         except TypeError as exc:
             raise UserError(f"invalid prompt style definition: {exc}") from None
 
@@ -174,6 +211,37 @@ CHATML = PromptStyle(
 )
 
 PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA, CHATML)}
+
+
+def model_style(template: str, tokenizer: Tokenizer, origin: str = "the model's chat template") -> PromptStyle:
+    """The prompt style of a model's own chat template (`--prompt-style model`). Its end token is
+    the control token the template writes right after an answer (found by rendering one), so
+    generation stops where training taught the model to; a template that writes none is refused."""
+    from instructkit.data.chat_template import ChatTemplate
+
+    probe_answer = "Hello there"
+    tokens = ChatTemplate.for_tokenizer(template, tokenizer).special
+    style = PromptStyle(name="model", instruction_prefix="", input_prefix="\n\n", response_prefix="", turn_separator="",
+                        chat_template=template, template_tokens=tokens)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe_answer}]
+    rendered = style._template().render(messages)
+    after = rendered[rendered.rfind(probe_answer) + len(probe_answer):]
+    controls = sorted(tokenizer.control_tokens, key=len, reverse=True)
+    end = next((after[i:i + len(c)] for i in range(len(after)) for c in controls if after.startswith(c, i)), None)
+    if end is None or after[: after.find(end)].strip():
+        raise UserError(f"{origin}: writes no control token right after an answer (it writes {after[:30]!r}); "
+                        "a model trained with it would never stop. Choose --prompt-style alpaca, phi3, gemma or chatml")
+    return replace(style, end_marker=end, stop_strings=(end,))
+
+
+def resolve_prompt_style(name: str, loaded) -> PromptStyle:
+    """A style by name for a loaded model: "model" is its own chat template (data/chat_template.py)."""
+    if name == "model":
+        if loaded.chat_template is None:
+            raise UserError(f"{loaded.name} has no chat template of its own; choose --prompt-style "
+                            f"{', '.join(PROMPT_STYLES)}")
+        return model_style(loaded.chat_template, loaded.tokenizer, origin=f"{loaded.name}'s chat template")
+    return get_prompt_style(name)
 
 
 def get_prompt_style(name: str) -> PromptStyle:

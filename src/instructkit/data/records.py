@@ -110,6 +110,7 @@ class LoadedRecords:
     records: list[dict]
     problems: list[RecordProblem]
     skipped: int = 0
+    format: str = "alpaca"  # alpaca, messages or sharegpt (conversations are read into "messages")
 
 
 class _DuplicateKeys(dict):
@@ -195,11 +196,47 @@ def _is_jsonl(path: Path, text: str) -> bool:
     return not text.lstrip().startswith("[")
 
 
+TABLE_SUFFIXES = (".parquet", ".arrow", ".csv")
+
+
+def _table_rows(path: Path) -> list[tuple[str, object]]:
+    """Rows of a Parquet, Arrow (the `datasets` library's files: IPC stream or file) or CSV file,
+    as (\"row N\", object) pairs; nested columns (a list of messages) stay lists of objects."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            import csv
+
+            with open(path, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.DictReader(handle))
+        else:
+            import pyarrow as pa
+
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(path)
+            else:
+                with pa.memory_map(str(path)) as source:
+                    try:
+                        table = pa.ipc.open_stream(source).read_all()
+                    except pa.ArrowInvalid:
+                        table = pa.ipc.open_file(source).read_all()
+            rows = table.to_pylist()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: byte {exc.start}: not valid UTF-8; save the file as UTF-8") from None
+    except Exception as exc:  # pyarrow's and csv's many error types: one line naming the file
+        raise UserError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    # A missing value in a table is a null (or "" in CSV); a record without the field reads the same.
+    return [(f"row {index}", {key: value for key, value in row.items() if value is not None})
+            for index, row in enumerate(rows)]
+
+
 def parse_records(path: Path, *, keep_faulty: bool = False) -> list[tuple[str, object]]:
     """Return (location, value) pairs for every record in the file, or raise UserError. A record
     with a `structure_problem` raises too, unless `keep_faulty` (load_records reports it with the
     other record faults, so --skip-invalid can drop it)."""
-    rows = _parse(path, read_text_utf8(path))
+    rows = _table_rows(path) if path.suffix.lower() in TABLE_SUFFIXES else _parse(path, read_text_utf8(path))
     if not keep_faulty:
         for where, value in rows:
             if (problem := structure_problem(value)) is not None:
@@ -270,15 +307,39 @@ def check_record(value: object) -> tuple[dict | None, str | None]:
     return record, None
 
 
-def load_records(path: Path, *, skip_invalid: bool = False) -> LoadedRecords:
-    """Parse and validate a file. With skip_invalid, bad rows are dropped and counted."""
+def load_records(path: Path, *, skip_invalid: bool = False, fmt: str = "auto", columns=None) -> LoadedRecords:
+    """Parse and validate a file. With skip_invalid, bad rows are dropped and counted. `fmt`:
+    alpaca, messages, sharegpt (data/conversations.py), or auto (from the first record);
+    `columns`: a conversations.Columns for other field names."""
+    from instructkit.data.conversations import FORMATS, Columns, detect_format, normalize_conversation
+
+    columns = columns or Columns()
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     records: list[dict] = []
     problems: list[RecordProblem] = []
-    first_seen: dict[tuple[str, str, str], str] = {}
-    for where, value in parse_records(path, keep_faulty=True):
-        record, fault = check_record(value)
+    first_seen: dict[object, str] = {}
+    rows = parse_records(path, keep_faulty=True)
+    if fmt == "auto":
+        found = next((f for f in (detect_format(value, columns) for _, value in rows) if f is not None), None)
+        if found is None and rows and isinstance(rows[0][1], dict):
+            raise UserError(f"{path}: {rows[0][0]}: neither Alpaca (instruction, output), OpenAI messages (messages) "
+                            f"nor ShareGPT (conversations): its keys are {', '.join(map(repr, list(rows[0][1])[:6]))}; "
+                            "name the fields with --columns or the format with --format")
+        fmt = found or "alpaca"
+    for where, value in rows:
+        if fmt == "alpaca":
+            record, fault = check_record(value)
+            key = (record["instruction"], record["input"], record["output"]) if record is not None else None
+        else:
+            if (fault := structure_problem(value)) is None:
+                record, fault = normalize_conversation(value, fmt, columns, CONTROL_TOKEN_LITERALS)
+                if fault is not None and (other := detect_format(value, columns)) not in (None, fmt):
+                    fault = f"is a {other} record in a {fmt} file"
+            else:
+                record = None
+            key = json.dumps(record["messages"], ensure_ascii=False) if record is not None else None
         if record is not None:
-            key = (record["instruction"], record["input"], record["output"])
             if key in first_seen:
                 fault = f"exact duplicate of {first_seen[key]}"
             else:
@@ -289,7 +350,7 @@ def load_records(path: Path, *, skip_invalid: bool = False) -> LoadedRecords:
         records.append(record)
     if not records and not problems:
         raise UserError(f"{path}: contains no records")
-    loaded = LoadedRecords(path=path, records=records, problems=problems)
+    loaded = LoadedRecords(path=path, records=records, problems=problems, format=fmt)
     if skip_invalid:
         loaded.skipped = len(problems)
     elif problems:

@@ -44,7 +44,10 @@ def is_url(source: str) -> bool:
 
 
 def resolve_source(source: str, *, timeout: float = 60.0) -> Path:
-    """Return a local file for `source` (a named source, a URL or a path), downloading if needed."""
+    """Return a local file for `source` (a named source, a URL, `hf:owner/name[:split]`, a folder
+    saved by `datasets`, or a path), downloading if needed."""
+    if source.startswith("hf:"):
+        return _from_datasets(source)
     if source in NAMED_SOURCES:
         return download_cached(NAMED_SOURCES[source].url, name=f"{source}.json", timeout=timeout,
                                pinned=NAMED_SOURCES[source])
@@ -56,8 +59,46 @@ def resolve_source(source: str, *, timeout: float = 60.0) -> Path:
         names = ", ".join(sorted(NAMED_SOURCES))
         raise UserError(f"{source}: no such file (give a path, an http(s) URL, or one of: {names})")
     if path.is_dir():
-        raise UserError(f"{source}: is a folder, expected a JSON or JSONL file")
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return _from_datasets(source)
+        raise UserError(f"{source}: is a folder, expected a data file (JSON, JSONL, Parquet, Arrow, CSV) or a "
+                        "dataset saved by the datasets library")
     return path
+
+
+def _from_datasets(source: str) -> Path:
+    """A Hugging Face dataset (`hf:owner/name[:split]`, default split train; or a folder written by
+    `save_to_disk`) read with the `datasets` library and kept as a JSONL file in the cache, named
+    by the dataset's fingerprint, so the rest of the pipeline reads one file kind."""
+    import datasets
+
+    hub = source.startswith("hf:")
+    name, _, split = source.removeprefix("hf:").partition(":")
+    split = split or "train"
+    try:
+        if hub:
+            dataset = datasets.load_dataset(name, split=split)
+        else:
+            dataset = datasets.load_from_disk(source)
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise UserError(f"{source}: has splits {', '.join(dataset)}, not {split!r}")
+                dataset = dataset[split]
+    except UserError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        offline = any(word in text.lower() for word in ("offline", "connection", "resolve", "internet", "couldn't reach"))
+        if hub and offline:
+            raise UserError(f"{source}: the dataset {name!r} is not in the local Hugging Face cache and the Hub cannot "
+                            "be reached; download it once with a network (or give a local file)") from None
+        raise UserError(f"{source}: the datasets library could not read it ({type(exc).__name__}: {text[:200]})") from None
+    target = cache_dir() / "datasets" / f"{name.replace('/', '--') if hub else Path(source).name}-{split}-{dataset._fingerprint}.jsonl"
+    if not target.exists():
+        from instructkit.fileio import atomic_write_text
+
+        atomic_write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dataset))
+    return target
 
 
 def _download_folder(url: str) -> Path:

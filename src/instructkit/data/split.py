@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from instructkit.data.conversations import user_text
 from instructkit.errors import UserError
 
 SPLIT_NAMES = ("train", "test", "val")
@@ -50,7 +51,7 @@ def grouped_split(records: list[dict], *, threshold: float = 0.8, train_fraction
     """The chapter's split, but with clusters of near-duplicate prompts kept on one side."""
     from instructkit.data.similarity import chunked_pairs, normalize, tfidf, UnionFind
 
-    prompts = [r.get("instruction", "") + ("\n" + r["input"] if r.get("input") else "") for r in records]
+    prompts = [user_text(r) for r in records]
     clusters = UnionFind(len(records))
     seen: dict[str, int] = {}
     for index, prompt in enumerate(prompts):

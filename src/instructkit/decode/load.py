@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructkit.data.prompts import PromptStyle, get_prompt_style
+from instructkit.data.prompts import PromptStyle, resolve_prompt_style
 from instructkit.errors import UserError
 from instructkit.models.registry import LoadedModel, load_model
 from instructkit.runs import RunFolder
@@ -67,14 +67,14 @@ def source_of(run: str | Path | None, model: str | None, command: str = "this co
 def prompt_style_for(loaded: LoadedModel, run: RunFolder | None, name: str | None, *, strict: bool = False) -> PromptStyle:
     """The prompt style (see the module docstring for the rule)."""
     if name:
-        return get_prompt_style(name)
+        return resolve_prompt_style(name, loaded)
     saved = run.prompt_style() if run is not None else None
     if saved is not None:
         return saved
     if strict:
-        raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style (alpaca, phi3 or gemma) "
+        raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style (model, alpaca, phi3, gemma or chatml) "
                         "so messages are rendered the way the model expects")
-    return get_prompt_style(loaded.default_prompt_style)
+    return resolve_prompt_style(loaded.default_prompt_style, loaded)
 
 
 def quantize_loaded(loaded: LoadedModel, mode: str, *, shortlist: int | None = 32) -> LoadedModel:

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -59,17 +60,25 @@ def load() -> str | None:
         return "ninja, which PyTorch builds extensions with, is not installed (pip install ninja)"
     name = _build_name()
     folder = cache_dir() / "kernels" / name
+    library = folder / f"{name}.so"
     builder_log = logging.getLogger(cpp_extension.__name__)
     level = builder_log.level
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{name}.so").exists():
-            print("instructkit: building the decoding kernels for this processor (once, ~20 s)", file=sys.stderr,
-                  flush=True)
-        builder_log.setLevel(logging.ERROR)  # its compiler-version warnings are not the user's concern
-        cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(folder), is_python_module=False,
-                           # -fopenmp: at::parallel_for is inlined into our code, and without it runs on one thread
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        if not _load_built(library):
+            with _build_lock(folder):
+                if not _load_built(library):  # another process may have built it while we waited
+                    print("instructkit: building the decoding kernels for this processor (once, ~20 s)", file=sys.stderr,
+                          flush=True)
+                    # PyTorch's builder guards the folder with a lock *file* ("lock") that a killed build
+                    # leaves behind, after which every later build waits on it forever. We hold the only
+                    # real lock (flock, released by the OS when a process dies), so any such file is stale.
+                    (folder / "lock").unlink(missing_ok=True)
+                    builder_log.setLevel(logging.ERROR)  # its compiler-version warnings are not the user's concern
+                    cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(folder),
+                                       is_python_module=False,
+                                       # -fopenmp: at::parallel_for is inlined into our code, and without it runs on one thread
+                                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         torch.library.register_fake("instructkit_native::int8_group_mm", _product_shape)
         torch.library.register_fake("instructkit_native::int4_group_mm", _product_shape)
         torch.library.register_fake("instructkit_native::int8_block_mm", _block_product_shape)
@@ -80,6 +89,33 @@ def load() -> str | None:
     finally:
         builder_log.setLevel(level)
     return None
+
+
+def _load_built(library: Path) -> bool:
+    """Load an already built library directly (no builder, no lock: milliseconds). A library a
+    killed link left truncated does not load; it is removed and built again."""
+    if not library.exists():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+        return True
+    except OSError:
+        library.unlink(missing_ok=True)
+        return False
+
+
+@contextmanager
+def _build_lock(folder: Path):
+    """One builder per folder across processes: an advisory lock the OS drops when its holder dies,
+    so a build killed half-way never blocks the next one."""
+    import fcntl
+
+    with open(folder / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:

@@ -267,6 +267,13 @@ def config_from_gguf(reader, tensors: dict[str, torch.Tensor], path: Path):
     return config
 
 
+def _chat_template(reader) -> dict:
+    """{"chat_template": text} when the file carries one (`tokenizer.chat_template`), else {}."""
+    field = reader.fields.get("tokenizer.chat_template")
+    value = field.contents() if field is not None else None
+    return {"chat_template": value} if isinstance(value, str) and value.strip() else {}
+
+
 def convert_gguf(path: Path, out_dir: Path) -> Path:
     """Convert a GGUF into a model folder, written atomically (temporary folder, then rename)."""
     from safetensors.torch import save_file
@@ -284,7 +291,8 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
         tokenizer.save(str(staging / "tokenizer.json"))
         (staging / "model.json").write_text(json.dumps({"family": config.family, "config": asdict(config)}, indent=2))
         (staging / "tokenizer_ref.json").write_text(
-            json.dumps({"kind": "tokenizer.json", "file": "tokenizer.json", **special_token_names(reader, path)}, indent=2)
+            json.dumps({"kind": "tokenizer.json", "file": "tokenizer.json", **special_token_names(reader, path),
+                        **_chat_template(reader)}, indent=2)
         )
         (staging / "source.json").write_text(json.dumps({"gguf": str(path), "size": path.stat().st_size}, indent=2))
         if out_dir.exists():

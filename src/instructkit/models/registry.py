@@ -54,7 +54,7 @@ HUB_REPOS = {
 }
 GEMMA_SPECIALS = {"eos": "<eos>", "pad": "<pad>", "bos": "<bos>"}
 WEIGHTS = "model.safetensors"
-CONVERTER_VERSION = 2  # of gguf_convert: 2 = the family table (every transformer family)
+CONVERTER_VERSION = 3  # of gguf_convert: 2 = the family table (every transformer family); 3 = chat template kept
 VERIFIED_STAMP = ".model.safetensors.verified.json"  # see verify_weights
 
 
@@ -67,9 +67,22 @@ class LoadedModel:
     folder: Path | None = None  # the model folder it was read from, if any (caches live beside it)
 
     @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja), from its tokenizer_config.json, chat_template.jinja
+        or GGUF (`tokenizer.chat_template`), kept in the tokenizer reference; None when it has none."""
+        ref = self.tokenizer_ref
+        if ref.get("kind") in ("embedded-gemma", "smollm2"):
+            folder = embedded_gemma_folder() if ref["kind"] == "embedded-gemma" else smollm2_folder()
+            ref = json.loads((folder / "tokenizer_ref.json").read_text())
+        template = ref.get("chat_template")
+        return template if isinstance(template, str) and template.strip() else None
+
+    @property
     def default_prompt_style(self) -> str:
-        """A tokenizer made for ChatML (SmolLM2, Qwen: it has <|im_start|> and <|im_end|>) gets
-        ChatML; otherwise the family's default."""
+        """"model" (its own chat template) when the model has one; else a tokenizer made for ChatML
+        (it has <|im_start|> and <|im_end|>) gets ChatML; otherwise the family's default."""
+        if self.chat_template is not None:
+            return "model"
         if self.tokenizer.token_id("<|im_start|>") is not None and self.tokenizer.token_id("<|im_end|>") is not None:
             return "chatml"
         return family_of(self.model.config.family).default_prompt_style
@@ -211,7 +224,8 @@ def embedded_gguf_path() -> Path:
 
 def embedded_gemma_folder() -> Path:
     gguf_path = embedded_gguf_path()
-    folder = gguf_path.with_suffix("")
+    # The converter's version is part of the name: a fixed converter never reuses an old folder.
+    folder = gguf_path.with_name(f"{gguf_path.stem}-v{CONVERTER_VERSION}")
     if not (folder / "model.json").exists():
         from instructkit.models.gguf_convert import convert_gguf
 
@@ -274,7 +288,7 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
 
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
 def _download_hub(repo_id: str) -> Path:

@@ -67,6 +67,11 @@ class Tokenizer:
             return [self.bos_id, *ids], [0, *ends]
         return ids, ends
 
+    def encode_rendered(self, text: str) -> tuple[list[int], list[int]]:
+        """`encode_with_offsets` of a template's rendering, whose control-token texts (<|im_end|>,
+        <eos>, <|endoftext|> ...) are read as those tokens (the data inside was checked to hold none)."""
+        return self.encode_with_offsets(text)
+
     @property
     def control_tokens(self) -> frozenset[str]:
         """Texts the tokenizer reads as control tokens (<|endoftext|>, <eos>, <unused0>, ...)."""
@@ -115,8 +120,13 @@ class TiktokenTokenizer(Tokenizer):
         # plain text and is encoded as such rather than as the control token.
         return self.encoding.encode(text, disallowed_special=())
 
+    def encode_rendered(self, text: str) -> tuple[list[int], list[int]]:
+        return self._offsets(text, self.encoding.encode(text, allowed_special="all"))
+
     def _encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        ids = self._encode_plain(text)
+        return self._offsets(text, self._encode_plain(text))
+
+    def _offsets(self, text: str, ids: list[int]) -> tuple[list[int], list[int]]:
         # Byte-level BPE can split a character across tokens: measure in bytes, then round each
         # token's end up to the next character boundary.
         char_byte_starts = list(itertools.accumulate((len(ch.encode("utf-8")) for ch in text), initial=0))
@@ -282,6 +292,24 @@ def _token_ids(value, path: Path, key: str) -> list[int]:
     return values
 
 
+def _chat_template_of(folder: Path, config: dict, config_file: Path) -> dict:
+    """{"chat_template": text} from chat_template.jinja (transformers 4.5x+ writes it there) or
+    tokenizer_config.json's `chat_template` (a string, or a list of named templates: "default"),
+    else {}."""
+    separate = folder / "chat_template.jinja"
+    if separate.is_file():
+        return {"chat_template": separate.read_text(encoding="utf-8")}
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        value = named.get("default")
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        raise UserError(f"{config_file}: chat_template must be a string or a list of named templates")
+    return {"chat_template": value}
+
+
 def tokenizer_from_hf_folder(folder: str | Path) -> tuple[HFTokenizer, dict]:
     """The tokenizer of a Hugging Face model folder, and the reference that rebuilds it
     (`{"kind": "tokenizer.json", "file": <absolute path>, "eos", "pad", "bos", "eos_extra", "name"}`,
@@ -355,7 +383,8 @@ def tokenizer_from_hf_folder(folder: str | Path) -> tuple[HFTokenizer, dict]:
         pad = choose_pad(backend.get_vocab(with_added_tokens=True), {eos, *eos_extra, bos}) or eos
 
     ref = {"kind": "tokenizer.json", "file": str(file.resolve()), "eos": eos, "pad": pad,
-           "bos": bos if add_bos else None, "eos_extra": eos_extra, "name": folder.name}
+           "bos": bos if add_bos else None, "eos_extra": eos_extra, "name": folder.name,
+           **_chat_template_of(folder, config, config_file)}
     tokenizer = tokenizer_from_json(file, eos=eos, pad=pad, bos=ref["bos"], eos_extra=eos_extra, name=folder.name)
     return tokenizer, ref
 

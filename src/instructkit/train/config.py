@@ -66,7 +66,8 @@ class TrainingConfig:
     eval_batches: int = option(5, "train and validation batches per evaluation")
     early_stop: int | None = option(None, "stop after N evaluations without a better validation loss")
     seed: int = option(123, "seed of initialisation, data order and LoRA's matrices")
-    prompt_style: str | None = option(None, "alpaca, phi3 or gemma (default: the model's or starting run's own)")
+    prompt_style: str | None = option(None, "model (its own chat template), alpaca, phi3, gemma or chatml (default: "
+                                            "the starting run's, else the model's own template, else its family's style)")
     max_length: int | None = option(None, "truncate examples to N training positions")
     skip_invalid: bool = option(False, "drop invalid records instead of stopping")
     batching: str = option("grouped", "grouped (length-grouped batches, little padding) or chapter (shuffled order)")
@@ -121,6 +122,10 @@ class TrainConfig(TrainingConfig):
     model: str = option("gemma-3-270m", "preset, folder, .gguf, .pth or HF repo id")
     out: str = option("runs/finetune", "run folder to create")
     mask_instructions: bool = option(False, "supervise only the response and end token")
+    format: str = option("auto", "the data's format: alpaca, messages (OpenAI), sharegpt, or auto (from the first record)")
+    columns: str | None = option(None, "other field names of a conversation file: messages=NAME,role=NAME,content=NAME")
+    train_on: str | None = option(None, "assistant (every answer and its end token) or all (every token); default: "
+                                        "assistant for conversations and a model's own template, else --mask-instructions")
     shuffle_seed: int | None = option(None, "shuffle records before splitting")
     group_near_duplicates: bool = option(False, "keep near-duplicate prompts on one side of the split")
     sample_prompt: bool = option(True, "a greedy sample for a fixed validation prompt after each epoch",

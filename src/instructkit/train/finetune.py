@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from instructkit.data.pipeline import PreparedData, encode_splits, prepare_data
-from instructkit.data.prompts import PromptStyle, get_prompt_style
+from instructkit.data.prompts import PromptStyle, resolve_prompt_style
 from instructkit.devices import resolve_device
 from instructkit.errors import UserError
 from instructkit.models.registry import load_model
@@ -58,7 +58,7 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
     if config.threads:
         torch.set_num_threads(config.threads)
     data = prepare_data(config.data, skip_invalid=config.skip_invalid, shuffle_seed=config.shuffle_seed,
-                        group_near_duplicates=config.group_near_duplicates)
+                        group_near_duplicates=config.group_near_duplicates, fmt=config.format, columns=config.columns)
     config.data_sha256 = data.fingerprint
     check_existing(run, config, resume, lambda: load_run_config(run))
     if run.has_config():
@@ -70,7 +70,7 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
     loaded = load_model(config.model, seed=config.seed)
     torch.manual_seed(config.seed + world.rank)  # dropout and anything else drawn from the global generator
     model, tokenizer = loaded.model, loaded.tokenizer
-    style = get_prompt_style(config.prompt_style or loaded.default_prompt_style)
+    style = resolve_prompt_style(config.prompt_style or loaded.default_prompt_style, loaded)
     config.prompt_style = style.name
     train, val, truncated = _encode(data, style, loaded, config, world)
     wrapped = make_trainable(model, config)
@@ -97,7 +97,7 @@ def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig,
     context = loaded.model.config.context_length
     max_length = min(config.max_length or context, context)
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=config.mask_instructions,
-                            max_length=max_length)
+                            max_length=max_length, train_on=config.train_on, skip_invalid=config.skip_invalid)
     (train, train_report), (val, val_report) = encoded["train"], encoded["val"]
     if steps_per_epoch(len(train), config, world) == 0:
         raise UserError(f"{config.data}: {len(train)} training examples make no full step of {config.batch_size} x "
