@@ -23,9 +23,9 @@ def _quick_suite(*args: str) -> tuple[str, dict]:
 
 
 def test_quick_bench_runs_and_reports(tmp_path):
-    out, saved = _quick_suite("peak", "train", "generate", "kernels", "smoothing", "--repeats", "1")
+    out, saved = _quick_suite("peak", "train", "generate", "kernels", "--repeats", "1")
     for title in ("fp32 matmul peak", "Training throughput", "Ratios", "generation, batch 1", "Gemma 3 270M, greedy",
-                  "Batch-1 matmul by weight format", "int8 MLP candidate vs fp32"):
+                  "Batch-1 matmul by weight format"):
         assert title in out, title
     assert saved["quick"] is True and saved["peak"]["gflops"] > 0
     summary = saved["train"]["summary"]
@@ -44,9 +44,6 @@ def test_quick_bench_runs_and_reports(tmp_path):
     # every kernel computes the same product as the exact one, within its format's rounding
     assert all(row["max_rel_error"] < 0.2 and row["ms"]["median"] > 0 for row in kernels.values()), kernels
     assert any("inductor" in name for name in kernels)
-    smoothing = saved["smoothing"]["rows"]
-    assert len(smoothing) == 5 and all(0 <= row["agreement"] <= 1 for row in smoothing.values())
-    assert sum("tok_s" in row and "streams_differing" in row for row in smoothing.values()) == 2
     assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
 
 
@@ -80,8 +77,7 @@ def test_quick_recipes_suite_chooses_on_pooled_validation_responses_only():
     _, saved = _quick_suite("recipes")
     recipes = saved["recipes"]
     assert [c["name"] for c in recipes["candidates"]] == ["full (all but the embedding), lr 1e-4",
-                                                          "full (all but the embedding), lr 5e-5",
-                                                          "LoRA r16 alpha 32, lr 5e-4"]
+                                                          "LoRA r16 alpha 32, lr 5e-4"]  # --quick: one of each kind
     for candidate in recipes["candidates"]:
         assert "error" not in candidate, candidate
         assert candidate["fold_loss"] > 0 and all(0.0 <= candidate[part]["rouge_l"] <= 1.0
