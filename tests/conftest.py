@@ -105,3 +105,17 @@ def kill_at_checkpoint(args: list[str], run: Path, step: int, *, timeout: float 
         os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
+
+
+def sorting_conversations(count: int) -> list[dict]:
+    """`count` two-turn conversations (messages records) whose second question depends on the
+    first answer: "Sort these: ..." then "Now only the first two."."""
+    rows = []
+    for i in range(count):
+        numbers = [(i * 7 + k * 13) % 97 for k in range(4)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"Sort these: {', '.join(map(str, numbers))}"},
+            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)))},
+            {"role": "user", "content": "Now only the first two."},
+            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)[:2]))}]})
+    return rows

@@ -21,23 +21,11 @@ from instructkit.data.rendering import Renderer, encode_conversations
 from instructkit.data.tokenize import IGNORE_INDEX, encode_records
 from instructkit.errors import UserError
 
-from .conftest import run_cli
+from .conftest import run_cli, sorting_conversations
 
 TWO_TURNS = [{"role": "system", "content": "You sort numbers."}, {"role": "user", "content": "Sort these: 3, 1, 2"},
              {"role": "assistant", "content": "1, 2, 3"}, {"role": "user", "content": "Now only the first two."},
              {"role": "assistant", "content": "1, 2"}]
-
-
-def _conversations(count: int) -> list[dict]:
-    rows = []
-    for i in range(count):
-        numbers = [(i * 7 + k * 13) % 97 for k in range(4)]
-        rows.append({"messages": [
-            {"role": "user", "content": f"Sort these: {', '.join(map(str, numbers))}"},
-            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)))},
-            {"role": "user", "content": "Now only the first two."},
-            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)[:2]))}]})
-    return rows
 
 
 def _sharegpt(row: dict) -> dict:
@@ -46,7 +34,7 @@ def _sharegpt(row: dict) -> dict:
 
 
 def test_messages_sharegpt_and_alpaca_are_detected_and_read_into_one_shape(tmp_path):
-    rows = _conversations(3)
+    rows = sorting_conversations(3)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "s.json").write_text(json.dumps([_sharegpt(r) for r in rows]))
     renamed = [{"dialog": [{"speaker": m["role"], "text": m["content"]} for m in r["messages"]], "id": i} for i, r in enumerate(rows)]
@@ -74,7 +62,7 @@ def test_messages_sharegpt_and_alpaca_are_detected_and_read_into_one_shape(tmp_p
 ])
 def test_every_fault_is_named_with_file_record_and_message(tmp_path, messages, fault):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(_conversations(1)[0]) + "\n" + json.dumps({"messages": messages}) + "\n")
+    path.write_text(json.dumps(sorting_conversations(1)[0]) + "\n" + json.dumps({"messages": messages}) + "\n")
     with pytest.raises(UserError) as raised:
         load_records(path)
     assert str(raised.value).startswith(f"{path}: line 2: {fault}"), str(raised.value)
@@ -92,7 +80,7 @@ def test_a_file_of_unknown_shape_is_refused_in_one_line(tmp_path):
 def test_parquet_arrow_csv_and_a_saved_dataset_read_the_same_records(tmp_path, monkeypatch):
     import datasets
 
-    rows = _conversations(4)
+    rows = sorting_conversations(4)
     dataset = datasets.Dataset.from_list(rows)
     dataset.to_parquet(str(tmp_path / "d.parquet"))
     dataset.save_to_disk(str(tmp_path / "saved"))
@@ -222,7 +210,7 @@ def test_a_record_whose_answers_are_truncated_away_is_named_or_skipped(gpt2):
 
 def test_train_on_all_supervises_every_token(gpt2, tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _conversations(20)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in sorting_conversations(20)))
     data = prepare_data(str(path))
     answers = encode_splits(data, ALPACA, gpt2)["train"]
     everything = encode_splits(data, ALPACA, gpt2, train_on="all")["train"]
@@ -232,7 +220,7 @@ def test_train_on_all_supervises_every_token(gpt2, tmp_path):
 
 def test_data_command_prints_coverage_and_the_mask(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _conversations(30)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in sorting_conversations(30)))
     result = run_cli("data", "--data", str(path), "--show-mask")
     assert result.returncode == 0, result.stderr
     assert "Format: messages" in result.stdout and "Supervised (answer) tokens per record" in result.stdout
@@ -246,7 +234,7 @@ def test_preference_conversations_in_both_forms_encode_after_the_rendered_prompt
     from instructkit.data.preferences import encode_pairs, load_preferences
 
     rows = []
-    for i, row in enumerate(_conversations(20)):
+    for i, row in enumerate(sorting_conversations(20)):
         head, answer = row["messages"][:-1], row["messages"][-1]
         rows.append({"messages": head, "chosen": answer["content"], "rejected": "I don't know."} if i % 2 else
                     {"prompt": head, "chosen": [answer], "rejected": [{"role": "assistant", "content": "I don't know."}]})

@@ -55,19 +55,6 @@ def test_fp32_next_tokens_agree_with_llama_cpp(smollm2):
     assert total >= 300 and rate >= 0.95
 
 
-def _sorting_conversations(count: int) -> list[dict]:
-    """Two-turn conversations whose second question depends on the first answer."""
-    rows = []
-    for i in range(count):
-        numbers = [(i * 7 + k * 13) % 97 for k in range(4)]
-        rows.append({"messages": [
-            {"role": "user", "content": f"Sort these: {', '.join(map(str, numbers))}"},
-            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)))},
-            {"role": "user", "content": "Now only the first two."},
-            {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)[:2]))}]})
-    return rows
-
-
 def test_lora_on_conversations_with_its_own_template_answers_in_llama_cpp_as_ours(tmp_path):
     """A short LoRA fine-tune of the real model on a two-turn conversation file through the CLI,
     with the model's own chat template (from inside its GGUF: the default, `--prompt-style model`);
@@ -82,10 +69,10 @@ def test_lora_on_conversations_with_its_own_template_answers_in_llama_cpp_as_our
     from instructkit.decode.generate import generate
     from instructkit.runs import RunFolder
 
-    from .conftest import run_cli
+    from .conftest import run_cli, sorting_conversations
 
     data, run = tmp_path / "conversations.jsonl", tmp_path / "run"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _sorting_conversations(40)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in sorting_conversations(40)))
     result = run_cli("finetune", "--model", "smollm2-135m-instruct", "--data", str(data), "--out", str(run),
                      "--lora-rank", "8", "--max-steps", "2", "--batch-size", "2", "--eval-every", "100", "--eval-batches", "1",
                      "--no-sample-prompt", "--threads", "2")

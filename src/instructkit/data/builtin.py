@@ -114,16 +114,22 @@ def generate_builtin(count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -> li
     if count < 2 * len(FAMILIES):
         raise UserError(f"builtin:{count}: ask for at least {2 * len(FAMILIES)} examples")
     rng = random.Random(seed)
+    placement = _Placement(split_sizes(count))
+    return in_blocks(count, FAMILIES, rng, lambda family, split: _draw_for_split(family, split, rng, seed, placement))
+
+
+def in_blocks(count: int, families: list, rng: random.Random, draw) -> list[dict]:
+    """`count` records in blocks that hold one record of every family (each block in a seeded
+    random order); `draw(family, split)` makes each for the split its position falls in."""
     sizes = split_sizes(count)
     boundaries = [("train", sizes["train"]), ("test", sizes["train"] + sizes["test"]), ("val", count)]
-    placement = _Placement(sizes)
     records: list[dict] = []
     while len(records) < count:
-        block = list(FAMILIES)
+        block = list(families)
         rng.shuffle(block)
         for family in block[: count - len(records)]:
             split = next(name for name, end in boundaries if len(records) < end)
-            records.append(_draw_for_split(family, split, rng, seed, placement))
+            records.append(draw(family, split))
     return records
 
 

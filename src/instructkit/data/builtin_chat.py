@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from instructkit.data.builtin import key_split, split_sizes
+from instructkit.data.builtin import in_blocks, key_split
 from instructkit.errors import UserError
 
 DEFAULT_COUNT, DEFAULT_SEED = 600, 0
@@ -92,17 +92,8 @@ def generate_builtin_chat(count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) 
     if count < 10 * len(FAMILIES):
         raise UserError(f"builtin-chat:{count}: ask for at least {10 * len(FAMILIES)} conversations")
     rng = random.Random(seed)
-    sizes = split_sizes(count)
-    boundaries = [("train", sizes["train"]), ("test", sizes["train"] + sizes["test"]), ("val", count)]
-    records: list[dict] = []
     seen: set[str] = set()
-    while len(records) < count:
-        block = list(FAMILIES)
-        rng.shuffle(block)
-        for family in block[: count - len(records)]:
-            split = next(name for name, end in boundaries if len(records) < end)
-            records.append(_record(family, rng, split, seed, seen))
-    return records
+    return in_blocks(count, FAMILIES, rng, lambda family, split: _record(family, rng, split, seed, seen))
 
 
 def parse_builtin_chat_spec(source: str) -> tuple[int, int] | None:
