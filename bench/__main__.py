@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing", "families")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
+    parser.add_argument("--only", default=None,
+                        help="train and families: only the configurations (train) or models (families) whose name "
+                             "contains one of these comma-separated words, e.g. --only smollm2")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     parser.add_argument("--run", default=None,
                         help="quality: read this finished main-job folder instead of running three seeds; "
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.suites:
         from bench import train
 
-        results["train"] = train.run(args.quick, peak_gflops=peak, repeats=args.repeats)
+        results["train"] = train.run(args.quick, peak_gflops=peak, repeats=args.repeats, only=args.only)
     if "generate" in args.suites:
         from bench import generate
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if "families" in args.suites:
         from bench import families
 
-        results["families"] = families.run(args.quick, repeats=args.repeats)
+        results["families"] = families.run(args.quick, repeats=args.repeats, only=args.only)
     if "load" in args.suites:
         from bench import load
 

@@ -53,9 +53,11 @@ def _prompts(quick: bool) -> tuple[list[list[int]], list[int]]:
     return prompts, long_prompt
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict:
+def run(quick: bool = False, repeats: int | None = None, only: str | None = None) -> dict:
     repeats = repeats or (1 if quick else 3)
     models = {"SmolLM2-135M-Instruct": "smollm2-135m-instruct"} if quick else MODELS
+    if only:  # --only: models whose label holds one of the words
+        models = {label: spec for label, spec in models.items() if any(w.lower() in label.lower() for w in only.split(","))}
     prompts, long_prompt = _prompts(quick)
     budget = 8 if quick else 64
     threads = torch.get_num_threads()

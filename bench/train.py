@@ -87,9 +87,11 @@ COMPARISONS = [
 ]
 
 
-def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | None = None) -> dict:
+def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | None = None, only: str | None = None) -> dict:
     repeats = repeats or (1 if quick else 3)
     configs = configurations(quick)
+    if only:  # --only: configurations whose name holds one of the words
+        configs = [(name, spec) for name, spec in configs if any(word in name for word in only.split(","))]
     raw: dict[str, list[dict]] = {name: [] for name, _ in configs}
     peaks = [peak_gflops] if peak_gflops else []
     for _ in range(repeats):  # interleaved: every configuration once per round

@@ -45,7 +45,8 @@ def _register_generate(subcommands) -> None:
 def _talk_options(parser: argparse.ArgumentParser) -> None:
     add_run_or_model(parser, "a finished fine-tuning run folder (its prompt style is used)",
                      "or any model spec (then --prompt-style is needed)")
-    parser.add_argument("--prompt-style", default=None, help="model (its own chat template), alpaca, phi3, gemma or chatml (default: the run's)")
+    parser.add_argument("--prompt-style", default=None,
+                        help="model (its own chat template), alpaca, phi3, gemma, chatml or llama3 (default: the run's)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument("--quantize", default=TALK_QUANTIZE,
                         help="decoding weights: none, fp16, int8, int4 or auto (default: int8 where the CPU has FBGEMM, the fastest that keeps "

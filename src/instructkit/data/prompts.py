@@ -210,7 +210,21 @@ CHATML = PromptStyle(
     stop_strings=("<|im_end|>", "<|im_start|>"),
 )
 
-PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA, CHATML)}
+# Llama 3 Instruct's turns (header tokens, <|eot_id|> closing each message); the tokenizer adds
+# <|begin_of_text|> as its BOS.
+LLAMA3 = PromptStyle(
+    name="llama3",
+    instruction_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
+    input_prefix="\n\n",
+    response_prefix="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    end_marker="<|eot_id|>",
+    turn_separator="<|eot_id|>",
+    system_prefix="<|start_header_id|>system<|end_header_id|>\n\n",
+    system_suffix="<|eot_id|>",
+    stop_strings=("<|eot_id|>", "<|start_header_id|>"),
+)
+
+PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (ALPACA, PHI3, GEMMA, CHATML, LLAMA3)}
 
 
 def model_style(template: str, tokenizer: Tokenizer, origin: str = "the model's chat template") -> PromptStyle:
@@ -229,8 +243,8 @@ def model_style(template: str, tokenizer: Tokenizer, origin: str = "the model's 
     controls = sorted(tokenizer.control_tokens, key=len, reverse=True)
     end = next((after[i:i + len(c)] for i in range(len(after)) for c in controls if after.startswith(c, i)), None)
     if end is None or after[: after.find(end)].strip():
-        raise UserError(f"{origin}: writes no control token right after an answer (it writes {after[:30]!r}); "
-                        "a model trained with it would never stop. Choose --prompt-style alpaca, phi3, gemma or chatml")
+        raise UserError(f"{origin}: writes no control token right after an answer (it writes {after[:30]!r}); a model "
+                        "trained with it would never stop. Choose --prompt-style alpaca, phi3, gemma, chatml or llama3")
     return replace(style, end_marker=end, stop_strings=(end,))
 
 

@@ -72,7 +72,8 @@ def prompt_style_for(loaded: LoadedModel, run: RunFolder | None, name: str | Non
     if saved is not None:
         return saved
     if strict:
-        raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style (model, alpaca, phi3, gemma or chatml) "
+        raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style "
+                        "(model, alpaca, phi3, gemma, chatml or llama3) "
                         "so messages are rendered the way the model expects")
     return resolve_prompt_style(loaded.default_prompt_style, loaded)
 

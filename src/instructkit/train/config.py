@@ -66,7 +66,7 @@ class TrainingConfig:
     eval_batches: int = option(5, "train and validation batches per evaluation")
     early_stop: int | None = option(None, "stop after N evaluations without a better validation loss")
     seed: int = option(123, "seed of initialisation, data order and LoRA's matrices")
-    prompt_style: str | None = option(None, "model (its own chat template), alpaca, phi3, gemma or chatml (default: "
+    prompt_style: str | None = option(None, "model (its own chat template), alpaca, phi3, gemma, chatml or llama3 (default: "
                                             "the starting run's, else the model's own template, else its family's style)")
     max_length: int | None = option(None, "truncate examples to N training positions")
     skip_invalid: bool = option(False, "drop invalid records instead of stopping")
