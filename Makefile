@@ -60,7 +60,7 @@ run: $(VENV)/.installed
 		$(if $(BASELINE),--baseline "$(BASELINE)" --baseline-label "the book's gpt2-medium")
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q
 
 # The core tests on the oldest torch the package supports (pyproject: torch>=2.5), in a venv of its
 # own. PyPI's torch 2.5.1 is a CUDA build of several GB, so this is not part of `make test`.
