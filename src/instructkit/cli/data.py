@@ -31,7 +31,7 @@ def register(subcommands) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from instructkit.data.pipeline import encode_splits, prepare_data, uses_rendering, write_splits
+    from instructkit.data.pipeline import default_train_on, encode_splits, prepare_data, uses_rendering, write_splits
     from instructkit.data.prompts import get_prompt_style
     from instructkit.models.tokenizer import load_tokenizer
 
@@ -54,8 +54,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     _print_records(args, data)
     rendered = uses_rendering(data, style, args.train_on)
     if rendered:
-        train_on = args.train_on or ("assistant" if data.loaded.format != "alpaca" or style.chat_template or
-                                     args.mask_instructions else "all")
+        train_on = args.train_on or default_train_on(data, style, args.mask_instructions)
         masking = "every answer and its end token" if train_on == "assistant" else "all tokens"
     else:
         masking = "response and end token only" if args.mask_instructions else "all tokens (the chapter's default)"

@@ -63,6 +63,13 @@ def uses_rendering(data: PreparedData, style: PromptStyle, train_on: str | None)
     return data.loaded.format != "alpaca" or style.chat_template is not None or train_on is not None
 
 
+def default_train_on(data: PreparedData, style: PromptStyle, mask_instructions: bool) -> str:
+    """--train-on when not given: answers only for conversations and a model's own template,
+    else what --mask-instructions says."""
+    conversations = data.loaded.format != "alpaca" or style.chat_template is not None
+    return "assistant" if conversations or mask_instructions else "all"
+
+
 def encode_splits(
     data: PreparedData,
     style: PromptStyle,
@@ -78,8 +85,7 @@ def encode_splits(
     if uses_rendering(data, style, train_on):
         from instructkit.data.rendering import Renderer, encode_conversations
 
-        conversations = data.loaded.format != "alpaca" or style.chat_template is not None
-        train_on = train_on or ("assistant" if conversations or mask_instructions else "all")
+        train_on = train_on or default_train_on(data, style, mask_instructions)
         renderer = Renderer(tokenizer, style=style)
         return {name: encode_conversations(data.splits.by_name(name), renderer, train_on=train_on, max_length=max_length,
                                            skip_invalid=skip_invalid, source=f"{data.loaded.path} ({name} split)")

@@ -1,8 +1,8 @@
 """How a conversation becomes text and supervised tokens: one `Renderer` for training, and the
 same one for every prompt the model is later given.
 
-A renderer is either a model's own chat template (data/chat_template.py) or one of our named prompt
-styles (data/prompts.py) for base models without one. Both render with the same contract,
+A renderer is a prompt style (data/prompts.py) with its tokenizer: one of our named styles, or a
+model's own chat template (data/chat_template.py) carried by the style. Both render with the same contract,
 `render(messages, add_generation_prompt) -> str`, so the masking rule (chat_template.supervised_spans)
 is one rule: an answer is the text its rendering adds after the generation prompt, up to and
 including its end-of-turn token.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from instructkit.data.chat_template import ChatTemplate, Supervision, supervised_spans
+from instructkit.data.chat_template import Supervision, supervised_spans
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample
 from instructkit.errors import UserError
@@ -29,28 +29,24 @@ TRAIN_ON = ("assistant", "all")
 
 @dataclass(frozen=True)
 class Renderer:
-    """A chat template (`template`) or a named style (`style`), with the tokenizer it renders for."""
+    """A prompt style (named, or a model's own template) with the tokenizer it renders for."""
 
     tokenizer: Tokenizer
-    template: ChatTemplate | None = None
-    style: PromptStyle | None = None
+    style: PromptStyle
 
     @property
     def name(self) -> str:
-        return self.template.origin if self.template is not None else f"prompt style {self.style.name}"
+        return f"prompt style {self.style.name}"
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if self.template is not None:
-            return self.template.render(messages, add_generation_prompt=add_generation_prompt)
-        # A named style always ends a user turn with its response header (the generation prompt).
+        # A style ends a user turn with its response header (the generation prompt) by itself.
         return self.style.render(messages, end_text=self.tokenizer.decode([self.tokenizer.eos_id]))
 
     def end_texts(self) -> frozenset[str]:
         """Texts that may end an answer: the tokenizer's control tokens (a template closes answers
-        with one of them) and, for a style, its end token."""
+        with one of them), its EOS texts and the style's end token."""
         texts = set(self.tokenizer.control_tokens) | {self.tokenizer.decode([i]) for i in self.tokenizer.eos_ids}
-        if self.style is not None:
-            texts.add(self.tokenizer.decode([self.style.end_token_id(self.tokenizer)]))
+        texts.add(self.tokenizer.decode([self.style.end_token_id(self.tokenizer)]))
         return frozenset(texts)
 
     def supervision(self, messages: list[dict]) -> Supervision:
