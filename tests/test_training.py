@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,20 @@ def test_killed_run_resumes_to_identical_weights(chapter_data_path, tmp_path):
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
     assert steps == list(range(1, 25))
+
+
+def test_training_processes_ask_mkl_for_repeatable_products():
+    """MKL's default mode may sum a product in a different order from run to run (a resumed run
+    then drifts by an ulp from the uninterrupted one); importing instructkit selects its
+    reproducible mode before torch's first product, unless the user chose one."""
+    code = ("import ctypes, os, torch, instructkit; torch.ones(8, 8) @ torch.ones(8, 8); "
+            "lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), 'lib', 'libtorch_cpu.so')); "
+            "print(os.environ['MKL_CBWR'], lib.mkl_serv_cbwr_get(-1))")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["AUTO", "2"]  # MKL_CBWR_AUTO; the default mode reads 1
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | {"MKL_CBWR": "COMPATIBLE"}, check=True)
+    assert result.stdout.split() == ["COMPATIBLE", "3"]
 
 
 def test_finetune_command_leaves_a_complete_run_folder(chapter_data_path, tmp_path):
