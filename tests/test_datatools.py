@@ -108,6 +108,39 @@ def test_the_grouped_split_leaves_no_near_duplicate_across_splits(chapter_data_p
     assert find_leaks(grouped_split(doubled).train, grouped_split(doubled).test).exact_record == []
 
 
+def test_dedup_and_leakage_compare_conversations_on_their_user_turns_and_answers(tmp_path):
+    """Conversations (ShareGPT here, messages below) are compared as their joined user turns and
+    joined answers: a copy read in another format and a reworded twin are found, a conversation
+    that only shares its first turn is not."""
+    def chat(*turns):
+        return [{"role": role, "content": text} for pair in turns for role, text in zip(("user", "assistant"), pair)]
+
+    first = chat(("Sort these: pear, fig, kiwi.", "fig, kiwi, pear"), ("Now only the first two.", "fig, kiwi"))
+    other = chat(("Sort these: pear, fig, kiwi.", "fig, kiwi, pear"),
+                 ("Which of them grows on a vine?", "The kiwi does: kiwifruit grow on woody vines, in pergolas."))
+    unrelated = chat(("Name a primary colour.", "Red."),)
+    sharegpt = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                   for m in messages]} for messages in (first, other, unrelated, first)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in sharegpt))
+    result = run_cli("dedup", "--data", str(data), "--out", str(tmp_path / "kept.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "kept-duplicates.json").read_text())
+    assert report["dropped"] == [3]  # the copy of conversation 0; 0 and 1 share a turn, not their text
+    assert "Sort these: pear, fig, kiwi.\\nNow only the first two." in result.stdout
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert [len(r["messages"]) for r in kept] == [4, 4, 2]  # written back in the messages shape
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps({"messages": m}) for m in (first, unrelated)))
+    reworded = chat(("Sort these ones: pear, fig, kiwi.", "fig, kiwi, pear"), ("Now only the first two.", "fig, kiwi"))
+    test.write_text("\n".join(json.dumps({"messages": m}) for m in (other, reworded)))
+    result = run_cli("leakage", "--train", str(train), "--test", str(test))
+    assert result.returncode == 0, result.stderr
+    assert "exact record 0" in result.stdout and "near prompt 1" in result.stdout
+    assert "test [1] ~ train [0]" in result.stdout and "test [0] ~" not in result.stdout
+
+
 # Synthesis ----------------------------------------------------------------------------------
 class ScriptedRawServer:
     """A stand-in raw-completion server (the failures below cannot be made to happen on demand in a

@@ -67,6 +67,7 @@ def _register_synth(subcommands) -> None:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
+    from instructkit.data.conversations import comparison_fields
     from instructkit.datatools.dedup import FIELDS, find_duplicates, load_any_records
 
     path, records = load_any_records(args.data)
@@ -85,8 +86,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
           f"(the later record of each pair found on {' or '.join(drop)})")
     for pair in result.pairs[: args.show]:
         kind = "exact" if pair.exact else f"{pair.similarity:.3f}"
-        print(f"  [{pair.first}] ~ [{pair.second}] {pair.field} ({kind}): "
-              f"{str(records[pair.first].get(pair.field, ''))[:60]!r} | {str(records[pair.second].get(pair.field, ''))[:60]!r}")
+        first, second = (comparison_fields(records[i]).get(pair.field, "") for i in (pair.first, pair.second))
+        print(f"  [{pair.first}] ~ [{pair.second}] {pair.field} ({kind}): {str(first)[:60]!r} | {str(second)[:60]!r}")
     if args.out:
         _write_dedup(Path(args.out), path, records, result, args.threshold)
     return 0
@@ -120,6 +121,7 @@ def _leakage_splits(args: argparse.Namespace):
 
 
 def cmd_leakage(args: argparse.Namespace) -> int:
+    from instructkit.data.conversations import comparison_fields
     from instructkit.datatools.leakage import find_leaks
 
     train, test, where = _leakage_splits(args)
@@ -135,8 +137,8 @@ def cmd_leakage(args: argparse.Namespace) -> int:
                         ("near prompt", leaks.near), ("13-gram", leaks.ngram)):
         for item in items[: args.show]:
             t, i = item[0], item[1]
-            print(f"  {kind}: test [{t}] ~ train [{i}]: {test[t].get('instruction', '')[:50]!r} | "
-                  f"{train[i].get('instruction', '')[:50]!r}")
+            print(f"  {kind}: test [{t}] ~ train [{i}]: {comparison_fields(test[t])['instruction'][:50]!r} | "
+                  f"{comparison_fields(train[i])['instruction'][:50]!r}")
     if args.out:
         from instructkit.fileio import atomic_write_json
 

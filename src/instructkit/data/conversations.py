@@ -152,6 +152,16 @@ def user_text(record: dict) -> str:
     return "\n".join(message["content"] for message in record["messages"] if message["role"] == "user")
 
 
+def comparison_fields(record: dict) -> dict:
+    """The instruction / input / output a dataset tool (dedup, leakage) compares: an Alpaca
+    record's own; for a conversation, its user turns joined (the instruction, no input) and its
+    answers joined (the output)."""
+    if "messages" not in record:
+        return record
+    answers = "\n".join(message["content"] for message in record["messages"] if message["role"] == "assistant")
+    return {"instruction": user_text(record), "input": "", "output": answers}
+
+
 def scored_entries(record: dict) -> list[dict]:
     """A record as respond and evaluate read it. An Alpaca record is itself. A conversation is one
     entry per answer: the messages through that answer (the prompt is rendered from those before

@@ -1,6 +1,7 @@
 """`instructkit dedup`: exact and near-duplicate records, clustered, with a kept/dropped file.
 
-Per field (instruction, input, output by default): exact duplicates after normalisation
+Per field (instruction, input, output by default; a conversation's joined user turns and joined
+answers, data/conversations.comparison_fields): exact duplicates after normalisation
 (similarity.normalize) by hash, then near-duplicates by cosine on TF-IDF of character 1-3-grams
 (the chapter's method) above a threshold (0.8: the chapter's two "capital of Italy" instructions
 are 0.855 apart, which its script's default of 0.9 misses). Up to `MINHASH_FROM` records the pairs
@@ -18,6 +19,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instructkit.data.conversations import comparison_fields
 from instructkit.data.similarity import UnionFind, chunked_pairs, dense_pairs, minhash_pairs, normalize, tfidf
 from instructkit.errors import UserError
 
@@ -48,23 +50,32 @@ class DedupResult:
 def load_any_records(source: str) -> tuple[str, list[dict]]:
     """(where, records) for a file, URL, named source or builtin spec, duplicates included."""
     from instructkit.data.builtin import generate_builtin, parse_builtin_spec
+    from instructkit.data.builtin_chat import generate_builtin_chat, parse_builtin_chat_spec
     from instructkit.data.sources import resolve_source
 
-    builtin = parse_builtin_spec(source)
-    if builtin is not None:
+    if (builtin := parse_builtin_spec(source)) is not None:
         return source, generate_builtin(*builtin)
+    if (builtin_chat := parse_builtin_chat_spec(source)) is not None:
+        return source, generate_builtin_chat(*builtin_chat)
     path = resolve_source(source)
     return str(path), read_any_records(path)
 
 
 def read_any_records(path: Path) -> list[dict]:
-    """Records as objects with string fields, duplicates included (dedup must see them)."""
+    """Records as objects, duplicates included (dedup must see them); messages and ShareGPT
+    records read into the messages shape (data/conversations.py), each checked."""
+    from instructkit.data.conversations import Columns, detect_format, normalize_conversation
     from instructkit.data.records import parse_records
 
     records = []
     for where, value in parse_records(path):
         if not isinstance(value, dict):
             raise UserError(f"{path}: {where}: expected an object")
+        fmt = detect_format(value)
+        if fmt in ("messages", "sharegpt"):
+            value, fault = normalize_conversation(value, fmt, Columns(), ())
+            if fault is not None:
+                raise UserError(f"{path}: {where}: {fault}")
         records.append(value)
     return records
 
@@ -140,8 +151,9 @@ def find_duplicates(records: list[dict], *, fields: tuple[str, ...] = FIELDS, th
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     pairs: list[Pair] = []
     per_field, used = {}, method
+    views = [comparison_fields(record) for record in records]
     for name in fields:
-        texts = [str(record.get(name, "") or "") for record in records]
+        texts = [str(view.get(name, "") or "") for view in views]
         exact = _exact_pairs(texts, name)
         bar = tqdm(total=len(texts), desc=f"dedup {name}", unit="record", disable=not progress or len(texts) < 5000)
         near, used = near_pairs(texts, threshold, method, progress=bar.update)

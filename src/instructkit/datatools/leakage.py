@@ -1,6 +1,7 @@
 """`instructkit leakage`: test records that are (nearly) training records.
 
-Checked for every test record against every training record, each leak listed with its indices:
+Checked for every test record against every training record (a conversation as its joined user
+turns and joined answers), each leak listed with its indices:
   - exact: the whole record, and the instruction alone, after normalisation;
   - near: the instruction, and the input where either record has one, each at or above a cutoff by
     rapidfuzz's `cdist` (the normalised Indel ratio, 0-100) or by the TF-IDF cosine
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from instructkit.data.conversations import comparison_fields
 from instructkit.data.similarity import normalize
 
 NGRAM = 13
@@ -70,6 +72,7 @@ def find_leaks(train: list[dict], test: list[dict], *, cutoff: float = 90.0, met
                chunk: int = 256) -> Leaks:
     """Every (test index, train index) leak. `cutoff` is rapidfuzz's 0-100 ratio, or a cosine in
     (0, 1] with method "tfidf"."""
+    train, test = [comparison_fields(r) for r in train], [comparison_fields(r) for r in test]
     leaks = Leaks(len(train), len(test))
     full = {normalize(prompt_text(r) + "\n" + r.get("output", "")): i for i, r in enumerate(train)}
     instruction = {normalize(r.get("instruction", "")): i for i, r in enumerate(train)}
