@@ -14,6 +14,8 @@ evaluate, export, chat and serve read it):
     adapter.safetensors    the LoRA tensors alone (LoRA runs)
     metrics.jsonl          one row per optimizer step and per evaluation
     samples.jsonl          a greedy sample for a fixed validation prompt after each epoch
+    data.json              the data as trained: format, what the loss covers, mask coverage per split
+                           (supervised tokens per record, records cut and dropped), the first example marked
     loss-plot.png / .pdf   the chapter's plot
     quality-plot.png / .pdf   validation-response metrics over training (when the run scores them)
     checkpoint/            resume state while the run is unfinished (train/checkpoint.py owns its insides)
@@ -68,6 +70,19 @@ class RunFolder:
     @property
     def samples_file(self) -> Path:
         return self.path / "samples.jsonl"
+
+    @property
+    def data_file(self) -> Path:
+        return self.path / "data.json"
+
+    def data_coverage(self) -> dict | None:
+        """data.json's contents, or None for a run from before it existed."""
+        if not self.data_file.exists():
+            return None
+        try:
+            return json.loads(self.data_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{self.data_file}: not valid JSON ({exc})") from None
 
     @property
     def adapter_file(self) -> Path:

@@ -31,7 +31,7 @@ def register(subcommands) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from instructkit.data.pipeline import default_train_on, encode_splits, prepare_data, uses_rendering, write_splits
+    from instructkit.data.pipeline import encode_splits, prepare_data, supervision_words, uses_rendering, write_splits
     from instructkit.data.prompts import get_prompt_style
     from instructkit.models.tokenizer import load_tokenizer
 
@@ -53,11 +53,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                             train_on=args.train_on, skip_invalid=args.skip_invalid)
     _print_records(args, data)
     rendered = uses_rendering(data, style, args.train_on)
-    if rendered:
-        train_on = args.train_on or default_train_on(data, style, args.mask_instructions)
-        masking = "every answer and its end token" if train_on == "assistant" else "all tokens"
-    else:
-        masking = "response and end token only" if args.mask_instructions else "all tokens (the chapter's default)"
+    masking = supervision_words(data, style, args.train_on, args.mask_instructions)
     print(f"Format: {data.loaded.format} | prompt style: {style.name} | tokenizer: {tokenizer.name} | supervised: {masking}")
     print()
     _print_lengths(encoded)
@@ -136,20 +132,12 @@ def _print_coverage(args: argparse.Namespace, encoded: dict) -> None:
 
 def _print_mask(record: dict, style, tokenizer) -> None:
     """The first training record rendered, its supervised tokens inside [[ ]]."""
-    from instructkit.data.rendering import Renderer, encode_conversations
-    from instructkit.data.tokenize import IGNORE_INDEX
+    from instructkit.data.rendering import Renderer, encode_conversations, marked_text
 
     examples, _ = encode_conversations([record], Renderer(tokenizer, style=style), skip_invalid=True)
-    if not examples:
-        return
-    example, text, inside = examples[0], [], False
-    for token_id, label in zip(example.input_ids, example.labels):
-        if (label != IGNORE_INDEX) != inside:
-            text.append("[[" if not inside else "]]")
-            inside = not inside
-        text.append(tokenizer.decode([token_id]))
-    print("\nThe first training record as the model reads it, supervised tokens in [[ ]]:")
-    print("".join(text) + ("]]" if inside else ""))
+    if examples:
+        print("\nThe first training record as the model reads it, supervised tokens in [[ ]]:")
+        print(marked_text(examples[0], tokenizer))
 
 
 def _print_truncation_and_padding(args: argparse.Namespace, encoded: dict) -> None:

@@ -70,6 +70,14 @@ def default_train_on(data: PreparedData, style: PromptStyle, mask_instructions: 
     return "assistant" if conversations or mask_instructions else "all"
 
 
+def supervision_words(data: PreparedData, style: PromptStyle, train_on: str | None, mask_instructions: bool) -> str:
+    """What the loss covers, in words (the data command and the run's data.json)."""
+    if uses_rendering(data, style, train_on):
+        chosen = train_on or default_train_on(data, style, mask_instructions)
+        return "every answer and its end token" if chosen == "assistant" else "every token"
+    return "the response and its end token" if mask_instructions else "every token (the chapter's default)"
+
+
 def encode_splits(
     data: PreparedData,
     style: PromptStyle,
@@ -101,6 +109,17 @@ def encode_splits(
         )
         for name in SPLIT_NAMES
     }
+
+
+def mask_summary(examples: list[EncodedExample], report) -> dict:
+    """One split's mask coverage: supervised tokens per record (min / median / max), records cut
+    to the length limit and records dropped. A ConversationReport counts answer tokens per record
+    (a conversation may make several examples); on the record path a record is an example."""
+    supervised = report.supervised if getattr(report, "supervised", None) is not None else [e.num_supervised for e in examples]
+    counts = sorted(supervised) or [0]
+    return {"records": len(supervised), "supervised_min": counts[0], "supervised_median": counts[len(counts) // 2],
+            "supervised_max": counts[-1], "supervised_total": sum(supervised), "truncated": report.truncated,
+            "dropped": getattr(report, "skipped", 0)}
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,17 @@ def _alpaca_conversation(record: dict, renderer: Renderer) -> list[dict]:
         return [{"role": "user", "content": renderer.style.user_content(record)},
                 {"role": "assistant", "content": record["output"]}]
     return alpaca_messages(record)
+
+
+def marked_text(example: EncodedExample, tokenizer) -> str:
+    """An example's text as the model reads it, its supervised tokens inside [[ ]] (a target at
+    position i is token i: labels here are aligned with input_ids)."""
+    from instructkit.data.tokenize import IGNORE_INDEX
+
+    text, inside = [], False
+    for token_id, label in zip(example.input_ids, example.labels):
+        if (label != IGNORE_INDEX) != inside:
+            text.append("]]" if inside else "[[")
+            inside = not inside
+        text.append(tokenizer.decode([token_id]))
+    return "".join(text) + ("]]" if inside else "")

@@ -65,6 +65,8 @@ def _training_blocks(run: RunFolder) -> list[tuple]:
                             f"{evals[-1]['train_loss']:.3f}."))
     if config:
         blocks.append(("p", _recipe_line(config)))
+    if (coverage := run.data_coverage()) is not None:
+        blocks += _coverage_blocks(coverage)
     if run.loss_plot.with_suffix(".png").exists():
         blocks.append(("img", run.loss_plot.with_suffix(".png"), "Loss plot"))
     if run.quality_plot.with_suffix(".png").exists():
@@ -75,6 +77,18 @@ def _training_blocks(run: RunFolder) -> list[tuple]:
                                if "val_accuracy" in scored[-1] else "") + "."))
         blocks.append(("img", run.quality_plot.with_suffix(".png"), "Validation quality over training"))
     return blocks
+
+
+def _coverage_blocks(coverage: dict) -> list[tuple]:
+    """The mask coverage of the training data (data.json): what the loss covers, supervised tokens
+    per record, records cut and dropped, and the first example with its supervised spans marked."""
+    rows = [[name, split["records"], split["supervised_min"], split["supervised_median"], split["supervised_max"],
+             split["truncated"], split["dropped"]] for name, split in (("train", coverage["train"]), ("val", coverage["val"]))]
+    return [("p", f"Data: {coverage['format']} records in prompt style {coverage['prompt_style']}; the loss covers "
+                  f"{coverage['supervised']}. Supervised tokens per record:"),
+            ("table", ["split", "records", "min", "median", "max", "truncated", "dropped"], rows),
+            ("p", "The first training example as the model reads it, supervised tokens in [[ ]]:"),
+            ("pre", coverage["example"])]
 
 
 def _pct_ci(value: dict) -> str:

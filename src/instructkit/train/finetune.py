@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from instructkit.data.pipeline import PreparedData, encode_splits, prepare_data
+from instructkit.data.pipeline import PreparedData, encode_splits, mask_summary, prepare_data, supervision_words
+from instructkit.data.rendering import marked_text
 from instructkit.data.prompts import PromptStyle, resolve_prompt_style
 from instructkit.devices import resolve_device
 from instructkit.errors import UserError
+from instructkit.fileio import atomic_write_json
 from instructkit.models.registry import load_model
 from instructkit.runs import RunFolder
 from instructkit.train import distributed
@@ -72,7 +74,7 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
     model, tokenizer = loaded.model, loaded.tokenizer
     style = resolve_prompt_style(config.prompt_style or loaded.default_prompt_style, loaded)
     config.prompt_style = style.name
-    train, val, truncated = _encode(data, style, loaded, config, world)
+    train, val, truncated, coverage = _encode(data, style, loaded, config, world)
     wrapped = make_trainable(model, config)
     if wrapped:
         tell(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} (scale alpha/rank) on {wrapped} linear layers")
@@ -87,13 +89,14 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
     state["truncated"] = truncated
     objective = SupervisedObjective(train, val, tokenizer, style, config, session, sample_record=data.splits.val[0],
                                     score_validation=score_validation)
-    fit_and_write(session, objective, config, run, state, lambda trained: _write_outputs(trained, loaded, config, state, run))
+    fit_and_write(session, objective, config, run, state, lambda trained: _write_outputs(trained, loaded, config, state, run, coverage))
     return run
 
 
 def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig, world: World = distributed.SINGLE):
     """Encoded train and validation examples, cut to the model's context (the chapter's
-    allowed_max_length): returns (train, val, how many training examples were cut)."""
+    allowed_max_length): returns (train, val, how many training examples were cut, the mask
+    coverage that data.json keeps: per split, and the first training example marked)."""
     context = loaded.model.config.context_length
     max_length = min(config.max_length or context, context)
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=config.mask_instructions,
@@ -108,11 +111,19 @@ def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig,
     if cut and world.is_main:
         why = "--max-length" if config.max_length and config.max_length < context else "the model's context"
         say(f"Truncated {cut} examples to {max_length} positions ({why}); they lose their end token")
-    return train, val, train_report.truncated
+    coverage = {"format": data.loaded.format, "prompt_style": style.name, "supervised": supervision_words(data, style, config.train_on, config.mask_instructions),
+                "train": mask_summary(train, train_report), "val": mask_summary(val, val_report),
+                "example": marked_text(train[0], loaded.tokenizer)}
+    if world.is_main:
+        rows = coverage["train"]
+        say(f"Supervised tokens per training record: min {rows['supervised_min']}, median {rows['supervised_median']}, "
+            f"max {rows['supervised_max']} ({coverage['supervised']})")
+    return train, val, train_report.truncated, coverage
 
 
-def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFolder) -> None:
+def _write_outputs(model, loaded, config: TrainConfig, state: dict, run: RunFolder, coverage: dict) -> None:
     save_trained(model, config, run, loaded.tokenizer_ref)
+    atomic_write_json(run.data_file, coverage)
     run.write_samples(state["samples"])  # (metrics.jsonl is complete: the loop's last row is an evaluation)
     evals = [row for row in state["rows"] if row["kind"] == "eval"]
     plot_losses(evals, run.loss_plot)
