@@ -279,7 +279,7 @@ def test_the_main_job_on_conversations_scores_every_turn_and_reports_mask_covera
     report carry the training data's mask coverage."""
     out = tmp_path / "main"
     result = run_cli("run", "--model", "tiny-gemma3", "--data", "builtin-chat:120", "--max-steps", "3",
-                     "--max-new-tokens", "4", "--base-max-new-tokens", "4", "--out", str(out))
+                     "--base-max-new-tokens", "4", "--out", str(out))  # the fine-tuned model's budget: its default
     assert result.returncode == 0, result.stderr
     coverage = json.loads((out / "data.json").read_text())
     train = coverage["train"]

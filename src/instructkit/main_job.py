@@ -117,9 +117,12 @@ RESPONSE_CAP = 256  # the chapter's max_new_tokens
 
 
 def response_budget(train_records: list[dict], tokenizer) -> int:
-    """New tokens allowed per response: twice the longest training response (no answer the model
-    was taught is longer, so anything past it is a runaway), at most RESPONSE_CAP."""
-    longest = max(len(tokenizer.encode(record["output"])) for record in train_records)
+    """New tokens allowed per response: twice the longest training response (a conversation's
+    longest answer; no answer the model was taught is longer, so anything past it is a runaway),
+    at most RESPONSE_CAP."""
+    from instructkit.data.conversations import scored_entries
+
+    longest = max(len(tokenizer.encode(entry["output"])) for record in train_records for entry in scored_entries(record))
     return max(16, min(RESPONSE_CAP, 2 * longest))
 
 
