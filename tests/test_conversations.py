@@ -170,6 +170,25 @@ def test_gpt2_alpaca_answers_end_with_the_eos_token_read_as_a_token(gpt2):
     assert supervised.count(gpt2.eos_id) == 2 and gpt2.decode(supervised) == "1, 2, 3<|endoftext|>1, 2<|endoftext|>"
 
 
+@pytest.mark.parametrize("style_name, tokenizer_fixture", [("alpaca", "gpt2"), ("phi3", "gpt2"), ("gemma", "gemma_tokenizer")])
+def test_a_prompt_with_history_is_the_training_rendering_up_to_the_answer(request, style_name, tokenizer_fixture):
+    """What respond, chat and the server feed a trained model before its second answer are the
+    ids it was trained on there: in a style without an end marker (alpaca, phi3) the earlier
+    answer is closed by the EOS token in both."""
+    from instructkit.data.prompts import get_prompt_style
+    from instructkit.serve.conversation import encode_conversation
+
+    style, tokenizer = get_prompt_style(style_name), request.getfixturevalue(tokenizer_fixture)
+    (example,), _ = encode_conversations([{"messages": TWO_TURNS}], Renderer(tokenizer, style=style))
+    supervised = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+    second_answer = next(i for previous, i in zip(supervised, supervised[1:]) if i != previous + 1)
+    trained = example.input_ids[:second_answer]
+    assert encode_conversation(style, TWO_TURNS[:-1], tokenizer) == trained
+    second = scored_entries({"messages": TWO_TURNS})[1]
+    assert tokenizer.encode_prompt(style.prompt_of(second, tokenizer.eos_text)) == trained
+    assert (tokenizer.eos_id in trained) == (style.end_marker is None)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from instructkit.models.registry import load_model
@@ -246,7 +265,7 @@ def test_preference_conversations_in_both_forms_encode_after_the_rendered_prompt
     assert len(pairs) == 20 and report.not_prefix == 0
     first = prefs.records[0]
     chosen = pairs[0].chosen
-    assert gpt2.decode(chosen.input_ids[: chosen.response_start]) == ALPACA.conversation(first["messages"])
+    assert gpt2.decode(chosen.input_ids[: chosen.response_start]) == ALPACA.conversation(first["messages"], gpt2.eos_text)
     assert gpt2.decode([i for i, label in zip(chosen.input_ids, chosen.labels) if label != IGNORE_INDEX]) == \
         first["chosen"] + "<|endoftext|>"
     bad = tmp_path / "bad.json"

@@ -104,8 +104,8 @@ def test_chat_templates_render_every_conversation_like_our_rule():
     for style in PROMPT_STYLES.values():
         template = ImmutableSandboxedEnvironment().from_string(jinja_chat_template(style, bos=True))
         for messages in CONVERSATIONS:
-            rendered = template.render(messages=messages, add_generation_prompt=True, bos_token="<bos>")
-            assert rendered == "<bos>" + style.conversation(messages), (style.name, messages)
+            rendered = template.render(messages=messages, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")
+            assert rendered == "<bos>" + style.conversation(messages, "<eos>"), (style.name, messages)
 
 
 GO_RENDER = """package main
@@ -170,10 +170,10 @@ def test_ollama_template_renders_like_our_rule_in_gos_text_template(tmp_path):
                 system = ""
                 if system_from_modelfile and messages[0]["role"] == "system":  # Ollama's .System, not in .Messages
                     system, turns = messages[0]["content"], turns[1:]
-                payload = json.dumps({"Template": go_template(style), "System": system, "Messages": turns})
+                payload = json.dumps({"Template": go_template(style, "<eos>"), "System": system, "Messages": turns})
                 rendered = subprocess.run([str(binary)], input=payload, capture_output=True, text=True, check=True,
                                           timeout=60).stdout
-                assert rendered == style.conversation(messages), (style.name, messages, system_from_modelfile)
+                assert rendered == style.conversation(messages, "<eos>"), (style.name, messages, system_from_modelfile)
 
 
 def test_a_chat_template_go_cannot_express_is_refused_naming_the_construct():

@@ -196,7 +196,7 @@ def test_ollama_export_of_a_non_gemma_family(exports, tmp_path):
     style = get_prompt_style("phi3")
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith('FROM ./model.gguf\nTEMPLATE """')
-    assert f'TEMPLATE """{go_template(style)}"""' in modelfile
+    assert f'TEMPLATE """{go_template(style, loaded.tokenizer.eos_text)}"""' in modelfile
     assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == \
         [f'PARAMETER stop "{stop}"' for stop in style.stop_strings]
     assert "PARAMETER temperature 0" in modelfile

@@ -131,12 +131,13 @@ def respond(
                             "rerun with those, or remove the file or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    tokenizer = loaded.tokenizer
+
     def prompt_of(entry: dict) -> str:
         if not shots:
-            return style.prompt_of(entry)
+            return style.prompt_of(entry, tokenizer.eos_text)
         return few_shot_prompt(style, entry, pick_shots(entry, shot_pool, shots))
 
-    tokenizer = loaded.tokenizer
     stop_ids = style.stop_ids(tokenizer)
     todo = [i for i in range(len(entries)) if i not in done]
     prompts = {i: prompt_of(entries[i]) for i in todo}
@@ -147,7 +148,7 @@ def respond(
     loaded.model.eval()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        chunk_prompts = [tokenizer.encode(prompts[i]) for i in chunk]
+        chunk_prompts = [tokenizer.encode_prompt(prompts[i]) for i in chunk]
         if beams > 1:
             results = beam_search(loaded.model, tokenizer, chunk_prompts, beams=beams, length_penalty=length_penalty,
                                   max_new_tokens=max_new_tokens, stop_ids=stop_ids, repeat_stop=repeat_stop)

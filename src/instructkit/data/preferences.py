@@ -148,7 +148,7 @@ def encode_pairs(records: list[dict], style: PromptStyle, tokenizer: Tokenizer, 
     """Both responses of every pair, supervised on the response (and end token) only."""
     report, pairs = PairReport(), []
     for index, record in enumerate(records):
-        prompt = style.conversation(record["messages"]) if "messages" in record else style.prompt(record)
+        prompt = style.conversation(record["messages"], tokenizer.eos_text) if "messages" in record else style.prompt(record)
         chosen = _encode_response(prompt, record["chosen"], style, tokenizer, append_eos=append_eos, max_length=max_length)
         rejected = _encode_response(prompt, record["rejected"], style, tokenizer, append_eos=append_eos, max_length=max_length)
         report.pairs += 1

@@ -80,31 +80,34 @@ class PromptStyle:
             return self.conversation([{"role": "user", "content": self.user_content(record)}])
         return self.format_input(record) + self.response_prefix
 
-    def prompt_of(self, record: dict) -> str:
+    def prompt_of(self, record: dict, end_text: str = "") -> str:
         """The prompt for a record's (last) answer: `prompt` for an Alpaca record; for a
-        conversation, the messages before its last assistant message, rendered to be answered."""
+        conversation, the messages before its last assistant message, rendered to be answered
+        (earlier answers closed by `end_text`, as in `conversation`)."""
         if "messages" not in record:
             return self.prompt(record)
         messages = record["messages"]
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        return self.conversation(messages[:last])
+        return self.conversation(messages[:last], end_text)
 
     def user_content(self, record: dict) -> str:
         """The record as one user message (instruction, and the input under its prefix)."""
         return self.format_input(record)[len(self.instruction_prefix):]
 
-    def conversation(self, messages: list[dict]) -> str:
+    def conversation(self, messages: list[dict], end_text: str = "") -> str:
         """The text before the next assistant answer, for messages {"role": system|user|assistant,
-        "content": ...}: optional system first, then user and assistant alternating, ending with user."""
+        "content": ...}: optional system first, then user and assistant alternating, ending with user.
+        `end_text`: what closes each earlier answer in a style without an end marker; a model is
+        trained with its tokenizer's EOS there (`Tokenizer.eos_text`), so prompts for it pass the same."""
         if not [m for m in messages if m["role"] != "system"] or messages[-1]["role"] != "user":
             raise UserError("a conversation must end with a user message")
-        return self.render(messages, end_text="")
+        return self.render(messages, end_text=end_text)
 
     def render(self, messages: list[dict], end_text: str) -> str:
         """A conversation as text, ending with a user message (then with its response header: the
         prompt for the next answer) or an assistant one. Each answer is followed by `end_text` when
-        the style has no end marker of its own (training passes the tokenizer's EOS text, which it
-        reads as the EOS token; `conversation` passes "") and the turn separator."""
+        the style has no end marker of its own (the tokenizer's EOS text, which it reads as the EOS
+        token: training and every prompt for a trained model pass it) and the turn separator."""
         if self.chat_template is not None:
             from instructkit.data.conversations import conversation_problem
 

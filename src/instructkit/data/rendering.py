@@ -40,7 +40,7 @@ class Renderer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         # A style ends a user turn with its response header (the generation prompt) by itself.
-        return self.style.render(messages, end_text=self.tokenizer.decode([self.tokenizer.eos_id]))
+        return self.style.render(messages, end_text=self.tokenizer.eos_text)
 
     def end_texts(self) -> frozenset[str]:
         """Texts that may end an answer: the tokenizer's control tokens (a template closes answers

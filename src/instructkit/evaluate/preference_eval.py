@@ -31,7 +31,8 @@ from instructkit.train.dpo import DPOConfig, reference_logprobs, start_model
 def _responses(loaded, style, records, max_new_tokens: int) -> list[str]:
     tokenizer = loaded.tokenizer
     stops = style.stop_ids(tokenizer)
-    prompts = [tokenizer.encode(style.conversation(r['messages']) if 'messages' in r else style.prompt(r)) for r in records]
+    prompts = [tokenizer.encode_prompt(style.conversation(r["messages"], tokenizer.eos_text) if "messages" in r else style.prompt(r))
+               for r in records]
     return [r.text.strip() for r in generate(loaded.model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)]
 
 

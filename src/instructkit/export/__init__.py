@@ -148,6 +148,6 @@ def _write(loaded: LoadedModel, style: PromptStyle, fmt: str, quant: str, stagin
                 f"python -c \"from llama_cpp import Llama; Llama('{out / name}').create_chat_completion("
                 f"messages=[{{'role': 'user', 'content': 'Hello'}}])\""]
     marker = style.end_marker if style.end_marker and loaded.tokenizer.token_id(style.end_marker) is not None else None
-    write_ollama(style, staging, name, marker, plan_gguf(loaded.model.config).context_length)
+    write_ollama(style, staging, name, marker, plan_gguf(loaded.model.config).context_length, loaded.tokenizer.eos_text)
     tag = out.name.lower().replace("_", "-") or "instructkit"
     return [f"ollama create {tag} -f {out / 'Modelfile'}", f"ollama run {tag}"]

@@ -16,8 +16,8 @@ from instructkit.errors import UserError
 from instructkit.export.templates import go_template
 
 
-def modelfile(style: PromptStyle, gguf_name: str, end_marker_text: str | None, context: int) -> str:
-    template = go_template(style)
+def modelfile(style: PromptStyle, gguf_name: str, end_marker_text: str | None, context: int, eos_text: str = "") -> str:
+    template = go_template(style, eos_text)
     if '"""' in template:
         raise UserError(f"prompt style {style.name!r} contains three double quotes, which a Modelfile TEMPLATE cannot hold")
     stops = list(dict.fromkeys([*(s for s in [end_marker_text] if s), *style.stop_strings]))
@@ -27,7 +27,8 @@ def modelfile(style: PromptStyle, gguf_name: str, end_marker_text: str | None, c
     return "\n".join(lines) + "\n"
 
 
-def write_ollama(style: PromptStyle, folder: Path, gguf_name: str, end_marker_text: str | None, context: int) -> Path:
+def write_ollama(style: PromptStyle, folder: Path, gguf_name: str, end_marker_text: str | None, context: int,
+                 eos_text: str = "") -> Path:
     path = folder / "Modelfile"
-    path.write_text(modelfile(style, gguf_name, end_marker_text, context), encoding="utf-8")
+    path.write_text(modelfile(style, gguf_name, end_marker_text, context, eos_text), encoding="utf-8")
     return path

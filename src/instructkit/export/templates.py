@@ -33,6 +33,7 @@ def jinja_chat_template(style: PromptStyle, *, bos: bool) -> str:
     if style.chat_template is not None:
         return style.chat_template
     first_turn = "true" if style.system_in_first_turn else "false"
+    closing = "{{ eos_token }}" if style.end_marker is None else ""  # as training closes answers (PromptStyle.render)
     return (
         ("{{- bos_token -}}\n" if bos else "")
         + "{%- if messages and messages[0]['role'] == 'system' -%}\n"
@@ -52,7 +53,7 @@ def jinja_chat_template(style: PromptStyle, *, bos: bool) -> str:
         "    {%- if loop.first and system and system_in_first_turn -%}{{ system_prefix + system + system_suffix }}{%- endif -%}\n"
         "    {{ message['content'] }}\n"
         "  {%- elif message['role'] == 'assistant' -%}\n"
-        f"    {{{{ {_jinja_literal(style.response_prefix)} }}}}{{{{ message['content'] }}}}{{{{ {_jinja_literal(style.turn_separator)} }}}}\n"
+        f"    {{{{ {_jinja_literal(style.response_prefix)} }}}}{{{{ message['content'] }}}}{closing}{{{{ {_jinja_literal(style.turn_separator)} }}}}\n"
         "  {%- else -%}\n"
         "    {{ raise_exception('roles must be system (first), user or assistant') }}\n"
         "  {%- endif -%}\n"
@@ -67,12 +68,15 @@ def _go_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def go_template(style: PromptStyle) -> str:
+def go_template(style: PromptStyle, eos_text: str = "") -> str:
     """Ollama's TEMPLATE: renders .Messages (with .System as the system message when the
-    messages carry none) by the same rule, ending with the response prefix."""
+    messages carry none) by the same rule, ending with the response prefix; each answer is closed
+    by `eos_text` (the tokenizer's EOS, which Ollama reads as that token) in a style without an
+    end marker, as training closes it."""
     if style.chat_template is not None:
         return _go_from_chat_template(style)
     first_turn = "true" if style.system_in_first_turn else "false"
+    closing = _go_literal(eos_text if style.end_marker is None else "")
     return (
         "{{- $system := .System }}\n"
         "{{- range .Messages }}{{ if eq .Role \"system\" }}{{ $system = .Content }}{{ end }}{{ end }}\n"
@@ -88,7 +92,7 @@ def go_template(style: PromptStyle) -> str:
         f"{{{{ {_go_literal(style.response_prefix)} }}}}"
         "{{ $first = false }}\n"
         "{{- else if eq .Role \"assistant\" }}"
-        f"{{{{ .Content }}}}{{{{ {_go_literal(style.turn_separator)} }}}}\n"
+        f"{{{{ .Content }}}}{{{{ {closing} }}}}{{{{ {_go_literal(style.turn_separator)} }}}}\n"
         "{{- end }}\n"
         "{{- end }}"
     )

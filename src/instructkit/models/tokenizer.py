@@ -72,6 +72,17 @@ class Tokenizer:
         <eos>, <|endoftext|> ...) are read as those tokens (the data inside was checked to hold none)."""
         return self.encode_with_offsets(text)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids (with BOS) of a prompt a style or template rendered: its control-token texts (an
+        earlier answer's EOS, <|im_start|> ...) read as those tokens, as in training."""
+        return self.encode_rendered(text)[0]
+
+    @property
+    def eos_text(self) -> str:
+        """The end-of-sequence token as text (which `encode` reads back as that token): what a
+        style without an end marker of its own writes after every answer of a conversation."""
+        return self.decode([self.eos_id])
+
     @property
     def control_tokens(self) -> frozenset[str]:
         """Texts the tokenizer reads as control tokens (<|endoftext|>, <eos>, <unused0>, ...)."""

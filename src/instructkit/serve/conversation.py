@@ -25,18 +25,18 @@ def _marker(messages: list[dict]) -> str:
 
 
 def encode_conversation(style: PromptStyle, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
-    """Ids of `style.conversation(messages)` (with BOS), message text encoded as text."""
+    """Ids of `style.conversation(messages, tokenizer.eos_text)` (with BOS), message text encoded as text."""
     mark = _marker(messages)
     # Empty messages stay empty: the style treats an empty system message as none.
     placeholders = [{**m, "content": f"{mark}{i}{mark}" if m["content"] else ""} for i, m in enumerate(messages)]
-    template = style.conversation(placeholders)
+    template = style.conversation(placeholders, tokenizer.eos_text)  # earlier answers closed as in training
     controls = sorted(tokenizer.control_tokens & set(re.findall(r"<[^<>\s]{1,64}>", template)), key=len, reverse=True)
     pieces = re.split(f"({'|'.join(map(re.escape, controls))})", template) if controls else [template]
     restore = re.compile(f"{mark}(\\d+){mark}")
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for index, piece in enumerate(pieces):
         if index % 2:  # re.split puts the separators (the template's control tokens) at odd indices
-            ids.append(tokenizer.special_tokens[piece])
+            ids += tokenizer.encode_rendered(piece)[0][-1:]  # the control token's id (after any BOS)
         elif piece:
             ids += tokenizer.encode_text(restore.sub(lambda found: messages[int(found.group(1))]["content"], piece))
     return ids
