@@ -266,12 +266,17 @@ def test_preference_conversations_in_both_forms_encode_after_the_rendered_prompt
     first = prefs.records[0]
     chosen = pairs[0].chosen
     assert gpt2.decode(chosen.input_ids[: chosen.response_start]) == ALPACA.conversation(first["messages"], gpt2.eos_text)
+    assert chosen.input_ids[: chosen.response_start].count(gpt2.eos_id) == 1  # the first answer closed, as in training
     assert gpt2.decode([i for i, label in zip(chosen.input_ids, chosen.labels) if label != IGNORE_INDEX]) == \
         first["chosen"] + "<|endoftext|>"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"messages": rows[1]["messages"] + [{"role": "assistant", "content": "x"}], "chosen": "a",
                                 "rejected": "b"}]))
     with pytest.raises(UserError, match="bad.json: record 0: field 'messages' must end with a user message"):
+        load_preferences(str(bad))
+    bad.write_text(json.dumps([{"prompt": [{"role": "bot", "content": "hi"}, {"role": "user", "content": "x"}],
+                                "chosen": "a", "rejected": "b"}]))
+    with pytest.raises(UserError, match="bad.json: record 0: field 'prompt': message 0 has role 'bot'; expected one of"):
         load_preferences(str(bad))
 
 

@@ -42,20 +42,20 @@ class Preferences:
 
 def _conversation_preference(value: dict) -> tuple[dict | None, str | None]:
     """{"messages": [... ending with a user message], "chosen": str, "rejected": str}, or TRL's
-    conversational form {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}."""
-    from instructkit.data.conversations import conversation_problem
+    conversational form {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}.
+    The messages are checked as training conversations are (data/conversations.py)."""
+    from instructkit.data.conversations import Columns, normalize_conversation
 
-    messages = value.get("messages", value.get("prompt"))
     key = "messages" if "messages" in value else "prompt"
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in messages):
-        return None, f"field {key!r} must be a list of messages with 'role' and 'content' strings"
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if not messages or messages[-1]["role"] != "user":
+    raw = value.get(key)
+    if not isinstance(raw, list) or not raw or not isinstance(raw[-1], dict) or raw[-1].get("role") != "user":
         return None, f"field {key!r} must end with a user message (the one the responses answer)"
-    problem = conversation_problem(messages + [{"role": "assistant", "content": "."}])
+    # Checked with a stand-in answer after it: a conversation to train on must have one.
+    normalized, problem = normalize_conversation({"messages": [*raw, {"role": "assistant", "content": "."}]}, "messages",
+                                                 Columns(), CONTROL_TOKEN_LITERALS)
     if problem is not None:
         return None, f"field {key!r}: {problem}"
+    messages = normalized["messages"][:-1]
     answers = {}
     for name in ("chosen", "rejected"):
         answer = value.get(name)
@@ -63,11 +63,9 @@ def _conversation_preference(value: dict) -> tuple[dict | None, str | None]:
             answer = answer[0].get("content")
         if not isinstance(answer, str) or not answer.strip():
             return None, f"field '{name}' must be a non-empty string (or one assistant message)"
+        if (literal := next((c for c in CONTROL_TOKEN_LITERALS if c in answer), None)) is not None:
+            return None, f"field '{name}' contains the literal control token {literal!r}"
         answers[name] = answer
-    for message in [*messages, *({"content": a} for a in answers.values())]:
-        for literal in CONTROL_TOKEN_LITERALS:
-            if literal in message["content"]:
-                return None, f"a message contains the literal control token {literal!r}"
     rest = {k: v for k, v in value.items() if k not in ("messages", "prompt", "chosen", "rejected")}
     return {**rest, "messages": messages, **answers, "instruction": messages[-1]["content"], "input": ""}, None
 
@@ -130,9 +128,10 @@ class PairReport:
 
 def _encode_response(prompt: str, response: str, style: PromptStyle, tokenizer: Tokenizer, *, append_eos: bool,
                      max_length: int | None) -> EncodedExample | None:
-    ids, ends = tokenizer.encode_with_offsets(prompt + response)
+    # Rendered text: an earlier answer's end token (a conversation's) is read as that token.
+    ids, ends = tokenizer.encode_rendered(prompt + response)
     start = next((i for i, end in enumerate(ends) if end > len(prompt)), len(ids))
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode_prompt(prompt)
     if ids[: len(prompt_ids)] != prompt_ids or start != len(prompt_ids):
         return None
     if append_eos:
