@@ -5,7 +5,7 @@ The templates: the eight real-world ones in ../shared/data/chat-templates/ (read
 SmolLM2-135M-Instruct's own, from inside its GGUF. The conversations: 64 made here, with and without
 a system prompt, 1-4 turns, unicode, empty strings, whitespace the templates trim, Jinja syntax as
 text; rendered with and without the generation prompt. transformers is the reference: the same
-bytes, or the same error."""
+bytes, or the same error; llama.cpp's Jinja renderer (llama-cpp-python) gives the same prompts."""
 
 from __future__ import annotations
 
@@ -101,6 +101,29 @@ def test_renders_are_byte_identical_to_apply_chat_template(sources, name):
         assert ours.render(messages, add_generation_prompt=generation) == expected, (name, messages, generation)
         compared += 1
     assert compared >= 100, compared  # most of the 128 renders are accepted by every template
+
+
+@pytest.mark.parametrize("name", [*NAMES, "smollm2 (its GGUF)"])
+def test_llama_cpps_jinja_renderer_gives_the_same_prompts(sources, name):
+    """llama.cpp's side (llama-cpp-python's Jinja2ChatFormatter, what it uses for a GGUF's own
+    tokenizer.chat_template) renders every prompt our training and serving render."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    theirs = Jinja2ChatFormatter(sources[name], eos_token=SPECIAL["eos_token"], bos_token=SPECIAL["bos_token"])
+    ours = ChatTemplate(sources[name], tuple(sorted(SPECIAL.items())), origin=name)
+    compared = 0
+    for messages in CONVERSATIONS:
+        if messages[-1]["role"] != "user":
+            continue  # llama.cpp renders prompts: always with the generation prompt
+        try:
+            expected = theirs(messages=messages).prompt
+        except Exception:  # the template refuses: so must we
+            with pytest.raises(UserError):
+                ours.render(messages, add_generation_prompt=True)
+            continue
+        assert ours.render(messages, add_generation_prompt=True) == expected, (name, messages)
+        compared += 1
+    assert compared >= 24, compared
 
 
 def test_tools_reach_the_template_as_transformers_passes_them(sources):
