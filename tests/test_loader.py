@@ -7,6 +7,7 @@ import pytest
 
 from instructkit.decode.load import load_for_talk, load_start, prompt_style_for, source_of
 from instructkit.errors import UserError
+from instructkit.models.registry import load_model
 
 from .conftest import run_cli
 
@@ -30,6 +31,8 @@ def test_the_prompt_style_rule_explicit_then_saved_then_the_familys(phi3_run):
     with pytest.raises(UserError, match="has no saved prompt style; pass --prompt-style"):
         prompt_style_for(bare.loaded, None, None, strict=True)
     assert prompt_style_for(ready.loaded, ready.run, None, strict=True).name == "phi3"
+    smollm2 = load_model("smollm2-135m-instruct")  # an instruct model's own template is no guess
+    assert prompt_style_for(smollm2, None, None, strict=True).chat_template == smollm2.chat_template
 
 
 def test_a_run_folder_given_as_model_is_the_run(phi3_run):

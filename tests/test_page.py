@@ -130,3 +130,49 @@ def test_compare_mode_shows_the_base_and_the_fine_tuned_answer(page):
     assert posts == {"tiny-run", "tiny-gemma3"}
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "chat-page-compare.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def served_smollm2():
+    # Exact fp32 decoding (no int8, no compiled step), so the test can compute the same answer.
+    with running_server("--model", "smollm2-135m-instruct", "--quantize", "none", "--compile", "off",
+                        "--threads", "2") as (url, _, _):
+        yield url
+
+
+def test_history_reaches_smollm2_through_its_own_template(browser, served_smollm2):
+    """A real model behind the page: the second answer is SmolLM2's greedy answer to the whole
+    conversation rendered by its own ChatML template (computed here with the library), which
+    differs from its answer to the last question alone."""
+    from instructkit.data.prompts import resolve_prompt_style
+    from instructkit.decode.generate import generate
+    from instructkit.models.registry import load_model
+    from instructkit.serve.conversation import encode_conversation
+
+    context = browser.new_context()
+    page = context.new_page()
+    page.requests = []
+    page.on("request", lambda request: page.requests.append(request))
+    page.goto(served_smollm2)
+    page.wait_for_selector("#model option", state="attached")
+    _open_settings(page)
+    page.fill("#temperature", "0")
+    _send(page, "Hi! My name is Ada.", 24)
+    _wait_done(page, 1)
+    _send(page, "What is my name?", 16)
+    _wait_done(page, 2)
+    shown = _last_answers(page).nth(1).locator(".text").text_content()
+    messages = [json.loads(r.post_data) for r in page.requests if r.url.endswith("/v1/chat/completions")][-1]["messages"]
+    context.close()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+
+    loaded = load_model("smollm2-135m-instruct")
+    style, tokenizer = resolve_prompt_style("model", loaded), loaded.tokenizer
+
+    def answer(conversation):
+        ids = encode_conversation(style, conversation, tokenizer)
+        return generate(loaded.model, tokenizer, [ids], max_new_tokens=16, stop_ids=style.stop_ids(tokenizer))[0].text
+
+    assert tokenizer.decode(encode_conversation(style, messages, tokenizer)).count("<|im_start|>") == 5  # system, 3 turns, prompt
+    assert shown.strip() == answer(messages).strip()
+    assert shown.strip() != answer(messages[-1:]).strip()

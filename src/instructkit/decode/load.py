@@ -5,10 +5,12 @@ report, DPO's starting and reference model, the main job, the benchmarks) calls 
 or, for weights that will train, `load_start`. The prompt-style rule is written once, in
 `prompt_style_for`:
 
-    an explicit --prompt-style  >  the run folder's saved style  >  the model family's default
+    an explicit --prompt-style  >  the run folder's saved style  >  the model's own chat template
+    >  the model family's default
 
 and a command that must not guess (chat and serve, where a base model's family default would
-render turns the model never saw) passes `strict=True`, which refuses the last step.
+render turns the model never saw) passes `strict=True`, which refuses the last step (a model's
+own template is no guess: an instruct model is served with it).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def prompt_style_for(loaded: LoadedModel, run: RunFolder | None, name: str | Non
     saved = run.prompt_style() if run is not None else None
     if saved is not None:
         return saved
+    if loaded.chat_template is not None and loaded.default_prompt_style == "model":
+        return resolve_prompt_style("model", loaded)
     if strict:
         raise UserError(f"{loaded.name} has no saved prompt style; pass --prompt-style "
                         "(model, alpaca, phi3, gemma, chatml or llama3) "
