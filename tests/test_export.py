@@ -80,6 +80,13 @@ def test_hf_export_of_a_run_reloads_in_transformers(tiny_runs, tmp_path, name, m
         assert rendered == bos + style.prompt(record)  # byte for byte, after the BOS our tokenizer adds
         assert list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)) \
             == ours.tokenizer.encode(style.prompt(record))
+    from instructkit.serve.conversation import encode_conversation
+
+    for messages in CONVERSATIONS:  # with history: earlier answers closed as training closed them
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert rendered == bos + style.conversation(messages, ours.tokenizer.eos_text), (name, messages)
+        assert list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)) \
+            == encode_conversation(style, messages, ours.tokenizer)
 
 
 def test_hf_export_of_the_real_default_model(tmp_path, monkeypatch):
