@@ -27,7 +27,7 @@ FORMER_BUILTIN = {
     "lr": 0.0001, "weight_decay": 0.1, "warmup": 10, "schedule": "cosine", "clip": 1.0, "eval_every": 58,
     "eval_batches": 7, "early_stop": None, "seed": 123, "prompt_style": None, "max_length": None,
     "skip_invalid": False, "batching": "grouped", "lora_rank": 0, "lora_alpha": 16.0,
-    "lora_targets": ["attention", "mlp"], "freeze_embedding": True, "save_every": 58, "threads": None,
+    "lora_targets": ["attention", "mlp"], "freeze_embedding": True, "save_every": 58, "threads": None, "memory_limit": None,
     "device": "auto", "precision": "fp32", "strategy": "ddp", "log": None, "model": "gemma-3-270m",
     "mask_instructions": True, "format": "auto", "columns": None, "train_on": None, "shuffle_seed": None,
     "group_near_duplicates": False, "sample_prompt": True, "data_sha256": None,

@@ -153,6 +153,20 @@ def test_training_processes_ask_mkl_for_repeatable_products():
     assert result.stdout.split() == ["COMPATIBLE", "3"]
 
 
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(chapter_data_path, tmp_path):
+    """The expected peak memory is printed before training; a run expected to exceed the memory it
+    may use (here --memory-limit; by default what the OS has available) stops in one line naming
+    what it needs and which settings lower it, having written nothing."""
+    out = tmp_path / "R"
+    result = run_cli(*_finetune_args(chapter_data_path, out, "--memory-limit", "0.05"))
+    assert result.returncode == 2 and not out.exists()
+    line = result.stderr.strip()
+    assert "\n" not in line and f"{out}: needs about" in line and "--memory-limit 0.05 GB" in line
+    assert "lower --batch-size or --max-length" in line and "expected peak memory" in result.stdout
+    fits = run_cli(*_finetune_args(chapter_data_path, tmp_path / "S", "--max-steps", "1", "--memory-limit", "8"))
+    assert fits.returncode == 0, fits.stderr
+
+
 def test_finetune_command_leaves_a_complete_run_folder(chapter_data_path, tmp_path):
     out = tmp_path / "R"
     result = run_cli("finetune", "--model", "tiny-gemma3", "--data", str(chapter_data_path), "--max-steps", "10", "--out", str(out))

@@ -29,8 +29,8 @@ def option(default=MISSING, help: str = "", *, factory=MISSING, off_flag: str | 
 def config_differences(saved, requested) -> list[str]:
     """Settings in which `requested` differs from a saved config (dataclasses of one kind), as
     "name: saved -> requested". Ignored: where the run lives, how fast it goes and where it logs
-    (out, threads, save_every, device, log); a prompt style left unset takes the saved one."""
-    ignored = {"out", "threads", "save_every", "device", "log"}
+    (out, threads, save_every, device, log, memory_limit); a prompt style left unset takes the saved one."""
+    ignored = {"out", "threads", "save_every", "device", "log", "memory_limit"}
     if getattr(requested, "prompt_style", None) is None:
         ignored.add("prompt_style")
     return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
@@ -79,6 +79,8 @@ class TrainingConfig:
     freeze_embedding: bool = option(False, "freeze the token embedding and the LM head (one tensor where they are tied)")
     save_every: int = option(50, "optimizer steps between resumable checkpoints (also at each epoch end)")
     threads: int | None = option(None, "torch CPU threads")
+    memory_limit: float | None = option(None, "GB this run may use at its peak; a run expected to need more (or more than "
+                                              "is available, by default) is refused before it starts")
     device: str = option("auto", "auto (CUDA when available), cpu or cuda")
     precision: str = option("fp32", "fp32 or bf16 (autocast; CUDA only)")
     strategy: str = option("ddp", "with --nproc / torchrun: ddp (replicated weights) or fsdp (sharded, FSDP2)")
@@ -93,6 +95,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"{_flag(name)} must be positive, got {value}")
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise UserError(f"--memory-limit must be positive, got {self.memory_limit}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup < 0 or self.lora_rank < 0:

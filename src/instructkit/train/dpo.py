@@ -37,7 +37,8 @@ from instructkit.train.config import LOSSES, REDUCTIONS, DPOConfig  # noqa: F401
 from instructkit.train.distributed import SINGLE, World, all_reduce_sum, shard, unwrap
 from instructkit.train.fit import Session, autocast, say, steps_per_epoch, total_steps
 from instructkit.train.loss import sequence_logprob_sums
-from instructkit.train.runner import check_existing, fit_and_write, make_session, make_trainable, save_trained, start_or_resume
+from instructkit.train.runner import (check_existing, check_memory, fit_and_write, make_session, make_trainable, save_trained,
+                                     start_or_resume)
 
 
 # The loss ----------------------------------------------------------------------------------
@@ -325,6 +326,8 @@ def _dpo(config: DPOConfig, resume: bool, device: torch.device, world: World) ->
     make_trainable(model, config)
     model.to(device)
     reference.to(device)
+    longest = max(len(example.input_ids) for pair in train for example in (pair.chosen, pair.rejected))
+    check_memory(model, config, longest, world, device, tell, sequences_per_example=2)
     refs = _precomputed_references(reference, train, val, tokenizer.pad_id, config, world, device) \
         if config.precompute_ref else {"reference": reference}
     session = make_session(model, config, world, device)

@@ -26,7 +26,8 @@ from instructkit.train.distributed import World
 from instructkit.train.fit import say, steps_per_epoch
 from instructkit.train.loop import SupervisedObjective
 from instructkit.train.plot import plot_losses, plot_quality
-from instructkit.train.runner import check_existing, fit_and_write, make_session, make_trainable, save_trained, start_or_resume
+from instructkit.train.runner import (check_existing, check_memory, fit_and_write, make_session, make_trainable, save_trained,
+                                     start_or_resume)
 
 
 def load_run_config(run: RunFolder) -> TrainConfig:
@@ -79,6 +80,7 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
     if wrapped:
         tell(f"LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g} (scale alpha/rank) on {wrapped} linear layers")
     model.to(device)
+    check_memory(model, config, max(len(example.input_ids) for example in train), world, device, tell)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     where = f"{device.type}" + (f", {world.size} processes ({config.strategy})" if world.distributed else "")
@@ -117,7 +119,7 @@ def _encode(data: PreparedData, style: PromptStyle, loaded, config: TrainConfig,
     if world.is_main:
         rows = coverage["train"]
         say(f"Supervised tokens per training record: min {rows['supervised_min']}, median {rows['supervised_median']}, "
-            f"max {rows['supervised_max']} ({coverage['supervised']})")
+            f"max {rows['supervised_max']}; the loss covers {coverage['supervised']}")
     return train, val, train_report.truncated, coverage
 
 

@@ -57,6 +57,24 @@ def make_trainable(model: torch.nn.Module, config: TrainingConfig) -> int:
     return wrapped
 
 
+def check_memory(model: torch.nn.Module, config: TrainingConfig, longest: int, world: World, device: torch.device,
+                 tell, *, sequences_per_example: int = 1) -> None:
+    """Print the run's expected peak memory and refuse, before anything is written, a run that
+    cannot fit (train/memory.py); `longest`: the longest training sequence, in tokens."""
+    import os
+
+    from instructkit.train.loss import _chunk_rows
+    from instructkit.train.memory import check_fits, plan_memory
+
+    if device.type != "cpu":
+        return
+    tokens = config.batch_size * sequences_per_example * longest  # a batch is padded to its longest
+    plan = plan_memory(model, micro_batch_tokens=tokens, head_chunk_rows=_chunk_rows(model.config.vocab_size))
+    tell(f"Memory: {plan.describe()}")
+    check_fits(plan, limit_gb=config.memory_limit, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+               where=str(config.out))
+
+
 def make_session(model: torch.nn.Module, config: TrainingConfig, world: World, device: torch.device) -> Session:
     """The model on its device, wrapped for its ranks, with its optimizer."""
     trained = distributed.wrap(model, world, device, config.strategy)
