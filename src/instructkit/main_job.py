@@ -143,7 +143,7 @@ def validation_scorer(records: list[dict], max_new_tokens: int | None = None, tr
 
     def score(model, tokenizer, style) -> dict:
         budget = max_new_tokens or response_budget(train_records, tokenizer)
-        prompts = [tokenizer.encode_prompt(style.prompt_of(record, tokenizer.eos_text)) for record in entries]
+        prompts = [style.prompt_ids(record, tokenizer) for record in entries]
         stops = style.stop_ids(tokenizer)
         texts = [r.text.strip() for r in generate(model, tokenizer, prompts, max_new_tokens=budget, stop_ids=stops,
                                                   repeat_stop=REPEAT_STOP)]

@@ -90,6 +90,11 @@ class PromptStyle:
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
         return self.conversation(messages[:last], end_text)
 
+    def prompt_ids(self, record: dict, tokenizer: Tokenizer) -> list[int]:
+        """Ids of `prompt_of(record)` for a model trained with `tokenizer`: earlier answers closed
+        by its EOS as in training, control-token texts read as tokens."""
+        return tokenizer.encode_prompt(self.prompt_of(record, tokenizer.eos_text))
+
     def user_content(self, record: dict) -> str:
         """The record as one user message (instruction, and the input under its prefix)."""
         return self.format_input(record)[len(self.instruction_prefix):]

@@ -270,7 +270,7 @@ def sample_text(model, tokenizer, style: PromptStyle, record: dict, max_new_toke
 
     was_training = model.training
     model.eval()
-    ids = tokenizer.encode_prompt(style.prompt_of(record, tokenizer.eos_text))
+    ids = style.prompt_ids(record, tokenizer)
     result = generate(model, tokenizer, [ids], max_new_tokens=max_new_tokens,
                       stop_ids=style.stop_ids(tokenizer))[0]
     model.train(was_training)

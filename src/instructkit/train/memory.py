@@ -20,7 +20,7 @@ Activations per token per layer, in fp32 values (our blocks, eager autograd): th
 the normalised inputs of attention and MLP (~6 x emb), queries, keys and values before and after
 RoPE plus the attention output and its reshaped copy (2 x (q + 2 kv) + 2 x q), and the MLP's gate,
 its activation, up and their product (4 x hidden). SDPA keeps no T x T matrix. Checked against the
-measured peak of a real run (tests/test_training.py); the estimate is printed before every run and
+measured peak of real runs (tests/test_smollm2.py); the estimate is printed before every run and
 a run expected to exceed the memory available (or --memory-limit) is refused in one line.
 """
 
