@@ -37,6 +37,32 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
         assert generate(model, tokenizer, [prompt], max_new_tokens=25)[0].token_ids == result.token_ids
 
 
+def test_continuous_batching_gives_each_row_its_own_tokens(tiny):
+    """max_batch: rows join as others end, finished rows linger in the batch until a quarter of it
+    has ended; every row still gets the tokens it gets alone, reported once as it ends."""
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(f"{text} {i}") for i in range(3) for text in PROMPTS]  # 12 prompts
+    budgets = [3 + 3 * i for i in range(len(prompts))]  # rows end one by one
+    alone = [generate(model, tokenizer, [p], max_new_tokens=b)[0].token_ids for p, b in zip(prompts, budgets)]
+    finished: list[int] = []
+    from instructkit.decode.decoder import Decoder, Request
+
+    decoder = Decoder(model, tokenizer.pad_id, prefill_batch=2)
+    requests = [Request(p, b) for p, b in zip(prompts[:8], budgets[:8])]
+    decoder.join(requests)
+    lingered = False
+    while len(decoder):
+        decoder.step()
+        lingered |= len(decoder.rows) > len(decoder)  # ended, counted out at once, dropped later
+    assert lingered
+    assert [r.tokens for r in requests] == alone[:8]
+    results = generate(model, tokenizer, prompts, max_new_tokens=31, max_batch=5, prefill_batch=2,
+                       on_finished=lambda row, result: finished.append(row))
+    reference = generate(model, tokenizer, prompts, max_new_tokens=31)
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    assert sorted(finished) == list(range(len(prompts)))
+
+
 def test_stop_token_and_stop_string(tiny):
     model, tokenizer = tiny
     ids = tokenizer.encode(PROMPTS[1])

@@ -1,7 +1,7 @@
 """`instructkit respond`: generate a response for every entry of a split, resumably.
 
 Output: the chapter's format (the split's entries, each with a `model_response` key, as a JSON
-list with indent 4) and a JSONL file beside it. The JSONL grows chunk by chunk (each chunk
+list with indent 4) and a JSONL file beside it. The JSONL grows row by row as rows end (each row
 fsynced), so an interrupted run keeps everything it finished and a rerun continues from there;
 the JSON list is written atomically at the end. A rerun only continues rows that match it: the
 same record (instruction, input and output) at the same index, made with the same generation
@@ -146,26 +146,32 @@ def respond(
     bar = tqdm(total=len(entries), initial=len(done), desc="respond", unit="entry", disable=not progress)
     started, generated_tokens = time.perf_counter(), 0
     loaded.model.eval()
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        chunk_prompts = [tokenizer.encode_prompt(prompts[i]) for i in chunk]
-        if beams > 1:
-            results = beam_search(loaded.model, tokenizer, chunk_prompts, beams=beams, length_penalty=length_penalty,
-                                  max_new_tokens=max_new_tokens, stop_ids=stop_ids, repeat_stop=repeat_stop)
-        else:
-            results = generate(loaded.model, tokenizer, chunk_prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                               stop_strings=FEW_SHOT_STOPS if shots else (), repeat_stop=repeat_stop)
-        rows = []
-        for index, result in zip(chunk, results):
-            text = first_line(result.text) if shots else result.text.strip()
-            row = {"index": index, **entries[index], "model_response": text, "finish_reason": result.finish_reason,
-                   "new_tokens": len(result.token_ids), "settings": settings}
-            done[index] = row
-            rows.append(row)
-            generated_tokens += len(result.token_ids)
-        append_jsonl(jsonl, rows)
-        bar.update(len(chunk))
+
+    def finish(index: int, result) -> None:
+        nonlocal generated_tokens
+        text = first_line(result.text) if shots else result.text.strip()
+        row = {"index": index, **entries[index], "model_response": text, "finish_reason": result.finish_reason,
+               "new_tokens": len(result.token_ids), "settings": settings}
+        done[index] = row
+        append_jsonl(jsonl, [row])  # fsynced: a kill keeps every finished row
+        generated_tokens += len(result.token_ids)
+        bar.update(1)
         bar.set_postfix(tok_s=f"{generated_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+
+    if beams > 1:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            results = beam_search(loaded.model, tokenizer, [tokenizer.encode_prompt(prompts[i]) for i in chunk], beams=beams,
+                                  length_penalty=length_penalty, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                  repeat_stop=repeat_stop)
+            for index, result in zip(chunk, results):
+                finish(index, result)
+    elif todo:
+        # Continuous batching: at most batch_size rows at once, the next prompts joining as rows end,
+        # each row written as it ends.
+        generate(loaded.model, tokenizer, [tokenizer.encode_prompt(prompts[i]) for i in todo],
+                 max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop_strings=FEW_SHOT_STOPS if shots else (),
+                 repeat_stop=repeat_stop, max_batch=batch_size, on_finished=lambda row, result: finish(todo[row], result))
     bar.close()
     output = [{key: value for key, value in done[index].items() if key not in ROW_ONLY_KEYS} for index in range(len(entries))]
     atomic_write_json(out, output, indent=4)

@@ -21,12 +21,27 @@ def register(subcommands) -> None:
                     help="evaluate a DPO run against its starting model on held-out preference pairs (no judge needed)")
     ev.add_argument("--data", default=None, help="with --preferences: the preference data (default: the run's)")
     ev.add_argument("--split", default="test", help="with --preferences: train, test or val (default test)")
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="with --preferences: per generated response")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="per generated response (default 128 with --preferences, 1280 with --benchmark ifeval)")
     ev.add_argument("--against", default=None,
                     help="another system's responses on the same entries: metrics side by side with a paired bootstrap")
     ev.add_argument("--against-label", default=None, help="name for --against in the report (default: its file name)")
     ev.add_argument("--agreement", nargs=2, default=None, metavar=("A.json", "B.json"), help="agreement of two score files")
-    ev.add_argument("--run", default=None, help="run folder (for the loss plot in the report)")
+    ev.add_argument("--run", default=None, help="run folder (for the loss plot in the report; with --benchmark: the model)")
+    ev.add_argument("--benchmark", choices=["ifeval"], default=None,
+                    help="ifeval: answer IFEval's 541 prompts with --run R or --model SPEC and score them with "
+                         "lm-evaluation-harness's checkers (strict and loose, prompt and instruction level)")
+    ev.add_argument("--model", default=None, help="with --benchmark: any model spec instead of --run")
+    ev.add_argument("--prompt-style", default=None,
+                    help="with --benchmark: how prompts are written (default: the run's, else the model's own template)")
+    ev.add_argument("--with-base", action="store_true",
+                    help="with --benchmark and --run: also answer with the run's starting model, shown beside it")
+    ev.add_argument("--ifeval-data", default=None,
+                    help="IFEval's input_data.jsonl (default: downloaded once from google-research and cached)")
+    ev.add_argument("--limit", type=int, default=None, help="with --benchmark: only the first N prompts (a quick look)")
+    ev.add_argument("--batch-size", type=int, default=32, help="with --benchmark: prompts decoded together (default 32)")
+    ev.add_argument("--quantize", default="none",
+                    help="with --benchmark: decoding weights, none (default: exact fp32), int8 or int4")
     ev.add_argument("--out", default=None, help="folder for evaluation.json and the report (default: beside the responses)")
     add_judge_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
@@ -35,6 +50,8 @@ def register(subcommands) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from instructkit.evaluate.evaluation import evaluate_file
 
+    if args.benchmark:
+        return _benchmark(args)
     if args.preferences:
         return _evaluate_preferences(args)
     if args.agreement:
@@ -70,7 +87,7 @@ def _evaluate_preferences(args: argparse.Namespace) -> int:
 
     positive("max-new-tokens", args.max_new_tokens)
     result = evaluate_preferences(RunFolder(args.preferences), data=args.data, split=args.split,
-                                  max_new_tokens=args.max_new_tokens, judge=judge_config(args),
+                                  max_new_tokens=args.max_new_tokens or 128, judge=judge_config(args),
                                   out_dir=Path(args.out) if args.out else None)
     reward, likelihood = result["implicit_reward"], result["likelihood_preference"]
     print(f"{result['pairs']} {result['split']} pairs: implicit-reward accuracy {reward['dpo']['accuracy']:.1%} "
@@ -82,4 +99,38 @@ def _evaluate_preferences(args: argparse.Namespace) -> int:
               f"{scores['vs_chosen']['chrf']:.1f}; vs rejected: ROUGE-L {scores['vs_rejected']['rouge_l']:.3f}")
     out = Path(args.out) if args.out else Path(args.preferences)
     print(f"Report: {out / 'report-preferences.md'} and {out / 'report-preferences.html'}")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from instructkit.decode.load import Ready, load_for_talk, prepare_for_decoding, prompt_style_for
+    from instructkit.evaluate.ifeval import SCORE_LABELS, SCORES, default_prompts_file, evaluate_ifeval, load_prompts
+    from instructkit.models.registry import load_model
+
+    for name in ("max-new-tokens", "limit", "batch-size"):
+        positive(name, getattr(args, name.replace("-", "_")))
+    if args.with_base and not args.run:
+        raise UserError("--with-base needs --run (the base is the run's starting model)")
+    data_file = Path(args.ifeval_data) if args.ifeval_data else default_prompts_file()
+    records = load_prompts(data_file, args.limit)
+    decoding = {"quantize": args.quantize}
+    ready = load_for_talk(run=args.run, model=args.model, prompt_style=args.prompt_style, strict_style=True,
+                          command="evaluate --benchmark", **decoding)
+    systems = {"fine-tuned" if ready.run is not None else "model": ready}
+    if args.with_base:
+        base = prepare_for_decoding(load_model(ready.run.config()["model"]), **decoding)
+        systems["base"] = Ready(base, prompt_style_for(base, ready.run, args.prompt_style), None)
+    if args.out:
+        out_dir = Path(args.out)
+    elif ready.run is not None:
+        out_dir = ready.run.path / "ifeval"
+    else:
+        raise UserError("--benchmark with --model needs --out FOLDER (with --run the results go into RUN_DIR/ifeval)")
+    result = evaluate_ifeval(systems, records, out_dir, data_file=data_file, max_new_tokens=args.max_new_tokens or 1280,
+                             batch_size=args.batch_size)
+    for name, system in result["systems"].items():
+        scores = ", ".join(f"{SCORE_LABELS[score]} {system['scores'][score]:.1%}" for score in SCORES)
+        print(f"IFEval, {name} ({system['settings']['model']}, {result['prompts']} prompts): {scores}; "
+              f"{system['looped']} ended by the repeat rule, {system['seconds']:.0f} s")
+    print(f"Report: {out_dir / 'ifeval-report.md'} and {out_dir / 'ifeval-report.html'}; scores: {out_dir / 'ifeval.json'}")
     return 0

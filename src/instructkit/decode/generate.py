@@ -99,10 +99,16 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     prefill_batch: int = 16,
     repeat_stop: int = 0,
+    max_batch: int | None = None,
+    on_finished: Callable[[int, Generated], None] | None = None,
 ) -> list[Generated]:
-    """Generate for every prompt (lists of token ids) in one batch with a KV cache. With a seed,
-    row i samples from seed + i, so its tokens do not depend on the other rows. `repeat_stop`: see
-    Request."""
+    """Generate for every prompt (lists of token ids) with a KV cache. With a seed, row i samples
+    from seed + i, so its tokens do not depend on the other rows. `repeat_stop`: see Request.
+
+    `max_batch`: at most that many rows decode at once, the next prompts joining as rows finish
+    (continuous batching: one long answer no longer keeps a batch of finished rows waiting);
+    None: every prompt at once. `on_finished(row, result)` is called as each row ends, so a caller
+    can keep finished rows before the others end."""
     if not prompts:
         return []
     requests = [Request(list(p), max_new_tokens, frozenset(stop_ids),
@@ -111,9 +117,32 @@ def generate(
                 for row, p in enumerate(prompts)]
     row_of = {request: row for row, request in enumerate(requests)}
     streams = [TextStream(tokenizer, stop_strings) for _ in requests]
+    results: list[Generated | None] = [None] * len(requests)
     decoder = Decoder(model, tokenizer.pad_id, prefill_batch=prefill_batch)
-    decoder.join(requests)
-    while len(decoder):
+    limit = max_batch or len(requests)
+    waiting, live = list(requests), set()
+
+    def admit() -> None:
+        # Join in groups (a join prefills and copies the running cache into a merged one): when a
+        # quarter of the batch is free (or what is left to join), or the batch has emptied.
+        free = limit - len(decoder)
+        if waiting and (free >= min(prefill_batch, len(waiting), max(1, limit // 4)) or not len(decoder)):
+            joining, waiting[:free] = waiting[:free], []
+            live.update(joining)
+            decoder.join(joining)
+
+    def collect() -> None:
+        for request in [r for r in live if r.finished]:
+            live.discard(request)
+            row, stream = row_of[request], streams[row_of[request]]
+            reason = "stop_string" if stream.stopped else request.finish_reason
+            text = stream.text if stream.stopped else tokenizer.decode(request.tokens)
+            results[row] = Generated(request.tokens, text, reason)
+            if on_finished is not None and request.error is None:
+                on_finished(row, results[row])
+
+    admit()
+    while len(decoder) or waiting:
         for request, token in decoder.step():
             row = row_of[request]
             if on_token is not None:
@@ -122,14 +151,12 @@ def generate(
                 streams[row].push(token)
                 if streams[row].stopped:
                     request.cancelled = "stop_string"
+        collect()
+        admit()
+    collect()
     failed = next((request.error for request in requests if request.error is not None), None)
     if failed is not None:  # offline generation has no row to spare: the caller sees the failure
         raise failed
-    results = []
-    for request, stream in zip(requests, streams):
-        reason = "stop_string" if stream.stopped else request.finish_reason
-        text = stream.text if stream.stopped else tokenizer.decode(request.tokens)
-        results.append(Generated(request.tokens, text, reason))
     return results
 
 

@@ -2,7 +2,9 @@
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (the
 messages rendered with the model's prompt style, once), POST /v1/completions (the prompt passed
-raw, no template), and the page at / (static files shipped in the package; no CDN).
+raw, no template; texts or token ids, several per request, with `logprobs` and `echo`:
+scoring.py), GET /tokenizer_info, POST /tokenize and /detokenize (what lm-evaluation-harness's
+local-completions reads), and the page at / (static files shipped in the package; no CDN).
 
 Streaming is Server-Sent Events as OpenAI's clients expect: the first chunk carries the assistant
 role, every chunk has id, object, created, model and choices[i].index with finish_reason null
@@ -37,10 +39,13 @@ from instructkit.errors import UserError
 from instructkit.models.registry import LoadedModel
 from instructkit.serve.conversation import encode_conversation
 from instructkit.serve.guard import SECURITY_HEADERS, Guard, HostCheck
+from instructkit.serve.scoring import openai_logprobs, token_logprobs
 from instructkit.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     model_card,
     new_id,
     now,
@@ -75,6 +80,15 @@ class ServedModel:
     def context(self) -> int:
         """Tokens a request may use: the model's context, or less under a cache budget."""
         return min(self.loaded.model.config.context_length, self.worker.max_cache_tokens or 1 << 62)
+
+
+def _known_ids(ids: list[int], served: ServedModel) -> list[int]:
+    vocabulary = served.loaded.model.config.vocab_size
+    if not ids:
+        raise ApiError(400, "a prompt of token ids needs at least one id", param="prompt")
+    if (largest := max(ids)) >= vocabulary:
+        raise ApiError(400, f"token id {largest} is outside {served.id}'s vocabulary of {vocabulary}", param="prompt")
+    return list(ids)
 
 
 def _sse(payload: dict | str) -> str:
@@ -237,15 +251,72 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
         served = pick(body.model)
         if body.n != 1:
             raise ApiError(400, "only n = 1 is supported", param="n")
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise ApiError(400, "only one prompt per request is supported", param="prompt")
-            body.prompt = body.prompt[0]
+        scoring = body.echo or body.logprobs is not None
+        if body.stream and (scoring or len(body.prompts()) != 1):
+            raise ApiError(400, "stream takes one prompt, without logprobs or echo", param="stream")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: the prompt scored, nothing written)",
+                           param="max_tokens")
         tokenizer = served.loaded.tokenizer
-        ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
-        generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body), set(tokenizer.eos_ids),
-                                 body.stop_strings(), http_request)
-        return await _respond(generation, body, served, chat=False)
+        prompts = [await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str)
+                   else _known_ids(prompt, served) for prompt in body.prompts()]
+        if not scoring and len(prompts) == 1:
+            generation = _Generation(served, prompts[0], budget(served, prompts[0], body.max_tokens), sampling(body),
+                                     set(tokenizer.eos_ids), body.stop_strings(), http_request)
+            return await _respond(generation, body, served, chat=False)
+        # Several prompts, or log-probabilities: decoded together (the worker batches them), answered at once.
+        answers = await asyncio.gather(*(_scored_answer(served, body, prompt, ids, http_request)
+                                         for prompt, ids in zip(body.prompts(), prompts)))
+        choices = [{"index": index, **choice} for index, (choice, _) in enumerate(answers)]
+        return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": served.id,
+                "choices": choices, "usage": usage(sum(map(len, prompts)), sum(count for _, count in answers))}
+
+    async def _scored_answer(served: ServedModel, body: CompletionRequest, prompt: str | list[int], ids: list[int],
+                             http_request: HttpRequest) -> tuple[dict, int]:
+        """One prompt's choice (text, finish_reason, logprobs) and its number of new tokens."""
+        tokenizer = served.loaded.tokenizer
+        text, new_ids, finish_reason = "", [], "length"
+        if body.max_tokens:
+            generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body),
+                                     set(tokenizer.eos_ids), body.stop_strings(), http_request)
+            try:
+                text = "".join([piece async for piece in generation.pieces()])
+            except Exception as exc:
+                raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
+            new_ids, finish_reason = list(generation.stream.ids), generation.finish_reason
+        elif len(ids) > served.context:
+            budget(served, ids, 1)  # the context check, in its one shape
+        prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+        logprobs = None
+        if body.logprobs is not None or body.echo:
+            scored = [*ids, *new_ids]
+            chosen, tops = await asyncio.to_thread(token_logprobs, served.loaded.model, scored, body.logprobs or 0)
+            first = 0 if body.echo else len(ids)
+            if body.logprobs is not None:
+                logprobs = openai_logprobs(tokenizer, scored[first:], chosen[first:], tops[first:])
+        return {"text": prompt_text + text if body.echo else text, "logprobs": logprobs,
+                "finish_reason": finish_reason}, len(new_ids)
+
+    # lm-evaluation-harness's `local-completions` reads the model's tokenizer from these (its
+    # "remote" tokenizer backend), so log-likelihood tasks need no tokenizer download. The first
+    # served model's tokenizer answers (or the one a request's "model" names).
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None):
+        served = pick(model) if model else models[0]
+        tokenizer = served.loaded.tokenizer
+        return {"eos_token": tokenizer.eos_text, "bos_token": tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else None,
+                "pad_token": tokenizer.decode([tokenizer.pad_id]), "model_max_length": served.context, "model": served.id}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        served = pick(body.model) if body.model else models[0]
+        ids = await asyncio.to_thread(served.loaded.tokenizer.encode, body.prompt, add_bos=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        served = pick(body.model) if body.model else models[0]
+        return {"prompt": served.loaded.tokenizer.decode(_known_ids(body.tokens, served))}
 
     async def _respond(generation: _Generation, body, served: ServedModel, *, chat: bool):
         completion_id = new_id("chatcmpl" if chat else "cmpl")

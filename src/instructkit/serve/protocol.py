@@ -69,6 +69,9 @@ class Message(BaseModel):
         return self.content or ""
 
 
+MAX_STOP_STRINGS = 16
+
+
 class _Generation(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -85,9 +88,11 @@ class _Generation(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four(cls, value):
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _a_few(cls, value):
+        # OpenAI takes 4; lm-evaluation-harness's local-completions sends a task's stop strings plus
+        # the EOS text, which can be more, as vLLM accepts.
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
         return value
 
     def stop_strings(self) -> list[str]:
@@ -101,9 +106,34 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+TokenIds = list[Annotated[int, Strict(), Field(ge=0)]]
+
+
 class CompletionRequest(_Generation):
-    prompt: Text | list[Text]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for /v1/completions
+    # A text, texts, token ids, or lists of token ids (lm-evaluation-harness sends ids).
+    prompt: Text | TokenIds | list[Text] | list[TokenIds]
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
+    echo: bool = False  # the prompt's text, and with logprobs its tokens' log-probabilities, before the answer
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the top N alternatives per token (0: none)
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: one text, or one list of token ids, each."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: Text
+    add_special_tokens: bool = True  # BOS, where the model's tokenizer adds one
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: TokenIds
+    model: str | None = None
 
 
 def new_id(prefix: str) -> str:
