@@ -192,3 +192,16 @@ def test_command_needs_a_prompt_style_for_a_model_without_template(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("instructkit: error: tiny-gemma3 has no saved prompt style; pass --prompt-style")
     assert not (tmp_path / "o").exists()
+
+
+def test_scores_are_reproducible_where_the_reference_draws_a_random_letter(shared_data):
+    """letter_frequency given "#" (IFEval's key 1122) checks a random letter instead, as the
+    reference does; seeded by the prompt's key, the verdicts repeat in any order."""
+    from instructkit.evaluate.ifeval import load_prompts, score_responses
+
+    records = [r for r in load_prompts(SHARED_DATA / "ifeval" / "input_data.jsonl") if r["key"] in (1122, 1129)]
+    responses = ["#a #b #c #d tweet with many letters abcdefghijklmnopqrstuvwxyz!!", "Sunnis ice cream! Yes!"]
+    first = score_responses(records, responses)["per_prompt"]
+    for _ in range(5):
+        assert score_responses(records, responses)["per_prompt"] == first
+        assert score_responses(records[::-1], responses[::-1])["per_prompt"] == first[::-1]

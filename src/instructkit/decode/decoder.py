@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from instructkit.decode import native
 from instructkit.decode.vocabulary import greedy
 from instructkit.models.attention import KVCache, LayerCache
 
@@ -318,8 +319,15 @@ class Decoder:
         static_step = getattr(self.model, "static_step", None)
         if static_step is not None:
             return static_step(tokens, positions, cache)
+        cache.one_query_kernel = self._one_query_kernel(cache)
         hidden = self.model(tokens, positions=positions, cache=cache, return_hidden=True)
         return self.model.head(hidden[:, -1])
+
+    def _one_query_kernel(self, cache: KVCache) -> bool:
+        """Whether one-token steps attend through our C++ kernel (models/attention.py): an fp32
+        cache on the CPU, where the kernels are built (decode/native.py; once per machine)."""
+        keys = cache.layers[0].keys
+        return keys.device.type == "cpu" and keys.dtype == torch.float32 and native.available()
 
     def _advance(self, tokens: torch.Tensor) -> None:
         """The forward pass of a step. If it fails, each row is tried alone on a copy of its cache

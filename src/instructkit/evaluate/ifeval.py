@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -139,7 +140,12 @@ def score_responses(records: list[dict], responses: list[str]) -> dict:
     """The four IFEval scores, per-instruction-type accuracies and each prompt's verdicts."""
     utils = checkers()
     per_prompt, by_type = [], defaultdict(lambda: {"count": 0, "strict": 0, "loose": 0})
+    saved = random.getstate()
     for record, response in zip(records, responses, strict=True):
+        # The reference's letter_frequency checker swaps a non-letter it is given ("#", "!": 2 of
+        # IFEval's prompts) for random.choice of the letters, so a verdict moved from run to run:
+        # Python's random is seeded by the prompt's key, making each verdict reproducible.
+        random.seed(record["key"])
         verdict = utils.process_results(record, [response])
         per_prompt.append({"key": record["key"], **{name: verdict[name] for name in SCORES}})
         for index, instruction in enumerate(record["instruction_id_list"]):
@@ -147,6 +153,7 @@ def score_responses(records: list[dict], responses: list[str]) -> dict:
             row["count"] += 1
             row["strict"] += bool(verdict["inst_level_strict_acc"][index])
             row["loose"] += bool(verdict["inst_level_loose_acc"][index])
+    random.setstate(saved)
     scores = {}
     for name in SCORES:
         values = [row[name] for row in per_prompt]

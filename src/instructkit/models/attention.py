@@ -38,14 +38,15 @@ class KVCache:
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.length = 0
         self.capacity = capacity
-        self.masks: dict[int | None, torch.Tensor | None] = {}  # per window, for the current forward pass
+        self.masks: dict = {}  # per window, for the current forward pass
         # Static-shape decoding (instructkit.decode.static_decode): when set, a one-token step writes at
         # this slot ((1,) long tensor, set by the caller) and attends over the whole capacity,
         # masked by position and validity, so no Python value in the step changes between steps
         # and a compiled step is reused for every token.
         self.write_slot: torch.Tensor | None = None
-        # Set with write_slot where our C++ kernels are built (decode/native.py) and the cache is
-        # fp32 on the CPU: a static step's attention then runs csrc/one_query_attention.cpp.
+        # Set where our C++ kernels are built (decode/native.py) and the cache is fp32 on the CPU: a
+        # one-token step's attention then runs csrc/one_query_attention.cpp (a static step's, and
+        # the engine's, decode/decoder.py).
         self.one_query_kernel = False
 
     def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> slice | torch.Tensor:
@@ -177,6 +178,17 @@ def attend(
             mask = None if everything_visible else attention_mask(
                 positions, kv_cache.positions[:, : slots.stop], kv_cache.valid[:, : slots.stop], window)
             kv_cache.masks[window] = mask
+        if steps == 1 and kv_cache.one_query_kernel and softcap is None:
+            # One new token a row over the whole preallocated cache (contiguous: no copy), the
+            # slots past the filled ones ruled out: csrc/one_query_attention.cpp skips every slot a
+            # row may not see, where SDPA computes them all and masks after. A batch whose rows
+            # joined at different times is mostly left padding (2.7x on such a batch, 2026-12-06).
+            key = ("one_query", window)
+            if key not in kv_cache.masks:
+                allowed = torch.zeros(kv_cache.valid.shape, dtype=torch.bool, device=q.device)  # (B, capacity)
+                allowed[:, : slots.stop] = kv_cache.valid[:, : slots.stop] if mask is None else mask[:, 0, 0]
+                kv_cache.masks[key] = allowed
+            return torch.ops.instructkit_native.one_query_attention(q, cache.keys, cache.values, kv_cache.masks[key], scale)
     elif default_positions and valid is None and (window is None or steps <= window):
         mask = None
     else:
