@@ -130,22 +130,25 @@ metadata:
     return docs
 
 
-def test_lm_eval_local_completions_log_likelihoods_equal_ours(served, tmp_path, chapter_data_path, monkeypatch):
-    """lm-eval's own `local-completions` model, with its remote tokenizer (our /tokenize), on a
-    multiple-choice task: every log-likelihood it received equals our model's own within 1e-4."""
+def _lm_eval(folder, model: str, model_args: dict, task: str, monkeypatch, **options) -> dict:
+    """lm-eval's simple_evaluate on one of our local tasks, offline, every sample logged."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    return simple_evaluate(model=model, model_args={"model": "tiny", "num_concurrent": 1, "max_retries": 1, **model_args},
+                           tasks=[task], task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                           log_samples=True, **options)
+
+
+def test_lm_eval_local_completions_log_likelihoods_equal_ours(served, tmp_path, chapter_data_path, monkeypatch):
+    """lm-eval's own `local-completions` model, with its remote tokenizer (our /tokenize), on a
+    multiple-choice task: every log-likelihood it received equals our model's own within 1e-4."""
     url, loaded = served
     docs = _write_task(tmp_path, chapter_data_path)
-    results = simple_evaluate(
-        model="local-completions",
-        model_args={"model": "tiny", "base_url": f"{url}/v1/completions", "tokenizer_backend": "remote",
-                    "num_concurrent": 1, "max_retries": 1, "batch_size": 2},
-        tasks=["ik_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-        log_samples=True)
+    results = _lm_eval(tmp_path, "local-completions", {"base_url": f"{url}/v1/completions", "tokenizer_backend": "remote",
+                                                        "batch_size": 2}, "ik_mc", monkeypatch)
     assert 0.0 <= results["results"]["ik_mc"]["acc,none"] <= 1.0
     samples = results["samples"]["ik_mc"]
     assert len(samples) == len(docs)
@@ -159,18 +162,10 @@ def test_lm_eval_local_completions_log_likelihoods_equal_ours(served, tmp_path, 
 
 
 def test_lm_eval_local_chat_completions_generates(served, tmp_path, chapter_data_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     url, _ = served
     docs = _write_task(tmp_path, chapter_data_path)
-    results = simple_evaluate(
-        model="local-chat-completions",
-        model_args={"model": "tiny", "base_url": f"{url}/v1/chat/completions", "num_concurrent": 1, "max_retries": 1},
-        tasks=["ik_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-        apply_chat_template=True, log_samples=True)
+    results = _lm_eval(tmp_path, "local-chat-completions", {"base_url": f"{url}/v1/chat/completions"}, "ik_gen",
+                       monkeypatch, apply_chat_template=True)
     samples = results["samples"]["ik_gen"]
     assert len(samples) == len(docs)
     assert all(isinstance(sample["resps"][0][0], str) for sample in samples)
