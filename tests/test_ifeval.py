@@ -183,6 +183,13 @@ def test_command_end_to_end_and_resumed(tmp_path):
     assert len(responses) == 4 and all("model_response" in row for row in responses)
     report = (out / "ifeval-report.md").read_text()
     assert "| prompt-level strict |" in report and "By instruction type" in report
+    # The run's own report (metrics, judge) shows the IFEval scores of RUN/ifeval beside them.
+    chapter_responses = _require_shared(SHARED_DATA / "instruction-data-with-response.json")
+    evaluated = run_cli("evaluate", "--responses", str(chapter_responses), "--run", str(tmp_path), "--out", str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    run_report = (tmp_path / "eval" / "report.md").read_text()
+    strict = f"{system['scores']['prompt_level_strict_acc']:.1%}"
+    assert "## IFEval" in run_report and f"| prompt-level strict | {strict} |" in run_report
 
 
 def test_command_needs_a_prompt_style_for_a_model_without_template(tmp_path):

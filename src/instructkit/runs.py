@@ -118,6 +118,11 @@ class RunFolder:
         return self.path / "report.md", self.path / "report.html"
 
     @property
+    def ifeval_dir(self) -> Path:
+        """`evaluate --benchmark ifeval --run` writes its responses, ifeval.json and report here."""
+        return self.path / "ifeval"
+
+    @property
     def judge_cache(self) -> Path:
         return self.path / "judge-cache.jsonl"
 

@@ -123,7 +123,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.out:
         out_dir = Path(args.out)
     elif ready.run is not None:
-        out_dir = ready.run.path / "ifeval"
+        out_dir = ready.run.ifeval_dir
     else:
         raise UserError("--benchmark with --model needs --out FOLDER (with --run the results go into RUN_DIR/ifeval)")
     result = evaluate_ifeval(systems, records, out_dir, data_file=data_file, max_new_tokens=args.max_new_tokens or 1280,

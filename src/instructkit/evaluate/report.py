@@ -178,6 +178,23 @@ def _judge_blocks(judge: dict, out_dir: Path) -> list[tuple]:
     return blocks
 
 
+def _ifeval_blocks(path: Path) -> list[tuple]:
+    """IFEval's four scores, when `evaluate --benchmark ifeval --run` has been run on this run:
+    beside the offline metrics and the judge's scores, one report."""
+    import json
+
+    try:
+        systems = json.loads(path.read_text(encoding="utf-8"))["systems"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    from instructkit.evaluate.ifeval import SCORE_LABELS, SCORES
+
+    names = list(systems)
+    rows = [[SCORE_LABELS[score], *(f"{systems[name]['scores'][score]:.1%}" for name in names)] for score in SCORES]
+    return [("h", "IFEval"), ("p", f"From `{path}` (its own report beside it has the table per instruction type)."),
+            ("table", ["score", *names], rows)]
+
+
 def _decoding_text(settings: dict) -> str:
     """How respond generated the responses, in words (its recorded settings)."""
     beams = settings.get("beams", 1)
@@ -209,6 +226,8 @@ def build_blocks(result: dict, entries: list[dict], out_dir: Path, run_dir: Path
         blocks += _against_blocks(result["against"])
     if "judge" in result:
         blocks += _judge_blocks(result["judge"], out_dir)
+    if run_dir is not None:
+        blocks += _ifeval_blocks(RunFolder(run_dir).ifeval_dir / "ifeval.json")
     if "pairwise" in result:
         pair = result["pairwise"]
         blocks.append(("p", f"Pairwise against `{pair['against']}`: {pair['wins']} wins, {pair['ties']} ties, "
