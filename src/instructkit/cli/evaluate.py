@@ -39,7 +39,7 @@ def register(subcommands) -> None:
     ev.add_argument("--ifeval-data", default=None,
                     help="IFEval's input_data.jsonl (default: downloaded once from google-research and cached)")
     ev.add_argument("--limit", type=int, default=None, help="with --benchmark: only the first N prompts (a quick look)")
-    ev.add_argument("--batch-size", type=int, default=32, help="with --benchmark: prompts decoded together (default 32)")
+    ev.add_argument("--batch-size", type=int, default=32, help="with --benchmark: rows decoded at once (default 32); the next prompts join as rows end")
     ev.add_argument("--quantize", default="none",
                     help="with --benchmark: decoding weights, none (default: exact fp32), int8 or int4")
     ev.add_argument("--out", default=None, help="folder for evaluation.json and the report (default: beside the responses)")

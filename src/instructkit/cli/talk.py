@@ -91,7 +91,8 @@ def _register_respond(subcommands) -> None:
     resp.add_argument("--stop-on-repeat", type=int, default=0, metavar="N",
                       help="end a response when its last N tokens already appeared in it (a greedy loop), "
                            "dropping the repeat; 0 = off (default; the main job uses 16)")
-    resp.add_argument("--batch-size", type=int, default=128, help="prompts decoded together (default 128)")
+    resp.add_argument("--batch-size", type=int, default=128,
+                      help="rows decoded at once (default 128); the next prompts join as rows end")
     resp.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     add_beam_options(resp, 1, "1: greedy")
     add_split_options(resp, default_text=" (default: the run's)")
