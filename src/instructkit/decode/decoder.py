@@ -261,8 +261,9 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> list[tuple[Request, int]]:
-        """One token for every row. Rows that end here (stop token, budget, cancelled, failed) leave
-        the batch; the others run one forward pass. Returns the (request, token) pairs produced."""
+        """One token for every row. Rows that end here (stop token, budget, cancelled, failed) are
+        finished at once and leave the batch with the next quarter (`_retire`); the others run one
+        forward pass. Returns the (request, token) pairs produced."""
         for request in self.rows:
             if request.cancelled and not request.finished:
                 request.finish_reason = request.cancelled
