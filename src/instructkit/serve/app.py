@@ -137,6 +137,13 @@ class _Generation:
             self.watcher.cancel()
             self.worker.cancel(self.request, "client_gone")  # a no-op once the request has finished
 
+    async def text(self) -> str:
+        """The whole answer (not streamed); a failed decoding is a 500 in OpenAI's shape."""
+        try:
+            return "".join([piece async for piece in self.pieces()])
+        except Exception as exc:
+            raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
+
     @property
     def finish_reason(self) -> str:
         return "length" if self.request.finish_reason == "length" and not self.stream.stopped else "stop"
@@ -279,10 +286,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
         if body.max_tokens:
             generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body),
                                      set(tokenizer.eos_ids), body.stop_strings(), http_request)
-            try:
-                text = "".join([piece async for piece in generation.pieces()])
-            except Exception as exc:
-                raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
+            text = await generation.text()
             new_ids, finish_reason = list(generation.stream.ids), generation.finish_reason
         elif len(ids) > served.context:
             budget(served, ids, 1)  # the context check, in its one shape
@@ -322,10 +326,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
         completion_id = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         if not body.stream:
-            try:
-                text = "".join([piece async for piece in generation.pieces()])
-            except Exception as exc:
-                raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
+            text = await generation.text()
             choice = {"index": 0, "logprobs": None, "finish_reason": generation.finish_reason}
             choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             return {"id": completion_id, "object": "chat.completion" if chat else "text_completion", "created": created,
