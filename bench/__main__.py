@@ -7,7 +7,9 @@ measured on validation prompts), load, quality,
 export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), startup, kernels, smoothing,
 recipes (six fine-tunings, 35 to 70 minutes, to choose the chapter-data recipe on validation responses) and decoding
 (the test responses' decoding, chosen on the validation split of a finished main job: --run) and families
-(SmolLM2-135M-Instruct and a random-weight Llama-3.2-1B shape: batch-1 decoding against llama.cpp Q8_0, LoRA training). --quick runs small models and few
+(SmolLM2-135M-Instruct and a random-weight Llama-3.2-1B shape: batch-1 decoding against llama.cpp Q8_0, LoRA training)
+and base (LoRA on an fp32 / int8 / int4 base: a random-weight Qwen2.5-1.5B shape against HF + PEFT, and the final
+validation loss on the two real models; --only speed or quality). --quick runs small models and few
 steps (minutes), for checking the harness itself; its numbers are not the claims."""
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = ("peak", "train", "generate", "quantized", "startup", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding", "families")
+SUITES = ("peak", "train", "base", "generate", "quantized", "startup", "kernels", "smoothing", "load", "quality", "export", "serve", "dpo", "scale", "dedup", "recipes", "decoding", "families")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing", "families")],
+    parser.add_argument("suites", nargs="*", default=[s for s in SUITES if s not in ("recipes", "decoding", "quantized", "startup", "kernels", "smoothing", "families",
+                                                                   "base")],
                         help=f"any of: {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--only", default=None,
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import families
 
         results["families"] = families.run(args.quick, repeats=args.repeats, only=args.only)
+    if "base" in args.suites:
+        from bench import base_quantize
+
+        results["base"] = base_quantize.run(args.quick, repeats=args.repeats, only=args.only)
     if "load" in args.suites:
         from bench import load
 

@@ -119,6 +119,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM over from the present resident set (Linux: /proc/self/clear_refs "5"), so a
+    later peak_rss_bytes() is the peak of what follows (training, apart from loading the model)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def cli_seconds(*args: str) -> float:
     """Run `python -m instructkit ARGS` from the repo; its wall seconds, or RuntimeError with its last error line."""
     started = time.perf_counter()

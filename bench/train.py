@@ -55,6 +55,28 @@ def configurations(quick: bool) -> list[tuple[str, dict]]:
         ("gemma: ours, frozen embedding, head everywhere",
          {**gemma_base, "impl": "ours", "model": gemma, "freeze_embedding": True, "head": "full"}),
     ]
+    # Layouts of the same examples (issue 37): length-grouped, the chapter's shuffled order, each
+    # packed (rows as long as the micro-batch's longest example, or a fixed length), and layers
+    # checkpointed; on the chapter's data (Gemma 3 270M, full) and on a conversation file
+    # (SmolLM2-135M-Instruct, its ChatML template, LoRA r16). `--only layout` runs these alone.
+    chat = {**gemma_base, "impl": "ours", "model": smol, "data": "builtin-chat", "lora_rank": 16}
+    layouts = [
+        ("layout gemma: grouped", {**gemma_base, "impl": "ours", "model": gemma}),
+        ("layout gemma: grouped, packed 512", {**gemma_base, "impl": "ours", "model": gemma, "packing": True, "pack_length": 512}),
+        ("layout gemma: chapter batching", {**gemma_base, "impl": "ours", "model": gemma, "batching": "chapter"}),
+        ("layout gemma: chapter batching, packed", {**gemma_base, "impl": "ours", "model": gemma, "batching": "chapter",
+                                                    "packing": True}),
+        ("layout gemma: chapter batching, packed 512", {**gemma_base, "impl": "ours", "model": gemma, "batching": "chapter",
+                                                        "packing": True, "pack_length": 512}),
+        ("layout gemma: grouped, checkpointed", {**gemma_base, "impl": "ours", "model": gemma, "checkpoint": True}),
+        ("layout smollm2 chat: grouped", chat),
+        ("layout smollm2 chat: chapter batching", {**chat, "batching": "chapter"}),
+        ("layout smollm2 chat: chapter batching, packed", {**chat, "batching": "chapter", "packing": True}),
+        ("layout smollm2 chat: chapter batching, packed 1024", {**chat, "batching": "chapter", "packing": True,
+                                                                "pack_length": 1024}),
+        ("layout smollm2 chat: grouped, checkpointed", {**chat, "checkpoint": True}),
+    ]
+    rows += [(name, spec) for name, spec in layouts]
     if quick:  # the harness, each worker kind once (the chapter's loop, ours, HF + TRL, LoRA both sides)
         return [(name, spec) for name, spec in rows if name in QUICK_ROWS]
     return rows
@@ -110,17 +132,19 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
     for name, _ in configs:
         runs = [r for r in raw[name] if "error" not in r]
         if not runs:
-            rows.append([name, "failed: " + raw[name][0]["error"][:60]] + [""] * 5)
+            rows.append([name, "failed: " + raw[name][0]["error"][:60]] + [""] * 6)
             continue
         mfu = [g / peak_gflops for g in values(name, "model_gflops")] if peak_gflops else []
         summary[name] = {key: spread(values(name, key)) for key in
                          ("real_tok_s", "run_real_tok_s", "supervised_tok_s", "eval_share", "peak_rss_gb")}
         summary[name]["mfu"] = spread(mfu)
+        # The examples of every round are the same: the share of computed positions that are padding.
+        summary[name]["padding_share"] = 1 - runs[0]["real_tokens"] / runs[0]["padded_tokens"]
         rows.append([name, fmt_spread(summary[name]["real_tok_s"], "{:.1f}"), fmt_spread(summary[name]["run_real_tok_s"], "{:.1f}"),
                      fmt_spread(summary[name]["eval_share"], "{:.0%}"), fmt_spread(summary[name]["mfu"], "{:.0%}"),
-                     f"{max(r['peak_rss_gb'] for r in runs):.2f}"])
+                     f"{summary[name]['padding_share']:.1%}", f"{max(r['peak_rss_gb'] for r in runs):.2f}"])
     print_table("Training throughput, median (min-max) of interleaved rounds",
-                ["configuration", "real tok/s", "incl. eval", "eval share", "MFU", "peak RSS GB"], rows)
+                ["configuration", "real tok/s", "incl. eval", "eval share", "MFU", "padding", "peak RSS GB"], rows)
     ratios = []
     for ours, peer, what, key, same_work in COMPARISONS:
         if ours not in summary or peer not in summary:

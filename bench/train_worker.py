@@ -70,9 +70,14 @@ def run_ours(spec: dict) -> dict:
     model, pad = loaded.model, loaded.tokenizer.pad_id
     config = TrainConfig(batch_size=spec["batch"], batching=spec.get("batching", "grouped"), seed=123)
     if spec.get("lora_rank"):
+        from instructkit.train.quantized_base import quantize_base
+
         apply_lora(model, ["attention", "mlp"], spec["lora_rank"], 16.0)
+        quantize_base(model, spec.get("base_quantize", "none"))  # --base-quantize: the frozen base held int8/int4
     if spec.get("freeze_embedding"):
         model.lm_head.weight.requires_grad_(False)
+    model.checkpoint_layers = bool(spec.get("checkpoint"))
+    packing = dict(packing=bool(spec.get("packing")), pack_length=spec.get("pack_length"))
     device, precision = torch.device(spec.get("device", "cpu")), spec.get("precision", "fp32")
     model.to(device)
     model.train()
@@ -93,7 +98,7 @@ def run_ours(spec: dict) -> dict:
     train_eval, val_eval = eval_batches(train, spec["batch"], count), eval_batches(val, spec["batch"], count)
     return _measure(spec, model, batches, train, pad,
                     step=lambda batch: train_step(model, optimizer, train, [batch], pad_id=pad, lr=5e-5, clip=None,
-                                                  device=device, precision=precision),
+                                                  device=device, precision=precision, **packing),
                     evaluate=lambda: (evaluate_loss(model, train, train_eval, pad, device=device, precision=precision),
                                       evaluate_loss(model, val, val_eval, pad, device=device, precision=precision)),
                     head_everywhere=full_head,
@@ -144,10 +149,14 @@ def run_naive(spec: dict) -> dict:
 def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywhere, body_trains, head_trains) -> dict:
     """Time `steps` training steps after `warmup`, then one evaluation, charged to the run as
     steps / eval_every evaluations (what a whole run on this schedule spends)."""
-    from instructkit.data.batching import collate
+    from instructkit.data.batching import collate, pack
     from instructkit.data.tokenize import IGNORE_INDEX
 
     warmup, steps, eval_every = spec.get("warmup", 1), spec["steps"], spec.get("eval_every", 0)
+    from bench.common import peak_rss_bytes, reset_peak_rss
+
+    setup_peak = peak_rss_bytes()  # loading (and quantizing) the model
+    reset_peak_rss()  # from here: training's own peak
     for batch in batches[:warmup]:
         step(batch)
     step_seconds, real, padded, supervised, flops = [], 0, 0, 0, 0.0
@@ -158,12 +167,15 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for batch in batches[warmup : warmup + steps]:
-        inputs, targets = collate([train[i] for i in batch], pad_id=pad)
+        if spec.get("packing"):  # the rows the step computes (attention counted per example: FLOPs are model FLOPs)
+            inputs, targets, _ = pack([train[i] for i in batch], pad_id=pad, row_length=spec.get("pack_length"))
+        else:
+            inputs, targets = collate([train[i] for i in batch], pad_id=pad)
         lengths = [len(train[i]) - 1 for i in batch]
         n_supervised = int((targets != IGNORE_INDEX).sum())
         head_positions = inputs.numel() if head_everywhere else n_supervised
         flops += _step_flops(model, lengths, inputs.shape[1], head_positions, body_trains=body_trains,
-                             head_trains=head_trains, padded=True)
+                             head_trains=head_trains, padded=not spec.get("packing"))
         start = time.perf_counter()
         step(batch)
         if cuda:
@@ -176,14 +188,13 @@ def _measure(spec, model, batches, train, pad, *, step, evaluate, head_everywher
         evaluate()
         one_eval = time.perf_counter() - start
     eval_seconds = one_eval * steps / eval_every if eval_every else 0.0
-    from bench.common import peak_rss_bytes
-
     train_time = sum(step_seconds)
     return {**spec, "step_seconds": step_seconds, "one_eval_seconds": one_eval, "eval_seconds": eval_seconds,
             "real_tokens": real, "padded_tokens": padded, "supervised_tokens": supervised,
             "real_tok_s": real / train_time, "padded_tok_s": padded / train_time, "supervised_tok_s": supervised / train_time,
             "run_real_tok_s": real / (train_time + eval_seconds), "eval_share": eval_seconds / (train_time + eval_seconds),
-            "model_gflops": flops / train_time / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "model_gflops": flops / train_time / 1e9, "peak_rss_gb": max(setup_peak, peak_rss_bytes()) / 1e9,
+            "setup_peak_rss_gb": setup_peak / 1e9, "train_peak_rss_gb": peak_rss_bytes() / 1e9,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             **({"cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gpu": torch.cuda.get_device_name()} if cuda else {})}
 
@@ -246,7 +257,15 @@ def run_hf_trl(spec: dict) -> dict:
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
+    from bench.common import peak_rss_bytes, reset_peak_rss
+
+    peaks = {}
+
     class Timer(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            peaks["setup"] = peak_rss_bytes()
+            reset_peak_rss()
+
         def on_step_begin(self, args, state, control, **kwargs):
             current["tokens"] = 0
             self.start = time.perf_counter()
@@ -265,11 +284,12 @@ def run_hf_trl(spec: dict) -> dict:
                              callbacks=[Timer()], peft_config=peft_config)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
-    from bench.common import peak_rss_bytes, versions
+    from bench.common import versions
 
     measured, real = times[warmup:], sum(step_tokens[warmup:])
     return {**spec, "step_seconds": measured, "real_tok_s": real / sum(measured), "real_tokens": real,
-            "run_real_tok_s": real / sum(measured), "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "run_real_tok_s": real / sum(measured), "peak_rss_gb": max(peaks["setup"], peak_rss_bytes()) / 1e9,
+            "setup_peak_rss_gb": peaks["setup"] / 1e9, "train_peak_rss_gb": peak_rss_bytes() / 1e9,
             "trainable_parameters": trainable, "versions": versions()}
 
 

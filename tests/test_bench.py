@@ -87,3 +87,18 @@ def test_quick_recipes_suite_chooses_on_pooled_validation_responses_only():
     assert sum(chosen["ranks"]) == min(sum(c["ranks"]) for c in ranked)
     best_pooled_rouge = max(ranked, key=lambda c: c["pooled"]["rouge_l"])
     assert best_pooled_rouge["ranks"][0] == 1
+
+
+def test_quick_base_suite_compares_bases_and_reports_their_losses():
+    """The base-quantize suite on tiny-gemma3: our LoRA on fp32 / int8 / int4 bases and HF + PEFT,
+    training peak RSS apart from loading, then the final validation loss by base."""
+    out, saved = _quick_suite("base")
+    speed = saved["base"]["speed"]["summary"]
+    for name in ("ours, LoRA r16, fp32 base", "ours, LoRA r16, int8 base", "ours, LoRA r16, int4 base",
+                 "HF + TRL + PEFT, LoRA r16, fp32 base"):
+        assert speed[name]["real_tok_s"]["median"] > 0 and speed[name]["train_peak_rss_gb"]["median"] > 0, name
+    assert set(saved["base"]["speed"]["ratios"]) == {"ours, LoRA r16, fp32 base", "ours, LoRA r16, int8 base",
+                                                     "ours, LoRA r16, int4 base"}
+    quality = saved["base"]["quality"]
+    assert all(result["val_loss"] > 0 for result in quality.values()), quality
+    assert "final validation loss by base" in out

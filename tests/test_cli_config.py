@@ -20,17 +20,19 @@ from .conftest import run_cli
 
 # main_job.main_recipe() of commit dac1825 (the last with the recipe as Python literals), for the
 # built-in data and for the chapter's, as TrainConfig.to_dict() gave them; with the conversation
-# settings added since (format, columns, train_on) at their defaults, which change nothing for
+# settings added since (format, columns, train_on) and the memory settings (base_quantize,
+# checkpoint_activations, packing, pack_length) at their defaults, which change nothing for
 # Alpaca records.
 FORMER_BUILTIN = {
     "data": "builtin", "out": "runs/builtin", "epochs": 1, "max_steps": None, "batch_size": 8, "grad_accum": 1,
     "lr": 0.0001, "weight_decay": 0.1, "warmup": 10, "schedule": "cosine", "clip": 1.0, "eval_every": 58,
     "eval_batches": 7, "early_stop": None, "seed": 123, "prompt_style": None, "max_length": None,
     "skip_invalid": False, "batching": "grouped", "lora_rank": 0, "lora_alpha": 16.0,
-    "lora_targets": ["attention", "mlp"], "freeze_embedding": True, "save_every": 58, "threads": None, "memory_limit": None,
+    "lora_targets": ["attention", "mlp"], "base_quantize": "none", "freeze_embedding": True,
+    "checkpoint_activations": False, "save_every": 58, "threads": None, "memory_limit": None,
     "device": "auto", "precision": "fp32", "strategy": "ddp", "log": None, "model": "gemma-3-270m",
     "mask_instructions": True, "format": "auto", "columns": None, "train_on": None, "shuffle_seed": None,
-    "group_near_duplicates": False, "sample_prompt": True, "data_sha256": None,
+    "group_near_duplicates": False, "packing": False, "pack_length": None, "sample_prompt": True, "data_sha256": None,
 }
 FORMER_CHAPTER = {**FORMER_BUILTIN, "data": "../shared/data/instruction-data.json", "out": "runs/instruction-data",
                   "epochs": 2, "lr": 0.0005, "lora_rank": 16, "lora_alpha": 32.0}

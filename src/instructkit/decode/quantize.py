@@ -270,18 +270,6 @@ class Int8GroupLinear(_GroupLinear):
             self.q = self.q.view(blocks, rows, k // 4, 4).transpose(1, 2).reshape(blocks, rows * k).contiguous()
             self.scale = self.scale.view(blocks, rows, groups).transpose(1, 2).reshape(blocks, rows * groups).contiguous()
 
-    def stored(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (rows, K) and scale (rows, K/32) in row order, whatever order the layer keeps them in."""
-        if not self.block_rows:
-            return self.q[rows], self.scale[rows]
-        start, stop, _ = rows.indices(self.out_features)
-        first, last = start // self.block_rows, -(-stop // self.block_rows)  # the blocks holding them
-        k, size = self.in_features, self.block_rows
-        q = self.q[first:last].view(-1, k // 4, size, 4).transpose(1, 2).reshape(-1, k)
-        scale = self.scale[first:last].view(-1, k // GROUP, size).transpose(1, 2).reshape(-1, k // GROUP)
-        within = slice(start - first * size, stop - first * size)
-        return q[within], scale[within]
-
     @staticmethod
     def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """weight (N, K) -> q (N, K/32, 32) int8 values as fp32, scale (N, K/32)."""
@@ -306,8 +294,10 @@ class Int8GroupLinear(_GroupLinear):
         return torch.ops.instructkit_native.int8_group_mm(x2d, self.q, self.scale)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        q, scale = self.stored(rows)
-        return (q.view(q.shape[0], -1, GROUP).float() * scale[..., None]).view(q.shape[0], self.in_features)
+        start, stop, _ = rows.indices(self.out_features)  # csrc/dequantize.cpp: one pass, reference's values
+        if self.block_rows:
+            return torch.ops.instructkit_native.int8_block_dequantize(self.q, self.scale, self.block_rows, start, stop)
+        return torch.ops.instructkit_native.int8_group_dequantize(self.q, self.scale, start, stop)
 
 
 class Int4GroupLinear(_GroupLinear):
@@ -343,11 +333,8 @@ class Int4GroupLinear(_GroupLinear):
         return torch.ops.instructkit_native.int4_group_mm(x2d, self.packed, self.scale, self.low, self.round_input)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        packed = self.packed[rows]
-        grouped = packed.view(packed.shape[0], -1, GROUP // 2)
-        u = torch.cat([grouped & 15, grouped >> 4], dim=-1).float()  # (rows, K/32, 32)
-        values = u * self.scale[rows].float()[..., None] + self.low[rows].float()[..., None]
-        return values.view(packed.shape[0], self.in_features)
+        start, stop, _ = rows.indices(self.out_features)  # csrc/dequantize.cpp: u * scale + low, as `reference`
+        return torch.ops.instructkit_native.int4_group_dequantize(self.packed, self.scale, self.low, start, stop)
 
 
 def _min_max_int4_grid(weight: torch.Tensor, *, stored: torch.dtype = torch.float32,

@@ -8,6 +8,15 @@ cached decoding (positions continue from the cache). Masks are built from positi
 
 When nothing is padded, no cache is used and the window cannot bite, attention takes SDPA's
 `is_causal` fast path instead of materialising a mask.
+
+Packed rows (several examples in one row, train/loop.py's `--packing`) need no argument of their own:
+their positions restart at 0 at each example, and without a cache key j is token j of the query's
+row, so a key lies in the query's example exactly when the positions rose one per token between
+them (pos_q - pos_k == q - k). Without a cache the mask adds that rule, so no token attends across
+examples, and positions (RoPE, GPT-2's learned ones) and sliding windows restart per example. The
+same rule is what transformers' padding-free collator relies on (boundaries from position_ids).
+On a CPU such rows attend example by example instead (`_attend_by_example`: each example on SDPA's
+causal fast path), which computes the same values without the masked cross-example scores.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -105,6 +115,26 @@ class KVCache:
         self.masks = {}
 
 
+def run_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, x: torch.Tensor, extra_args, positions, valid,
+               cache: KVCache | None, cache_state, default_positions: bool) -> torch.Tensor:
+    """x (B, T, C) through every layer, each called as layer(x, *extra_args(layer), positions,
+    valid, its cache, cache_state, default_positions).
+
+    With `model.checkpoint_layers` set, while training with gradients, each layer keeps only its
+    input (B, T, C) for the backward pass and runs its forward again there: activations go from
+    every intermediate of every layer to one (B, T, C) tensor per layer plus one layer's
+    intermediates, for about a third more compute (measured in docs/BENCHMARKS.md)."""
+    checkpointed = model.checkpoint_layers and model.training and torch.is_grad_enabled()
+    for index, layer in enumerate(layers):
+        args = (*extra_args(layer), positions, valid, cache.layers[index] if cache is not None else None,
+                cache_state, default_positions)
+        if checkpointed:
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x
+
+
 def prepare_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None,
                       cache: KVCache | None) -> tuple[torch.Tensor, bool, tuple[KVCache, slice] | None]:
     """The start of every forward pass: default positions 0..T-1, and cache slots for the new tokens.
@@ -121,13 +151,17 @@ def prepare_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, v
 
 
 def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, key_valid: torch.Tensor,
-                   window: int | None) -> torch.Tensor:
-    """Boolean mask (B, 1, Tq, Tk), True where a query may attend to a key."""
+                   window: int | None, *, same_row: bool = False) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True where a query may attend to a key. `same_row`: queries and
+    keys are the same tokens (no cache), so keys of another packed example are ruled out too."""
     q = q_positions[:, :, None]
     k = k_positions[:, None, :]
     allowed = (k <= q) & key_valid[:, None, :]
     if window is not None:
         allowed &= (q - k) < window
+    if same_row:  # one example: positions rose one per token from key to query (see the module docstring)
+        index = torch.arange(q_positions.shape[1], device=q_positions.device)
+        allowed &= (q - k) == (index[:, None] - index[None, :])  # (B, T, T) vs (T, T)
     # A fully masked row (a padding query) would give NaN; let it see itself-free zeros instead.
     allowed |= ~allowed.any(dim=-1, keepdim=True)
     return allowed[:, None]
@@ -191,9 +225,12 @@ def attend(
             return torch.ops.instructkit_native.one_query_attention(q, cache.keys, cache.values, kv_cache.masks[key], scale)
     elif default_positions and valid is None and (window is None or steps <= window):
         mask = None
+    elif cache is None and valid is None and BY_EXAMPLE_ON_CPU and q.device.type == "cpu" \
+            and (spans := example_spans(positions)) is not None:
+        return _attend_by_example(q, k, v, spans, window, scale, softcap)
     else:
         key_valid = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
-        mask = attention_mask(positions, positions, key_valid, window)
+        mask = attention_mask(positions, positions, key_valid, window, same_row=cache is None)
     # Grouped-query attention: SDPA shares each K/V head across H / H_kv query heads itself,
     # which on a CPU is ~15x faster at decode time than repeating K and V.
     gqa = q.shape[1] != k.shape[1]
@@ -204,6 +241,54 @@ def attend(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
+
+
+# Packed rows on a CPU attend example by example (see _attend_by_example); False: through the
+# block-diagonal mask, as on other devices (tests run both).
+BY_EXAMPLE_ON_CPU = True
+
+
+def example_spans(positions: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Per row of positions (B, T), the (start, stop) runs whose positions count up one per token
+    from 0: the examples of a packed row, and the padding run after them. None when a run starts
+    elsewhere than 0 (not a packed row: the mask path handles it)."""
+    rows = positions.tolist()
+    spans = []
+    for row in rows:
+        starts = [index for index, position in enumerate(row) if index == 0 or position != row[index - 1] + 1]
+        if any(row[start] != 0 for start in starts):
+            return None
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    return spans
+
+
+def _attend_by_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[list[tuple[int, int]]],
+                       window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention of packed rows one example at a time: q (B, H, T, D), k and v (B, H_kv, T, D).
+
+    The block-diagonal mask is exact but makes SDPA take its masked path over the whole row (and
+    compute every cross-example score it then discards); each example alone takes the causal fast
+    path over its own length. On a CPU the extra calls cost ~50 us each, little beside a layer's
+    matmuls, and a packed batch then attends no more than the same examples unpacked."""
+    gqa = q.shape[1] != k.shape[1]
+    rows = []
+    for row, row_spans in enumerate(spans):
+        pieces = []
+        for start, stop in row_spans:
+            qs, ks, vs = (t[row : row + 1, :, start:stop] for t in (q, k, v))
+            length = stop - start
+            mask = None
+            if window is not None and length > window:
+                local = torch.arange(length, device=q.device)[None]
+                mask = attention_mask(local, local, torch.ones_like(local, dtype=torch.bool), window)
+            if softcap is not None:
+                pieces.append(_softcapped_attention(qs, ks, vs, mask, True, scale, softcap))
+            elif mask is None:
+                pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa))
+            else:
+                pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instructkit.models.attention import KVCache, attend, prepare_positions
+from instructkit.models.attention import KVCache, attend, prepare_positions, run_layers
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+        self.checkpoint_layers = False  # training's --checkpoint-activations (attention.run_layers)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -136,9 +137,7 @@ class GPT2(nn.Module):
         if int(positions.max()) >= self.config.context_length:
             raise ValueError(f"position {int(positions.max())} is beyond the context length {self.config.context_length}")
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
-        for index, block in enumerate(self.transformer.h):
-            layer_cache = cache.layers[index] if cache is not None else None
-            x = block(x, positions, valid, layer_cache, cache_state, default_positions)
+        x = run_layers(self, self.transformer.h, x, lambda block: (), positions, valid, cache, cache_state, default_positions)
         hidden = self.transformer.ln_f(x)
         return hidden if return_hidden else self.lm_head(hidden)
 

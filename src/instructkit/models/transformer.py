@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instructkit.models.attention import KVCache, attend, prepare_positions
+from instructkit.models.attention import KVCache, attend, prepare_positions, run_layers
 
 # Where each norm sits, by the config's `norms`, as HF names them:
 # (before attention, after attention, before the MLP, after the MLP); None: no norm there.
@@ -266,6 +266,8 @@ class Transformer(nn.Module):
         # Whether head(hidden) is the plain linear map lm_head: the training loss then fuses it
         # into a chunked cross-entropy (train/loss.py); soft-capped logits take the plain way.
         self.plain_head = config.final_softcap is None
+        # Activation checkpointing (training's --checkpoint-activations): see attention.run_layers.
+        self.checkpoint_layers = False
 
     def new_cache(self, batch: int, capacity: int, device=None) -> KVCache:
         return KVCache.for_model(self, batch, capacity, device)
@@ -288,10 +290,8 @@ class Transformer(nn.Module):
         rope_full = rope_angles(c, positions, local=False)
         # Sliding layers have their own base only in Gemma 3; elsewhere both kinds share one rope.
         rope_sliding = rope_angles(c, positions, local=True) if c.rope_theta_local is not None else rope_full
-        for index, layer in enumerate(self.model.layers):
-            layer_cache = cache.layers[index] if cache is not None else None
-            rope = rope_sliding if layer.is_sliding else rope_full
-            x = layer(x, rope, positions, valid, layer_cache, cache_state, default_positions)
+        x = run_layers(self, self.model.layers, x, lambda layer: (rope_sliding if layer.is_sliding else rope_full,),
+                       positions, valid, cache, cache_state, default_positions)
         hidden = self.model.norm(x)
         return hidden if return_hidden else self.head(hidden)
 

@@ -29,8 +29,9 @@ def option(default=MISSING, help: str = "", *, factory=MISSING, off_flag: str | 
 def config_differences(saved, requested) -> list[str]:
     """Settings in which `requested` differs from a saved config (dataclasses of one kind), as
     "name: saved -> requested". Ignored: where the run lives, how fast it goes and where it logs
-    (out, threads, save_every, device, log, memory_limit); a prompt style left unset takes the saved one."""
-    ignored = {"out", "threads", "save_every", "device", "log", "memory_limit"}
+    (out, threads, save_every, device, log, memory_limit, checkpoint_activations: recomputing gives the same
+    values); a prompt style left unset takes the saved one."""
+    ignored = {"out", "threads", "save_every", "device", "log", "memory_limit", "checkpoint_activations"}
     if getattr(requested, "prompt_style", None) is None:
         ignored.add("prompt_style")
     return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(requested, f.name)!r}"
@@ -76,7 +77,11 @@ class TrainingConfig:
                                      "scales by alpha alone: its alpha a at rank r is our a*r)")
     lora_targets: list[str] = option(help="LoRA's layers: attention, mlp, or layer names",
                                      factory=lambda: ["attention", "mlp"])
+    base_quantize: str = option("none", "with LoRA: hold the frozen base weights in int8 or int4 (groups of 32; the "
+                                        "adapters, the embedding and the head stay fp32; CPU only), or none")
     freeze_embedding: bool = option(False, "freeze the token embedding and the LM head (one tensor where they are tied)")
+    checkpoint_activations: bool = option(False, "keep only each layer's input for the backward pass and recompute the "
+                                                 "rest there: less memory, about a third more compute")
     save_every: int = option(50, "optimizer steps between resumable checkpoints (also at each epoch end)")
     threads: int | None = option(None, "torch CPU threads")
     memory_limit: float | None = option(None, "GB this run may use at its peak; a run expected to need more (or more than "
@@ -104,9 +109,13 @@ class TrainingConfig:
         if self.clip is not None and self.clip <= 0:
             raise UserError(f"--clip must be positive, got {self.clip}")
         for name, allowed in (("schedule", SCHEDULES), ("precision", ("fp32", "bf16")), ("strategy", ("ddp", "fsdp")),
-                              ("batching", BATCHING)):
+                              ("batching", BATCHING), ("base_quantize", ("none", "int8", "int4"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.base_quantize != "none" and not self.lora_rank:
+            raise UserError(f"--base-quantize {self.base_quantize} needs LoRA (--lora-rank N): trained weights stay fp32")
+        if self.base_quantize != "none" and (self.device == "cuda" or self.strategy == "fsdp"):
+            raise UserError(f"--base-quantize {self.base_quantize} runs on the CPU kernels, without FSDP; use --base-quantize none")
         unknown = [name for name in log_names(self.log) if name not in LOGGERS]
         if unknown:
             raise UserError(f"--log must name some of jsonl, {', '.join(LOGGERS)}, got {unknown[0]!r}")
@@ -132,12 +141,20 @@ class TrainConfig(TrainingConfig):
                                         "assistant for conversations and a model's own template, else --mask-instructions")
     shuffle_seed: int | None = option(None, "shuffle records before splitting")
     group_near_duplicates: bool = option(False, "keep near-duplicate prompts on one side of the split")
+    packing: bool = option(False, "pack each micro-batch's examples end to end into fewer rows (attention and positions "
+                                  "stay inside each example): less padding, the same loss")
+    pack_length: int | None = option(None, "with --packing, the longest packed row (default: the micro-batch's longest "
+                                           "example)")
     sample_prompt: bool = option(True, "a greedy sample for a fixed validation prompt after each epoch",
                                  off_flag="--no-sample")
     data_sha256: str | None = option(None, "the sha256 of the validated records (set by finetune): a resumed run "
                                            "must read the same data")
 
     def validate(self) -> "TrainConfig":
+        if self.pack_length is not None and self.pack_length <= 0:
+            raise UserError(f"--pack-length must be positive, got {self.pack_length}")
+        if self.pack_length is not None and not self.packing:
+            raise UserError("--pack-length needs --packing")
         return super().validate()
 
     @classmethod

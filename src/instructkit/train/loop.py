@@ -8,7 +8,8 @@ Speed on a CPU comes from three things, none of which changes the loss:
     (train/loss.py: no full logits tensor, gradients made in the forward pass, logits computed
     vocab-major, where CPU matmuls are ~1.7x faster for these shapes);
   - length-grouped batches, so almost no compute goes to padding (`--batching chapter` keeps
-    the chapter's shuffled order instead);
+    the chapter's shuffled order instead), or packed micro-batches (`--packing`: the same
+    examples laid end to end in fewer rows, attention kept inside each; data/batching.pack);
   - fp32 throughout (bf16 matmuls are ~300x slower on CPUs without AMX).
 
 The loss of an optimizer step is the mean over all supervised tokens of all its micro-batches,
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from instructkit.data.batching import batches_in_order, chapter_shuffle_order, collate, length_grouped_batches
+from instructkit.data.batching import batches_in_order, chapter_shuffle_order, collate, length_grouped_batches, pack
 from instructkit.data.prompts import PromptStyle
 from instructkit.data.tokenize import IGNORE_INDEX, EncodedExample
 from instructkit.train.config import TrainConfig
@@ -35,12 +36,14 @@ from instructkit.train.fit import Session, autocast, build_optimizer, optimizer_
 from instructkit.train.loss import fused_head_cross_entropy_sum
 
 
-def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                        positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over supervised targets, with the head applied only there, in
     chunks (see loss.fused_head_cross_entropy_sum).
 
-    inputs, targets: (B, T). hidden: (B, T, C) -> selected (N, C) -> loss (). `model` may be a
-    DDP / FSDP wrapper: the forward pass goes through it, the head is read from the model inside."""
+    inputs, targets: (B, T); positions (B, T) of packed rows (data/batching.pack), None otherwise.
+    hidden: (B, T, C) -> selected (N, C) -> loss (). `model` may be a DDP / FSDP wrapper: the
+    forward pass goes through it, the head is read from the model inside."""
     head = unwrap(model).lm_head
     # A wrapped head (LoRA, quantized) or one that is more than the linear map (Gemma 2's soft cap):
     # the plain way, through the model's own head.
@@ -50,7 +53,7 @@ def supervised_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: t
     # _HeadGradientLast): only when the tied weight trains.
     weight = head.weight if plain or sharded or not (torch.is_grad_enabled() and head.weight.requires_grad) \
         else _HeadGradientLast.apply(head.weight)
-    hidden = model(inputs, return_hidden=True)
+    hidden = model(inputs, return_hidden=True) if positions is None else model(inputs, positions=positions, return_hidden=True)
     if sharded:  # FSDP2 keeps the root's weights (the head among them) gathered after its forward
         weight = head.weight
     supervised = targets != IGNORE_INDEX
@@ -146,7 +149,7 @@ class StepResult:
 class _StepWork:
     """One step's micro-batches as tensors, with the step's supervised tokens over all ranks."""
 
-    collated: list[tuple[torch.Tensor, torch.Tensor]]
+    collated: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # inputs, targets, positions
     total_supervised: int
     real: int
     padded: int
@@ -164,22 +167,33 @@ class SupervisedSteps:
     name = "fine-tune"
 
     def __init__(self, examples: list[EncodedExample], pad_id: int, *, world: World = SINGLE,
-                 device: torch.device | None = None, precision: str = "fp32"):
+                 device: torch.device | None = None, precision: str = "fp32", packing: bool = False,
+                 pack_length: int | None = None):
         self.examples, self.pad_id = examples, pad_id
         self.world, self.device, self.precision = world, device, precision
+        self.packing, self.pack_length = packing, pack_length
+
+    def _tensors(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A micro-batch's inputs, targets and positions: packed (--packing: the same examples in
+        fewer rows, positions restarting per example) or padded to its longest (positions 0..T-1)."""
+        chosen = [self.examples[i] for i in batch]
+        if self.packing:
+            return pack(chosen, pad_id=self.pad_id, row_length=self.pack_length)
+        return (*collate(chosen, pad_id=self.pad_id), None)
 
     def prepare(self, micro_batches: list[list[int]]) -> _StepWork:
         examples, world = self.examples, self.world
-        collated = [collate([examples[i] for i in batch], pad_id=self.pad_id) for batch in micro_batches]
-        local_supervised = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in collated)
+        collated = [self._tensors(batch) for batch in micro_batches]
+        local_supervised = sum(int((targets != IGNORE_INDEX).sum()) for _, targets, _ in collated)
         total = int(global_token_count(local_supervised, world, self.device))
         real = sum(sum(len(examples[i]) - 1 for i in batch) for batch in micro_batches)
-        return _StepWork(collated, total, real, sum(inputs.numel() for inputs, _ in collated))
+        return _StepWork(collated, total, real, sum(inputs.numel() for inputs, _, _ in collated))
 
     def micro_loss(self, model, index: int, work: _StepWork) -> tuple[torch.Tensor, float]:
-        inputs, targets = work.collated[index]
+        inputs, targets, positions = work.collated[index]
         with autocast(self.device, self.precision):
-            loss_sum, _ = supervised_loss_sum(model, inputs.to(self.device), targets.to(self.device))
+            loss_sum, _ = supervised_loss_sum(model, inputs.to(self.device), targets.to(self.device),
+                                              None if positions is None else positions.to(self.device))
         return loss_sum * (self.world.size / work.total_supervised), float(loss_sum.detach())
 
     def step_row(self, parts: list[float], work: _StepWork) -> tuple[dict, dict]:
@@ -203,7 +217,8 @@ class SupervisedObjective(SupervisedSteps):
 
     def __init__(self, train, val, tokenizer, style: PromptStyle, config: TrainConfig, session: Session, *,
                  sample_record: dict, score_validation=None):
-        super().__init__(train, tokenizer.pad_id, world=session.world, device=session.device, precision=session.precision)
+        super().__init__(train, tokenizer.pad_id, world=session.world, device=session.device, precision=session.precision,
+                         packing=config.packing, pack_length=config.pack_length)
         self.train_size, self.val, self.config = len(train), val, config
         self.tokenizer, self.style, self.sample_record, self.score_validation = tokenizer, style, sample_record, score_validation
         self.train_eval = eval_batches(train, config.batch_size, config.eval_batches)
@@ -249,12 +264,15 @@ def train_step(
     world: World = SINGLE,
     device: torch.device | None = None,
     precision: str = "fp32",
+    packing: bool = False,
+    pack_length: int | None = None,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (this rank's share of the accumulation group),
     outside a run: fit's step with the supervised loss (SupervisedSteps)."""
     device = device or next(unwrap(model).parameters()).device
     session = Session(unwrap(model), model, optimizer, world, device, precision)
-    steps = SupervisedSteps(examples, pad_id, world=world, device=device, precision=precision)
+    steps = SupervisedSteps(examples, pad_id, world=world, device=device, precision=precision, packing=packing,
+                            pack_length=pack_length)
     row, counts = optimizer_step(session, steps, micro_batches, lr=lr, clip=clip)
     loss = float("nan") if row["loss"] is None else row["loss"]
     return StepResult(loss, row["supervised_tokens"], row["real_tokens"], counts["tokens_seen"], row.get("skipped", False))

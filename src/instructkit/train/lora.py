@@ -37,9 +37,12 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def merged(self) -> nn.Linear:
+        """The base with the update added; a quantized base (train/quantized_base.py) becomes the
+        fp32 layer its values stand for first."""
+        base = self.base if isinstance(self.base, nn.Linear) else self.base.to_linear()
         with torch.no_grad():
-            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
-        return self.base
+            base.weight += (self.lora_B @ self.lora_A) * self.scaling
+        return base
 
 
 def target_suffixes(family: str, targets: list[str]) -> tuple[str, ...]:

@@ -80,25 +80,28 @@ def available_bytes() -> int | None:
     return None
 
 
-def activation_values_per_token(config) -> int:
-    """fp32 values autograd keeps per token, over all layers (see the module docstring)."""
+def activation_values_per_token(config, *, checkpointed: bool = False) -> int:
+    """fp32 values autograd keeps per token, over all layers (see the module docstring); with
+    checkpointed layers, each layer's input plus one layer's values, recomputed in its backward."""
     emb, heads, head_dim = config.emb_dim, config.n_heads, config.head_dim
     kv = getattr(config, "n_kv_heads", heads) * head_dim
     q = heads * head_dim
     hidden = getattr(config, "hidden_dim", 4 * emb)  # GPT-2's MLP is 4 x emb
-    return config.n_layers * (6 * emb + 2 * (q + 2 * kv) + 2 * q + 4 * hidden)
+    per_layer = 6 * emb + 2 * (q + 2 * kv) + 2 * q + 4 * hidden
+    return config.n_layers * emb + per_layer if checkpointed else config.n_layers * per_layer
 
 
-def plan_memory(model: torch.nn.Module, *, micro_batch_tokens: int, head_chunk_rows: int) -> MemoryPlan:
+def plan_memory(model: torch.nn.Module, *, micro_batch_tokens: int, head_chunk_rows: int,
+                checkpointed: bool = False) -> MemoryPlan:
     """The plan for training `model` (LoRA applied, frozen parameters marked) on micro-batches of
-    `micro_batch_tokens` padded positions."""
+    `micro_batch_tokens` padded positions (`checkpointed`: --checkpoint-activations)."""
     unique = list({id(p): p for p in model.parameters()}.values())
     trainable = sum(p.numel() for p in unique if p.requires_grad)
     for parameter in unique:  # page in every weight (one value per 4 KiB page): training will read them all
         if parameter.device.type == "cpu" and parameter.numel():
             parameter.detach().reshape(-1)[:: max(1, 4096 // parameter.element_size())].sum()
     config = model.config
-    activations = 4 * activation_values_per_token(config) * micro_batch_tokens
+    activations = 4 * activation_values_per_token(config, checkpointed=checkpointed) * micro_batch_tokens
     head = 3 * 4 * min(micro_batch_tokens, head_chunk_rows) * config.vocab_size  # logits, softmax, gradient
     head_weight = getattr(getattr(model, "lm_head", None), "weight", None)
     if head_weight is not None and head_weight.requires_grad:

@@ -20,6 +20,7 @@ from instructkit.train.distributed import World
 from instructkit.train.fit import Session, build_optimizer, fit, start_state
 from instructkit.train.loggers import PACKAGES, open_loggers
 from instructkit.train.lora import apply_lora, lora_state_dict, merge_lora
+from instructkit.train.quantized_base import dequantize_base, quantize_base
 
 
 def check_existing(run: RunFolder, requested: TrainingConfig, resume: bool, load_saved) -> None:
@@ -44,11 +45,13 @@ def check_existing(run: RunFolder, requested: TrainingConfig, resume: bool, load
 
 
 def make_trainable(model: torch.nn.Module, config: TrainingConfig) -> int:
-    """LoRA adapters (their A matrices drawn from the run's seed) and a frozen tied embedding, as
-    the config asks; returns how many layers got adapters."""
+    """LoRA adapters (their A matrices drawn from the run's seed), a frozen tied embedding and
+    checkpointed activations, as the config asks; returns how many layers got adapters."""
+    model.checkpoint_layers = config.checkpoint_activations
     wrapped = 0
     if config.lora_rank:
         wrapped = apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, seed=config.seed)
+        quantize_base(model, config.base_quantize)
     if config.freeze_embedding:
         model.tie_weights()  # the head's weight is the embedding: freezing it freezes both
         model.lm_head.weight.requires_grad_(False)
@@ -68,8 +71,14 @@ def check_memory(model: torch.nn.Module, config: TrainingConfig, longest: int, w
 
     if device.type != "cpu":
         return
-    tokens = config.batch_size * sequences_per_example * longest  # a batch is padded to its longest
-    plan = plan_memory(model, micro_batch_tokens=tokens, head_chunk_rows=_chunk_rows(model.config.vocab_size))
+    rows = config.batch_size * sequences_per_example
+    tokens = rows * longest  # a batch is padded to its longest
+    if getattr(config, "packing", False) and config.pack_length and config.pack_length > longest:
+        # Packed rows of up to pack_length: first-fit decreasing fills every row but one more than
+        # half, so at most 2 x (the tokens) / pack_length rows (never more rows than examples).
+        tokens = min(rows, 2 * -(-tokens // config.pack_length)) * config.pack_length
+    plan = plan_memory(model, micro_batch_tokens=tokens, head_chunk_rows=_chunk_rows(model.config.vocab_size),
+                       checkpointed=config.checkpoint_activations)
     tell(f"Memory: {plan.describe()}")
     check_fits(plan, limit_gb=config.memory_limit, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                where=str(config.out))
@@ -144,6 +153,7 @@ def save_trained(model: torch.nn.Module, config: TrainingConfig, run: RunFolder,
     if config.lora_rank:
         adapters = lora_state_dict(model)
         atomic_write_with(run.adapter_file, lambda tmp: save_file(adapters, str(tmp)))  # unique temp, fsynced
-        merge_lora(model)
+        merge_lora(model)  # into the dequantized base where --base-quantize held it quantized
+        dequantize_base(model)
     model.tie_weights()
     save_model_folder(run.path, model, tokenizer_ref)

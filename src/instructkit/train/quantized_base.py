@@ -1,0 +1,113 @@
+"""LoRA on a frozen int8 / int4 base ("QLoRA on a CPU", `--base-quantize int8|int4`).
+
+With LoRA the base weights never change, so they need not be fp32: each frozen linear layer of the
+body is held in the decoder's own formats (decode/quantize.py: int8 or int4 in groups of 32 along
+the input, one scale each), 1/4 or about 1/7 of its fp32 bytes, and the adapters, their gradients
+and AdamW's state stay fp32. A layer's products:
+
+    forward   y = x Wq^T (+ b)                 x (M, K), Wq (N, K) dequantized for the call
+    backward  dL/dx = dL/dy Wq                 (M, N) @ (N, K), dequantized again; Wq has no gradient
+
+so one layer's fp32 weights exist at a time (a 8,960 x 1,536 MLP matrix of a 1.5B model: 55 MB),
+never the model's; dequantizing is one pass (csrc/dequantize.cpp), the products fp32 BLAS. The token embedding and the head (tied in most
+small models) stay fp32: the fused loss head reads them and the embedding is a lookup.
+
+After training the adapters are merged into the dequantized base, the weights they were trained
+against (merge_lora): the exported model computes what the trained one did. The merged weights are
+fp32 (re-quantize them at decode time with --quantize).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from instructkit.errors import UserError
+
+MODES = ("none", "int8", "int4")
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """x @ Wq^T (+ b) through a quantized layer, with the input's gradient through the same weights.
+    Both products run on the layer's weights dequantized for the call (csrc/dequantize.cpp, one
+    pass) and fp32 BLAS: one layer's fp32 weights exist at a time, never the model's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        rows = x.reshape(-1, layer.in_features)  # (M, K)
+        y = rows @ layer.dequantized().T  # (M, N)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
+        layer = ctx.layer
+        rows = grad.reshape(-1, layer.out_features)  # (M, N)
+        return (rows @ layer.dequantized()).reshape(*grad.shape[:-1], layer.in_features), None
+
+
+class FrozenQuantizedLinear(nn.Module):
+    """A frozen linear layer held quantized (`layer`: decode/quantize.py's Int8GroupLinear or
+    Int4GroupLinear), differentiable with respect to its input."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: the products above (x may not need a gradient: the first layer's)
+            return _FrozenProduct.apply(x, self.layer)
+        return self.layer(x)  # evaluation and sampling: the decoder's own product
+
+    def to_linear(self) -> nn.Linear:
+        """The fp32 layer these weights stand for (the dequantized values)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.layer.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.layer.dequantized())
+            if self.layer.bias is not None:
+                linear.bias.copy_(self.layer.bias)
+        return linear.requires_grad_(False)
+
+
+def quantize_base(model: nn.Module, mode: str) -> int:
+    """Replace the frozen linear layers of the body (LoRA applied first: the adapters' bases and
+    any layer left without one) by int8 / int4 ones, in place; returns how many. Only for LoRA:
+    a trainable weight must stay fp32."""
+    if mode == "none":
+        return 0
+    if mode not in MODES:
+        raise UserError(f"--base-quantize must be one of {', '.join(MODES)}, got {mode!r}")
+    from instructkit.decode import native
+    from instructkit.decode.quantize import Int4GroupLinear, Int8GroupLinear
+
+    if (reason := native.load()) is not None:
+        raise UserError(f"--base-quantize {mode}: the int8/int4 kernels are unavailable ({reason})")
+    kind = {"int8": Int8GroupLinear, "int4": Int4GroupLinear}[mode]
+    # Names only, each layer fetched when its turn comes: a list of the modules themselves would keep
+    # every replaced fp32 layer alive to the end, holding the fp32 and the quantized model together.
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and not name.endswith("lm_head") and not module.weight.requires_grad]
+    replaced = 0
+    with torch.no_grad():
+        for name in names:
+            module = model.get_submodule(name)
+            if not kind.fits(module.weight):
+                continue  # an input size not a multiple of 32 stays fp32
+            bias = None if module.bias is None else module.bias.detach().float().clone()
+            layer = kind(kind.quantize(module.weight.detach().float()), bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, FrozenQuantizedLinear(layer))
+            del module
+            replaced += 1
+    return replaced
+
+
+def dequantize_base(model: nn.Module) -> None:
+    """Every FrozenQuantizedLinear back to a plain fp32 nn.Linear (for saving), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FrozenQuantizedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear())
