@@ -92,11 +92,17 @@ def test_quick_recipes_suite_chooses_on_pooled_validation_responses_only():
 def test_quick_base_suite_compares_bases_and_reports_their_losses():
     """The base-quantize suite on tiny-gemma3: our LoRA on fp32 / int8 / int4 bases and HF + PEFT,
     training peak RSS apart from loading, then the final validation loss by base."""
+    import importlib.util
+
     out, saved = _quick_suite("base")
     speed = saved["base"]["speed"]["summary"]
-    for name in ("ours, LoRA r16, fp32 base", "ours, LoRA r16, int8 base", "ours, LoRA r16, int4 base",
-                 "HF + TRL + PEFT, LoRA r16, fp32 base"):
+    for name in ("ours, LoRA r16, fp32 base", "ours, LoRA r16, int8 base", "ours, LoRA r16, int4 base"):
         assert speed[name]["real_tok_s"]["median"] > 0 and speed[name]["train_peak_rss_gb"]["median"] > 0, name
+    peer = "HF + TRL + PEFT, LoRA r16, fp32 base"
+    if importlib.util.find_spec("trl") and importlib.util.find_spec("peft"):  # the bench extra
+        assert speed[peer]["real_tok_s"]["median"] > 0
+    else:  # `make test` installs the test extra only: the peer's row says what is missing
+        assert "No module named" in saved["base"]["speed"]["raw"][peer][0]["error"]
     assert set(saved["base"]["speed"]["ratios"]) == {"ours, LoRA r16, fp32 base", "ours, LoRA r16, int8 base",
                                                      "ours, LoRA r16, int4 base"}
     quality = saved["base"]["quality"]
