@@ -2,7 +2,7 @@
 operators in `torch.ops.instructkit_native`: csrc/group_matmul.cpp's weight-only int8 and int4
 products (`int8_group_mm`, `int8_block_mm`, `int4_group_mm`), csrc/one_query_attention.cpp's
 attention of one new token over a static KV cache (`one_query_attention`) and csrc/dequantize.cpp's
-fp32 rows of those formats (`int8_group_dequantize`, `int8_block_dequantize`, `int4_group_dequantize`:
+fp32 rows of those formats (`int8_dequantize`, `int4_group_dequantize`:
 prefill and training on a quantized base multiply them with BLAS).
 
 It is built with PyTorch's own extension builder (a C++ compiler and ninja), once per machine,

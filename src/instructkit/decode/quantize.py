@@ -295,9 +295,8 @@ class Int8GroupLinear(_GroupLinear):
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         start, stop, _ = rows.indices(self.out_features)  # csrc/dequantize.cpp: one pass, reference's values
-        if self.block_rows:
-            return torch.ops.instructkit_native.int8_block_dequantize(self.q, self.scale, self.block_rows, start, stop)
-        return torch.ops.instructkit_native.int8_group_dequantize(self.q, self.scale, start, stop)
+        # Row order is the block layout with blocks of one row.
+        return torch.ops.instructkit_native.int8_dequantize(self.q, self.scale, self.block_rows or 1, start, stop)
 
 
 class Int4GroupLinear(_GroupLinear):

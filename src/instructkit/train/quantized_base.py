@@ -98,8 +98,7 @@ def quantize_base(model: nn.Module, mode: str) -> int:
                 continue  # an input size not a multiple of 32 stays fp32
             bias = None if module.bias is None else module.bias.detach().float().clone()
             layer = kind(kind.quantize(module.weight.detach().float()), bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, FrozenQuantizedLinear(layer))
+            model.set_submodule(name, FrozenQuantizedLinear(layer))
             del module
             replaced += 1
     return replaced
@@ -109,5 +108,4 @@ def dequantize_base(model: nn.Module) -> None:
     """Every FrozenQuantizedLinear back to a plain fp32 nn.Linear (for saving), in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FrozenQuantizedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear())
+            model.set_submodule(name, module.to_linear())

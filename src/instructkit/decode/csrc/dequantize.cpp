@@ -18,31 +18,10 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 
-// int8, row order: q (N, K) int8, scale (N, K/32) fp32 -> rows [start, stop) as (stop - start, K).
-at::Tensor int8_group_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t start, int64_t stop) {
-  TORCH_CHECK(q.dtype() == at::kChar && scale.dtype() == at::kFloat && q.is_contiguous() && scale.is_contiguous());
-  const int64_t K = q.size(1), groups = K / kGroup;
-  auto out = at::empty({stop - start, K}, scale.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(start, stop, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row = qp + n * K;
-      float* target = op + (n - start) * K;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float s = sp[n * groups + g];
-        for (int64_t j = 0; j < kGroup; ++j) target[g * kGroup + j] = static_cast<float>(row[g * kGroup + j]) * s;
-      }
-    }
-  });
-  return out;
-}
-
-// int8 in blocks of `block` rows (the VNNI layout, decode/quantize.py Int8GroupLinear): q
-// (N/block, block K) as (K/4, block, 4) a block, scale (N/block, block K/32) as (K/32, block).
-at::Tensor int8_block_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t block, int64_t start,
-                                 int64_t stop) {
+// int8: q and scale in blocks of `block` rows (the VNNI layout, decode/quantize.py Int8GroupLinear):
+// q (N/block, block K) as (K/4, block, 4) a block, scale (N/block, block K/32) as (K/32, block).
+// Row order (q (N, K), scale (N, K/32)) is the same layout with blocks of one row.
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t block, int64_t start, int64_t stop) {
   TORCH_CHECK(q.dtype() == at::kChar && scale.dtype() == at::kFloat && q.is_contiguous() && scale.is_contiguous());
   const int64_t K = q.size(1) / block, groups = K / kGroup;
   auto out = at::empty({stop - start, K}, scale.options());
@@ -102,13 +81,11 @@ at::Tensor int4_group_dequantize(const at::Tensor& packed, const at::Tensor& sca
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(instructkit_native, m) {
-  m.def("int8_group_dequantize(Tensor q, Tensor scale, int start, int stop) -> Tensor");
-  m.def("int8_block_dequantize(Tensor q, Tensor scale, int block, int start, int stop) -> Tensor");
+  m.def("int8_dequantize(Tensor q, Tensor scale, int block, int start, int stop) -> Tensor");
   m.def("int4_group_dequantize(Tensor packed, Tensor scale, Tensor low, int start, int stop) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(instructkit_native, CPU, m) {
-  m.impl("int8_group_dequantize", &int8_group_dequantize);
-  m.impl("int8_block_dequantize", &int8_block_dequantize);
+  m.impl("int8_dequantize", &int8_dequantize);
   m.impl("int4_group_dequantize", &int4_group_dequantize);
 }
