@@ -193,7 +193,8 @@ def test_checkpointed_layers_give_the_same_gradients_and_recompute(tiny):
 
 def test_packing_on_the_real_default_model(chapter_data_path):
     """Gemma 3 270M (real weights, 262k vocabulary, sliding layers): packed chapter examples
-    give the unpacked loss and gradients (fp32 through the training loss; fp64 to 1e-6, as above)."""
+    give the unpacked loss and gradients (fp32 through the training loss; fp64 to 1e-6, as above),
+    and checkpointed layers give the plain ones."""
     loaded = load_model("gemma-3-270m")
     model = loaded.model.train()
     data = prepare_data(str(chapter_data_path))
@@ -207,6 +208,11 @@ def test_packing_on_the_real_default_model(chapter_data_path):
     unpacked = _loss_and_gradients(model, *unpacked_batch)
     assert packed[0] == pytest.approx(unpacked[0], rel=1e-5)
     _assert_same_gradients(packed[2], unpacked[2], 1e-4)
+    model.checkpoint_layers = True  # --checkpoint-activations at real size: the same loss and gradients
+    checkpointed = _loss_and_gradients(model, *unpacked_batch)
+    model.checkpoint_layers = False
+    assert checkpointed[0] == pytest.approx(unpacked[0], rel=1e-6)
+    _assert_same_gradients(checkpointed[2], unpacked[2], 1e-6)
     model.double()
     packed = _full_logits_loss_and_gradients(model, inputs, targets, positions)
     unpacked = _full_logits_loss_and_gradients(model, *unpacked_batch)
