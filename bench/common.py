@@ -155,3 +155,44 @@ def score_responses(*paths: Path) -> dict:
     entries = [entry for path in paths for entry in json.loads(path.read_text())]
     summary, _ = summarize([e["model_response"] for e in entries], [e["output"] for e in entries])
     return {name: summary[name] for name in ("rouge_l", "chrf", "bleu", "response_words_mean")}
+
+
+# A Hugging Face folder of a preset's shape as the Hub ships such models: bf16, two shards with an
+# index, config.json, SmolLM2's tokenizer (its ids fit every preset's vocabulary). Written in a
+# process of its own, so the writer's memory never counts in a measurement.
+_WRITE_FOLDER = """
+import json, shutil, sys, torch
+from safetensors.torch import save_file
+from instructkit.models.families import FAMILIES, family_of
+from instructkit.models.registry import smollm2_folder
+from instructkit.models.transformer import Transformer
+folder, preset, values = sys.argv[1:4]
+config = next(f.presets[preset] for f in FAMILIES.values() if preset in f.presets)
+with torch.device("meta"):
+    model = Transformer(config)
+generator = torch.Generator().manual_seed(0)
+def value(shape):
+    if values == "zeros":
+        return torch.zeros(shape, dtype=torch.bfloat16)
+    if len(shape) == 1:  # norms near 1, biases near 0: a trained model's scale
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).bfloat16()
+state = {n: value(tuple(t.shape)) for n, t in model.state_dict().items() if n != "lm_head.weight"}
+names = sorted(state)
+shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+          "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+for file, keys in shards.items():
+    save_file({k: state[k] for k in keys}, f"{folder}/{file}", metadata={"format": "pt"})
+json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}},
+          open(f"{folder}/model.safetensors.index.json", "w"))
+json.dump(family_of(config.family).hf_config(config), open(f"{folder}/config.json", "w"))
+shutil.copy(smollm2_folder() / "tokenizer.json", f"{folder}/tokenizer.json")
+json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, open(f"{folder}/tokenizer_config.json", "w"))
+"""
+
+
+def write_hf_folder(folder: str | Path, preset: str, values: str = "random") -> Path:
+    """`values`: "zeros" (memory and load time do not depend on them) or "random" (N(0, 0.02)
+    matrices, ones for vectors: quantizing all-zero groups would be a degenerate case)."""
+    subprocess.run([sys.executable, "-c", _WRITE_FOLDER, str(folder), preset, values], check=True)
+    return Path(folder)

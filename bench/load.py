@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import print_table
+from bench.common import print_table, write_hf_folder
 
 # Prints the load_model call's seconds, then the whole process's (imports of torch etc. included).
 SNIPPET = ("import time; t0=time.perf_counter(); from instructkit.models.registry import load_model; "
@@ -25,27 +25,6 @@ def _timed_load(cache: str) -> tuple[float, float]:
     return float(load), float(total)
 
 
-MAKE_FOLDER = """
-import json, shutil, sys, torch
-from safetensors.torch import save_file
-from instructkit.models.families import PRESET, family_of
-from instructkit.models.registry import smollm2_folder
-from instructkit.models.transformer import Transformer
-folder, config = sys.argv[1], PRESET
-with torch.device("meta"):
-    model = Transformer(config)
-state = {n: torch.zeros(t.shape, dtype=torch.bfloat16) for n, t in model.state_dict().items() if n != "lm_head.weight"}
-names = sorted(state)
-shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
-for file, keys in shards.items():
-    save_file({k: state[k] for k in keys}, f"{folder}/{file}", metadata={"format": "pt"})
-json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}},
-          open(f"{folder}/model.safetensors.index.json", "w"))
-json.dump(family_of(config.family).hf_config(config), open(f"{folder}/config.json", "w"))
-shutil.copy(smollm2_folder() / "tokenizer.json", f"{folder}/tokenizer.json")
-json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, open(f"{folder}/tokenizer_config.json", "w"))
-""".replace("from instructkit.models.families import PRESET, family_of",
-            "from instructkit.models.families import QWEN2_PRESETS, family_of; PRESET = QWEN2_PRESETS['qwen2.5-1.5b']")
 LOAD_FOLDER = ("import resource, sys, time; t = time.perf_counter(); from instructkit.models.registry import load_model; "
                "m = load_model(sys.argv[1]); n = sum(p.numel() for p in m.model.parameters()); "
                "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t)")
@@ -55,7 +34,7 @@ def folder_memory(repeats: int) -> dict:
     """Peak RSS / fp32 size and seconds of loading the 1.5B-shape bf16 folder, each in a fresh process."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, "-c", MAKE_FOLDER, folder], check=True)
+        write_hf_folder(folder, "qwen2.5-1.5b", values="zeros")
         for _ in range(repeats):
             out = subprocess.run([sys.executable, "-c", LOAD_FOLDER, folder], capture_output=True, text=True, check=True)
             params, peak, seconds = out.stdout.strip().splitlines()[-1].split()

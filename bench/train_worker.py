@@ -29,7 +29,9 @@ def _setup(spec: dict):
     from instructkit.models.registry import load_model
 
     torch.manual_seed(0)
-    loaded = load_model(spec["model"], seed=0)
+    # As `instructkit finetune` loads: a quantized base from the checkpoint's 16-bit weights
+    quantized = bool(spec.get("lora_rank")) and spec.get("base_quantize", "none") != "none"
+    loaded = load_model(spec["model"], seed=0, half_linears=quantized)
     style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
     data = prepare_data(spec["data"])
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=spec.get("mask_instructions", False))
@@ -203,9 +205,9 @@ def run_hf_trl(spec: dict) -> dict:
     """HF transformers' model of the same family with our weights, trained by TRL's SFTTrainer
     (with PEFT's LoRA when the spec has `lora_rank`).
 
-    The peer loads our own HF export of the model (export/hf.py: config.json, safetensors,
-    tokenizer) with AutoModelForCausalLM, so every family works the same way and both sides start
-    from the same weights. Same work as ours where the spec says so: the same trainable parameters
+    The peer loads a Hugging Face folder as given, else our own HF export of the model
+    (export/hf.py: config.json, safetensors, tokenizer), with AutoModelForCausalLM, so every family
+    works the same way and both sides start from the same weights. Same work as ours where the spec says so: the same trainable parameters
     (`freeze_embedding` freezes the tied embedding, so the optimizer skips it, as ours does; LoRA
     wraps the same seven projections at the same rank and alpha), the same supervision
     (completion-only loss), batch and data; gradient checkpointing as the spec says (TRL's
@@ -224,13 +226,20 @@ def run_hf_trl(spec: dict) -> dict:
     from instructkit.export.hf import write_hf
     from instructkit.models.registry import load_model
 
-    loaded = load_model(spec["model"], seed=0)
-    style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
-    with tempfile.TemporaryDirectory() as folder:
-        write_hf(loaded, style, Path(folder))
-        del loaded
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if (Path(spec["model"]) / "config.json").exists() and spec.get("prompt_style"):
+        # A Hugging Face folder: read as transformers reads it (ours never loaded beside it)
+        style = resolve_prompt_style(spec["prompt_style"], None)
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32,
+                                                                  attn_implementation="sdpa")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
+    else:
+        loaded = load_model(spec["model"], seed=0)
+        style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
+        with tempfile.TemporaryDirectory() as folder:
+            write_hf(loaded, style, Path(folder))
+            del loaded
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if spec.get("freeze_embedding"):

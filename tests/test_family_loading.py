@@ -22,7 +22,7 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, VOCAB - 1, (1, 12), generator=torch.Generator().manual_seed(5))
 
 
-def test_sharded_bf16_folder_streams_in_as_fp32(tmp_path):
+def test_sharded_bf16_folder_streams_in_as_fp32_or_keeps_bf16_linears_for_a_quantized_base(tmp_path):
     """A bf16 checkpoint in several shards (model.safetensors.index.json) loads tensor by tensor
     into fp32 and gives transformers' logits of the same bf16 weights upcast."""
     reference = make_checkpoint("qwen2", tmp_path / "fp32")
@@ -39,6 +39,29 @@ def test_sharded_bf16_folder_streams_in_as_fp32(tmp_path):
     with torch.no_grad():
         expected = reference(_ids()).logits
         assert (loaded(_ids()) - expected).abs().max().item() <= 1e-4
+    _half_linears_quantize_as_the_fp32_load(tmp_path / "bf16", loaded)
+
+
+def _half_linears_quantize_as_the_fp32_load(folder, fp32_model):
+    """LoRA on an int8 base loads the body's linear weights as stored (bf16: half of fp32's bytes)
+    and quantizes them from there: the same int8 weights as from the fp32 load, nothing 16-bit left."""
+    from instructkit.train.lora import apply_lora
+    from instructkit.train.quantized_base import FrozenQuantizedLinear, quantize_base
+
+    half = load_model(str(folder), half_linears=True).model
+    fp32_linears = dict(fp32_model.named_modules())
+    linears = {name: m for name, m in half.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears.values())
+    assert all(torch.equal(m.weight.float(), fp32_linears[name].weight) for name, m in linears.items())
+    assert all(p.dtype == torch.float32 for name, p in half.named_parameters() if not name.endswith(".weight")
+               or name.rsplit(".", 1)[0] not in linears)
+    for model in (half, fp32_model):
+        apply_lora(model, ["attention"], 4, 8.0)  # the MLP is left frozen without adapters: quantized too
+        assert quantize_base(model, "int8") > 0
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    ours = {name: m.layer for name, m in half.named_modules() if isinstance(m, FrozenQuantizedLinear)}
+    theirs = {name: m.layer for name, m in fp32_model.named_modules() if isinstance(m, FrozenQuantizedLinear)}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n].dequantized(), theirs[n].dequantized()) for n in ours)
 
 
 def test_truncated_shard_and_unknown_family_are_one_line(tmp_path):

@@ -14,8 +14,8 @@ import torch
 from instructkit.data.prompts import get_prompt_style
 from instructkit.decode import quantize
 from instructkit.decode.generate import generate, generate_cacheless
-from instructkit.decode.quantize import (INT8_INPUT_GRID, Fp16Linear, Int4GroupLinear, Int4Linear, Int8GroupLinear, Int8RowLinear,
-                                         quantize_model)
+from instructkit.decode.quantize import (INT8_INPUT_GRID, KERNEL_MAX_ROWS, Fp16Linear, Int4GroupLinear, Int4Linear,
+                                         Int8GroupLinear, Int8RowLinear, quantize_model)
 from instructkit.decode.load import quantize_loaded
 from instructkit.models.registry import load_model
 
@@ -157,6 +157,10 @@ def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_lay
                 torch.testing.assert_close(layer(x), x @ reference.T, rtol=1e-4, atol=1e-4)
         # on the real shapes too, a row's result ignores its batch bit for bit
         assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+        # a prefill's many rows: BLAS on dequantized weights, a tile of rows at a time (one buffer
+        # refilled) where the layer is bigger than a tile, as the head is
+        many = torch.randn(KERNEL_MAX_ROWS + 8, k, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(layer(many), many @ reference.T, rtol=1e-4, atol=1e-4)
         if hasattr(layer, "round_input"):  # a shortlist head's product may round x to bf16 (8 significant bits)
             layer.round_input = True
             rounded = layer(x)

@@ -40,6 +40,10 @@ def test_dequantized_rows_are_the_formats_reference_values_bit_for_bit(mode, out
     layer, reference = kind(kind.quantize(weight), None), kind.reference(weight)
     assert torch.equal(layer.dequantized(), reference)
     assert torch.equal(layer.dequantized(slice(5, 21)), reference[5:21])
+    buffer = torch.full((16, 64), float("nan"))  # a reused buffer (training's scratch) is written whole
+    assert layer.dequantized(slice(5, 21), out=buffer) is buffer and torch.equal(buffer, reference[5:21])
+    with pytest.raises(RuntimeError, match="out must be a contiguous fp32"):
+        layer.dequantized(slice(5, 20), out=buffer)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

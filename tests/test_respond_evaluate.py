@@ -92,7 +92,7 @@ def test_the_main_job_takes_each_datasets_recipe_and_explicit_settings_over_it(c
     from instructkit.main_job import MainJob
 
     builtin = MainJob(train={"data": "builtin:150", "out": "x"}).recipe()
-    assert (builtin.epochs, builtin.lora_rank, builtin.lr) == (1, 0, 1e-4) and MainJob().chosen_beams() == 1
+    assert (builtin.epochs, builtin.lora_rank, builtin.lr) == (3, 0, 1e-4) and MainJob().chosen_beams() == 1
     chapter = MainJob(train={"data": str(chapter_data_path), "out": "x"})
     assert (chapter.recipe().epochs, chapter.recipe().lora_rank, chapter.recipe().lora_alpha) == (2, 16, 32.0)
     assert chapter.chosen_beams() == 4 and chapter.recipe().lr == 5e-4 and chapter.recipe().freeze_embedding

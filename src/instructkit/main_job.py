@@ -8,8 +8,8 @@ data and chapter.yaml for the chapter's (and any other), each value chosen on th
 validation split and explained there. Both train on a CPU: the tied 262,144 x 640 token embedding
 stays frozen, loss on the response and end token only, length-grouped batches of 8, AdamW after 10
 warm-up steps with cosine decay, gradient clipping at 1.0, evaluation every 58 steps on the whole
-validation set. On the built-in data one epoch of every other weight at a peak lr of 1e-4 and
-greedy test responses; on the chapter's two epochs of LoRA (rank 16, alpha 32, peak lr 5e-4) and
+validation set. On the built-in data three epochs of every other weight at a peak lr of 1e-4
+and greedy test responses; on the chapter's two epochs of LoRA (rank 16, alpha 32, peak lr 5e-4) and
 beam search (4 beams). A `--config` file goes over the data's recipe and flags over both
 (MainJob.layers). Test responses end at the style's end token, at twice the longest training
 response, or when they start repeating themselves (response_budget, REPEAT_STOP). The validation

@@ -226,8 +226,16 @@ class _GroupLinear(nn.Module):
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The fp32 weight rows this layer stands for: (rows, K)."""
+    def dequantized(self, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight rows this layer stands for: (rows, K), written into `out` when given (a
+        buffer reused from call to call: csrc/dequantize.cpp)."""
+        start, stop, _ = rows.indices(self.out_features)
+        if out is None:
+            out = torch.empty(stop - start, self.in_features)
+        self._dequantize_into(start, stop, out)
+        return out
+
+    def _dequantize_into(self, start: int, stop: int, out: torch.Tensor) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,8 +250,11 @@ class _GroupLinear(nn.Module):
                 y = x2d @ self.dequantized().T
             else:
                 y_t = x2d.new_empty(self.out_features, x2d.shape[0])  # (N, M): each tile fills whole rows
+                weights = x2d.new_empty(tile, self.in_features)  # one tile's buffer, refilled
                 for start in range(0, self.out_features, tile):
-                    torch.mm(self.dequantized(slice(start, start + tile)), x2d.T, out=y_t[start : start + tile])
+                    stop = min(start + tile, self.out_features)
+                    tile_weights = self.dequantized(slice(start, stop), out=weights[: stop - start])
+                    torch.mm(tile_weights, x2d.T, out=y_t[start:stop])
                 y = y_t.T.contiguous()
         if self.bias is not None:
             y = y + self.bias
@@ -293,10 +304,10 @@ class Int8GroupLinear(_GroupLinear):
             return torch.ops.instructkit_native.int8_block_mm(x2d, self.q, self.scale)
         return torch.ops.instructkit_native.int8_group_mm(x2d, self.q, self.scale)
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        start, stop, _ = rows.indices(self.out_features)  # csrc/dequantize.cpp: one pass, reference's values
-        # Row order is the block layout with blocks of one row.
-        return torch.ops.instructkit_native.int8_dequantize(self.q, self.scale, self.block_rows or 1, start, stop)
+    def _dequantize_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        # csrc/dequantize.cpp: one pass, the reference's values. Row order is the block layout with
+        # blocks of one row.
+        torch.ops.instructkit_native.int8_dequantize(self.q, self.scale, self.block_rows or 1, start, stop, out)
 
 
 class Int4GroupLinear(_GroupLinear):
@@ -331,9 +342,9 @@ class Int4GroupLinear(_GroupLinear):
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.instructkit_native.int4_group_mm(x2d, self.packed, self.scale, self.low, self.round_input)
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        start, stop, _ = rows.indices(self.out_features)  # csrc/dequantize.cpp: u * scale + low, as `reference`
-        return torch.ops.instructkit_native.int4_group_dequantize(self.packed, self.scale, self.low, start, stop)
+    def _dequantize_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        # csrc/dequantize.cpp: u * scale + low, as `reference`
+        torch.ops.instructkit_native.int4_group_dequantize(self.packed, self.scale, self.low, start, stop, out)
 
 
 def _min_max_int4_grid(weight: torch.Tensor, *, stored: torch.dtype = torch.float32,

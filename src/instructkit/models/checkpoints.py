@@ -171,10 +171,11 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
                        "BOOL": torch.bool}
 
 
-def iter_safetensors_fp32(path: Path):
+def iter_safetensors_fp32(path: Path, keep_half_matrices: bool = False):
     """(name, fp32 tensor) for each tensor of a safetensors file, read one at a time with plain
     file reads: a bf16 checkpoint of N parameters costs the N fp32 values plus one tensor's bytes,
-    never the whole file beside its fp32 copy (a memory map would keep the pages it read)."""
+    never the whole file beside its fp32 copy (a memory map would keep the pages it read).
+    `keep_half_matrices`: bf16 / fp16 matrices come as stored (materialize decides which stay so)."""
     import json
     import struct
 
@@ -199,7 +200,8 @@ def iter_safetensors_fp32(path: Path):
                 raw = bytearray(end - begin)
                 file.readinto(raw)
                 tensor = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw else torch.empty(info["shape"], dtype=dtype)
-                yield name, tensor.float() if tensor.is_floating_point() else tensor
+                kept = keep_half_matrices and tensor.dtype in (torch.bfloat16, torch.float16) and tensor.dim() == 2
+                yield name, tensor.float() if tensor.is_floating_point() and not kept else tensor
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise UserError(f"{path}: not a complete safetensors file ({size:,} bytes; {type(exc).__name__}: {exc}); "
                         "the weights are damaged") from None
@@ -240,14 +242,20 @@ def skip_weight_init():
             setattr(torch.nn.init, name, function)
 
 
-def materialize(build, config, state: dict[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
+def materialize(build, config, state: dict[str, torch.Tensor], source: str | Path, *,
+                half_linears: bool = False) -> torch.nn.Module:
     """Build the model without random init, check the state dict, then adopt its tensors as the
-    parameters and re-tie the LM head."""
+    parameters and re-tie the LM head. Parameters are fp32, except with `half_linears` the body's
+    linear weights given in bf16 / fp16, which stay so for a caller that quantizes them next
+    (train/quantized_base.py): a 1.5B bf16 checkpoint then never exists as 6 GB of fp32."""
     with skip_weight_init():
         model = build(config)
     check_state(model, state, source)
     tied = getattr(config, "tie_embeddings", True)
-    state = {name: tensor.float() for name, tensor in state.items() if not (tied and name == "lm_head.weight")}
+    half = {f"{name}.weight" for name, module in model.named_modules()
+            if half_linears and isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+    state = {name: tensor if name in half else tensor.float() for name, tensor in state.items()
+             if not (tied and name == "lm_head.weight")}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()

@@ -252,11 +252,12 @@ def _converted_gguf_folder(path: Path) -> Path:
     return folder
 
 
-def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
+def _load_hf_folder(folder: Path, name: str, half_linears: bool = False) -> LoadedModel:
     """A Hugging Face folder: config.json, *.safetensors (sharded with model.safetensors.index.json
     or not), tokenizer.json with tokenizer_config.json / generation_config.json. Weights stream in
     tensor by tensor as fp32 (checkpoints.iter_safetensors_fp32), so a bf16 checkpoint never
-    sits in memory beside its fp32 copy."""
+    sits in memory beside its fp32 copy; with `half_linears` the body's linear weights stay as
+    stored when bf16 / fp16 (load_model)."""
     config_json = _read_json(folder / "config.json")
     family = family_for_hf_model_type(config_json.get("model_type", ""), str(folder / "config.json"))
     try:
@@ -275,10 +276,10 @@ def _load_hf_folder(folder: Path, name: str) -> LoadedModel:
         raise UserError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        for tensor_name, tensor in checkpoints.iter_safetensors_fp32(file):
-            state.update(family.from_hf({tensor_name: tensor}, config))
+        for tensor_name, tensor in checkpoints.iter_safetensors_fp32(file, keep_half_matrices=half_linears):
+            state.update(family.from_hf({tensor_name: tensor}, config))  # renames and splits: exact in bf16
             del tensor
-    model = checkpoints.materialize(build_model, config, state, folder)
+    model = checkpoints.materialize(build_model, config, state, folder, half_linears=half_linears)
     if family.preset_tokenizer_ref == {"kind": "gpt2"}:  # GPT-2's BPE is built in (tiktoken), offline
         return LoadedModel(model.eval(), gpt2_tokenizer(), name, {"kind": "gpt2"})
     if not (folder / "tokenizer.json").exists():
@@ -311,8 +312,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
-    """Resolve a `--model` spec (see the module docstring)."""
+def load_model(spec: str, *, seed: int = 0, half_linears: bool = False) -> LoadedModel:
+    """Resolve a `--model` spec (see the module docstring). `half_linears`: for a caller that
+    quantizes the body's linear weights at once (LoRA on an int8 / int4 base): a Hugging Face
+    folder's bf16 / fp16 linear weights are kept as stored instead of widened to fp32 (the same
+    values, half the bytes); every other source and tensor loads fp32 as always."""
     if spec == EMBEDDED_DEFAULT:
         return load_model_folder(embedded_gemma_folder(), name=spec)
     if spec == SMOLLM2:
@@ -328,13 +332,13 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
         ref = family_of(config.family).preset_tokenizer_ref
         return LoadedModel(build_model(config).eval(), tokenizer_from_ref(ref), spec, ref)
     if spec in HUB_REPOS:
-        return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec)
+        return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec, half_linears)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "model.json").exists():
             return load_model_folder(path)
         if (path / "config.json").exists():
-            return _load_hf_folder(path, path.name)
+            return _load_hf_folder(path, path.name, half_linears)
         raise UserError(f"{spec}: folder has neither model.json (instructkit) nor config.json (Hugging Face)")
     if path.is_file():
         if path.suffix == ".gguf":
@@ -343,7 +347,7 @@ def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
             return _load_chapter_pth(path)
         raise UserError(f"{spec}: unknown model file type (expected .gguf or a chapter .pth)")
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
-        return _load_hf_folder(_download_hub(spec), spec)
+        return _load_hf_folder(_download_hub(spec), spec, half_linears)
     presets = ", ".join([EMBEDDED_DEFAULT, SMOLLM2, *HUB_REPOS, "tiny-gpt2", "tiny-gemma3"])
     raise UserError(f"unknown model {spec!r}: not a preset ({presets}), a folder, a .gguf or a .pth file")
 

@@ -70,7 +70,10 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
             tell(f"{run}: training already finished; nothing to resume")
             return run
 
-    loaded = load_model(config.model, seed=config.seed)
+    # An int8 / int4 base is quantized from the checkpoint's own 16-bit weights, never widened to
+    # fp32 first (a 1.5B model's 6 GB).
+    loaded = load_model(config.model, seed=config.seed,
+                        half_linears=bool(config.lora_rank) and config.base_quantize != "none")
     torch.manual_seed(config.seed + world.rank)  # dropout and anything else drawn from the global generator
     model, tokenizer = loaded.model, loaded.tokenizer
     style = resolve_prompt_style(config.prompt_style or loaded.default_prompt_style, loaded)

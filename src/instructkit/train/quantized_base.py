@@ -19,12 +19,30 @@ fp32 (re-quantize them at decode time with --quantize).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 
 from instructkit.errors import UserError
 
 MODES = ("none", "int8", "int4")
+
+
+_scratch = threading.local()
+
+
+def _weights(layer: nn.Module) -> torch.Tensor:
+    """The layer's fp32 weights (N, K), dequantized into this thread's one scratch buffer, grown to
+    the largest layer and refilled by every call: a fresh tensor per call cost its pages anew each
+    time (the page faults made dequantizing ~5x a copy), and letting the allocator keep freed
+    blocks instead grew the process by gigabytes. The products below use the weights at once and
+    keep nothing, so one buffer serves every layer, forward, backward and recomputation alike."""
+    size = layer.out_features * layer.in_features
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        _scratch.buffer = buffer = torch.empty(size)
+    return layer.dequantized(out=buffer[:size].view(layer.out_features, layer.in_features))
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -36,7 +54,7 @@ class _FrozenProduct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer
         rows = x.reshape(-1, layer.in_features)  # (M, K)
-        y = rows @ layer.dequantized().T  # (M, N)
+        y = rows @ _weights(layer).T  # (M, N)
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*x.shape[:-1], layer.out_features)
@@ -45,7 +63,7 @@ class _FrozenProduct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
         layer = ctx.layer
         rows = grad.reshape(-1, layer.out_features)  # (M, N)
-        return (rows @ layer.dequantized()).reshape(*grad.shape[:-1], layer.in_features), None
+        return (rows @ _weights(layer)).reshape(*grad.shape[:-1], layer.in_features), None
 
 
 class FrozenQuantizedLinear(nn.Module):
@@ -75,7 +93,8 @@ class FrozenQuantizedLinear(nn.Module):
 def quantize_base(model: nn.Module, mode: str) -> int:
     """Replace the frozen linear layers of the body (LoRA applied first: the adapters' bases and
     any layer left without one) by int8 / int4 ones, in place; returns how many. Only for LoRA:
-    a trainable weight must stay fp32."""
+    a trainable weight must stay fp32. The weights may arrive in bf16 / fp16 (load_model's
+    `half_linears`): quantized from their exact fp32 values, one layer at a time."""
     if mode == "none":
         return 0
     if mode not in MODES:
@@ -94,8 +113,9 @@ def quantize_base(model: nn.Module, mode: str) -> int:
     with torch.no_grad():
         for name in names:
             module = model.get_submodule(name)
-            if not kind.fits(module.weight):
-                continue  # an input size not a multiple of 32 stays fp32
+            if not kind.fits(module.weight):  # an input size not a multiple of 32 stays fp32 (widened
+                module.weight = nn.Parameter(module.weight.float(), requires_grad=False)  # if loaded bf16)
+                continue
             bias = None if module.bias is None else module.bias.detach().float().clone()
             layer = kind(kind.quantize(module.weight.detach().float()), bias)
             model.set_submodule(name, FrozenQuantizedLinear(layer))
