@@ -253,7 +253,7 @@ def materialize(build, config, state: dict[str, torch.Tensor], source: str | Pat
     check_state(model, state, source)
     tied = getattr(config, "tie_embeddings", True)
     half = {f"{name}.weight" for name, module in model.named_modules()
-            if half_linears and isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")} if half_linears else set()
     state = {name: tensor if name in half else tensor.float() for name, tensor in state.items()
              if not (tied and name == "lm_head.weight")}
     model.load_state_dict(state, strict=False, assign=True)
