@@ -166,10 +166,13 @@ def model_state(url, model):
 
 @pytest.mark.slow
 def test_a_client_that_goes_away_stops_its_generation(real_server):
-    """Waits on what the server reports (rows, finish reasons), never on the clock, so a loaded
-    machine cannot fail it."""
+    """Waits on what the server reports (finish reasons), never on the clock, so a loaded machine
+    cannot fail it: the answer (greedy: "mendatang" and "You are a sea creature." over and over)
+    never ends by itself, and 4,000 tokens take minutes even compiled, so the only way the row
+    can leave before them is the client going away. (Checking the row was still busy right after
+    the 3rd token raced with a fast compiled decode: the server runs ahead of what the client reads.)"""
     body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Write a long story about the sea."}],
-            "temperature": 0, "max_tokens": 300, "stream": True, "stop": []}
+            "temperature": 0, "max_tokens": 4000, "stream": True, "stop": []}
     before = model_state(real_server, "gemma-3-270m")["ended"]
     with httpx.stream("POST", real_server + "/v1/chat/completions", json=body, timeout=120) as response:
         lines = []
@@ -177,11 +180,11 @@ def test_a_client_that_goes_away_stops_its_generation(real_server):
             lines.append(line)
             if len(lines) > 7:  # the role chunk and 3 tokens, each event followed by a blank line
                 break
-        # What the stream held, if the row is not there: an error event or an early finish says why.
-        assert model_state(real_server, "gemma-3-270m")["busy_rows"] == 1, [line[:300] for line in lines if line]
+    assert all('"finish_reason": null' in line for line in lines if line), [line[-120:] for line in lines if line]
     wait_for(lambda: model_state(real_server, "gemma-3-270m")["busy_rows"] == 0, "the row to leave")
     ended = model_state(real_server, "gemma-3-270m")["ended"]
-    assert ended.get("client_gone", 0) == before.get("client_gone", 0) + 1 and ended.get("length") == before.get("length")
+    assert ended.get("client_gone", 0) == before.get("client_gone", 0) + 1, ended
+    assert sum(ended.values()) == sum(before.values()) + 1, ended
 
 
 def test_health_and_models_answer_while_generating(server):
