@@ -119,3 +119,19 @@ def sorting_conversations(count: int) -> list[dict]:
             {"role": "user", "content": "Now only the first two."},
             {"role": "assistant", "content": ", ".join(map(str, sorted(numbers)[:2]))}]})
     return rows
+
+
+def merged_plain_model(model):
+    """A model of `model`'s config without adapters, loaded (strictly: every name the plain
+    model's) from train/lora.merged_state, each lazy weight made here: what a LoRA run saves."""
+    import torch
+
+    from instructkit.models.checkpoints import LazyTensor
+    from instructkit.models.registry import build_model
+    from instructkit.train.lora import merged_state
+
+    state = {name: value.make() if isinstance(value, LazyTensor) else value for name, value in merged_state(model).items()}
+    plain = build_model(model.config)
+    plain.load_state_dict(state, strict=True)
+    plain.tie_weights()
+    return plain.eval().requires_grad_(False).to(torch.float32)

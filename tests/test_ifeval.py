@@ -212,3 +212,29 @@ def test_scores_are_reproducible_where_the_reference_draws_a_random_letter(share
     for _ in range(5):
         assert score_responses(records, responses)["per_prompt"] == first
         assert score_responses(records[::-1], responses[::-1])["per_prompt"] == first[::-1]
+
+
+def test_real_model_answers_as_transformers_does_through_its_own_template(tmp_path):
+    """At the size users run: SmolLM2-135M-Instruct's IFEval responses (its own chat template,
+    greedy) equal transformers' generate on the model exported to a Hugging Face folder, prompted
+    through that folder's template by transformers' apply_chat_template."""
+    transformers = require_module("transformers")
+    import torch
+
+    data = _require_shared(SHARED_DATA / "ifeval" / "input_data.jsonl")
+    out, exported = tmp_path / "ifeval", tmp_path / "hf"
+    done = run_cli("evaluate", "--benchmark", "ifeval", "--model", "smollm2-135m-instruct", "--ifeval-data", str(data),
+                   "--limit", "3", "--max-new-tokens", "40", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert run_cli("export", "--model", "smollm2-135m-instruct", "--format", "hf", "--out", str(exported)).returncode == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()[:3]]
+    ours = json.loads((out / "ifeval-model-responses.json").read_text())
+    for prompt, row in zip(prompts, ours):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            generated = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        theirs = tokenizer.decode(generated, skip_special_tokens=True)
+        assert row["model_response"].strip() == theirs.strip(), (prompt[:60], row["model_response"], theirs)

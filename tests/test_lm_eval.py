@@ -23,13 +23,24 @@ lm_eval = require_module("lm_eval")
 from openai.types.completion import Completion  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def served():
+def _serve(loaded, style: str):
     from instructkit.serve.app import ServedModel
 
+    return app_server([ServedModel("tiny", loaded, get_prompt_style(style), "model").start(4)])
+
+
+@pytest.fixture(scope="module")
+def served():
     loaded = load_model("tiny-gemma3", seed=3)
-    model = ServedModel("tiny", loaded, get_prompt_style("alpaca"), "model").start(4)
-    with app_server([model]) as url:
+    with _serve(loaded, "alpaca") as url:
+        yield url, loaded
+
+
+@pytest.fixture(scope="module")
+def served_real():
+    """SmolLM2-135M-Instruct, real weights (served as "tiny" too): the size users run."""
+    loaded = load_model("smollm2-135m-instruct")
+    with _serve(loaded, "chatml") as url:
         yield url, loaded
 
 
@@ -142,10 +153,12 @@ def _lm_eval(folder, model: str, model_args: dict, task: str, monkeypatch, **opt
                            log_samples=True, **options)
 
 
-def test_lm_eval_local_completions_log_likelihoods_equal_ours(served, tmp_path, chapter_data_path, monkeypatch):
+@pytest.mark.parametrize("which", ["served", "served_real"])
+def test_lm_eval_local_completions_log_likelihoods_equal_ours(which, request, tmp_path, chapter_data_path, monkeypatch):
     """lm-eval's own `local-completions` model, with its remote tokenizer (our /tokenize), on a
-    multiple-choice task: every log-likelihood it received equals our model's own within 1e-4."""
-    url, loaded = served
+    multiple-choice task: every log-likelihood it received equals our model's own within 1e-4,
+    on a tiny random model and on SmolLM2-135M-Instruct's real weights."""
+    url, loaded = request.getfixturevalue(which)
     docs = _write_task(tmp_path, chapter_data_path)
     results = _lm_eval(tmp_path, "local-completions", {"base_url": f"{url}/v1/completions", "tokenizer_backend": "remote",
                                                         "batch_size": 2}, "ik_mc", monkeypatch)

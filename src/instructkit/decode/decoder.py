@@ -82,6 +82,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     sampling: Sampling = Sampling()
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
+    stop_token: int | None = None  # the stop token that ended it (finish_reason "stop_token")
     finish_reason: str | None = None  # "stop_token", "length", "repeat", or what cancelled it
     # > 0: end the row when its last `repeat_stop` tokens already appeared, in that order, earlier
     # in its output (greedy decoding in a loop), dropping the repeat.
@@ -275,7 +276,7 @@ class Decoder:
             if token is None or request.finished:  # failed sampling, or a finished row still in the batch
                 continue
             if token in request.stop_ids:
-                request.finish_reason = "stop_token"
+                request.finish_reason, request.stop_token = "stop_token", token
                 continue
             request.tokens.append(token)
             produced.append((request, token))

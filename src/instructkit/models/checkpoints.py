@@ -1,7 +1,7 @@
 """The one place that knows checkpoint formats and their parameter names.
 
 Here: HF GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored (in, out)), the book's chapter
-`GPTModel` `.pth` state dicts, GPT-2's GGUF names, reading safetensors files, and `materialize`,
+`GPTModel` `.pth` state dicts, GPT-2's GGUF names, reading safetensors files (and writing one a tensor at a time), and `materialize`,
 which checks names and shapes and stops with one line naming the first missing, unexpected or
 mis-shaped tensor. The other families' names are in weight_maps.py, driven by their table entry.
 """
@@ -9,7 +9,10 @@ mis-shaped tensor. The other families' names are in weight_maps.py, driven by th
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -205,6 +208,45 @@ def iter_safetensors_fp32(path: Path, keep_half_matrices: bool = False):
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise UserError(f"{path}: not a complete safetensors file ({size:,} bytes; {type(exc).__name__}: {exc}); "
                         "the weights are damaged") from None
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor made only when its turn to be written comes (`write_safetensors`): its shape and
+    dtype are known before, its values (a merged layer, a dequantized one) exist one at a time."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTensor]) -> None:
+    """A safetensors file (the format's layout: an 8-byte little-endian header size, the JSON
+    header naming each tensor's dtype, shape and byte range, padded with spaces to 8 bytes, then
+    the data), each LazyTensor made, written and dropped in turn. safetensors' own save_file
+    needs every tensor in memory at once; this writes a model far larger than what is free beside
+    it. Read back by safetensors itself (tests/test_checkpoints.py)."""
+    import json
+    import struct
+
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        value = tensors[name]
+        shape, dtype = (tuple(value.shape), value.dtype)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, info in header.items():
+            value = tensors[name]
+            tensor = value.make() if isinstance(value, LazyTensor) else value
+            if tuple(tensor.shape) != tuple(info["shape"]) or names.get(tensor.dtype) != info["dtype"]:
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {info['shape']} {info['dtype']}")
+            file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor
 
 
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -114,9 +114,12 @@ def tokenizer_from_ref(ref: dict, folder: Path | None = None) -> Tokenizer:
     raise UserError(f"unknown tokenizer reference {ref!r}")
 
 
-def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict) -> None:
+def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict,
+                      tensors: dict[str, torch.Tensor | checkpoints.LazyTensor] | None = None) -> None:
     """Write weights, config and tokenizer (reference, plus a copy of tokenizer.json where there is
-    one), each file atomically, so the folder loads with nothing but its path."""
+    one), each file atomically, so the folder loads with nothing but its path. `tensors`: the
+    weights to write instead of the model's own state (LoRA merged into its base, train/lora.py),
+    where LazyTensors are made one at a time as they are written."""
     from safetensors.torch import save_file
 
     from instructkit.fileio import atomic_copy
@@ -130,9 +133,13 @@ def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict)
             atomic_copy(tokenizer_ref["file"], folder / "tokenizer.json")
         tokenizer_ref = {**tokenizer_ref, "file": "tokenizer.json"}
     tied = getattr(model.config, "tie_embeddings", True)  # an untied head (Llama, Phi-3, ...) is its own tensor
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+    state = {name: tensor if isinstance(tensor, checkpoints.LazyTensor) else tensor.detach().contiguous()
+             for name, tensor in (model.state_dict() if tensors is None else tensors).items()
              if not (tied and name == "lm_head.weight")}
-    atomic_write_with(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    if any(isinstance(tensor, checkpoints.LazyTensor) for tensor in state.values()):
+        atomic_write_with(folder / WEIGHTS, lambda tmp: checkpoints.write_safetensors(tmp, state))
+    else:
+        atomic_write_with(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     checksum = sha256_of_file(folder / WEIGHTS)
     _record_verified(folder, checksum)  # the file was just hashed: its first load need not hash it again
     atomic_write_json(folder / "tokenizer_ref.json", tokenizer_ref)

@@ -293,7 +293,13 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
         prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
         logprobs = None
         if body.logprobs is not None or body.echo:
-            scored = [*ids, *new_ids]
+            # The stop token that ended the answer is no text, but it was generated, so it is listed:
+            # lm-eval reads token_logprobs[ctxlen:-1], dropping the one token that max_tokens 1
+            # generates whichever it is; without it, a continuation the model would end there lost
+            # its last token's log-probability (SmolLM2 scoring " Opinion-based.": -24.2, not -27.4;
+            # llama-cpp-python#1528 is the same bug).
+            ended_by = generation.request.stop_token if body.max_tokens and not generation.stream.stopped else None
+            scored = [*ids, *new_ids, *([] if ended_by is None else [ended_by])]
             chosen, tops = await asyncio.to_thread(token_logprobs, served.loaded.model, scored, body.logprobs or 0)
             first = 0 if body.echo else len(ids)
             if body.logprobs is not None:

@@ -13,8 +13,8 @@ never the model's; dequantizing is one pass (csrc/dequantize.cpp), the products 
 small models) stay fp32: the fused loss head reads them and the embedding is a lookup.
 
 After training the adapters are merged into the dequantized base, the weights they were trained
-against (merge_lora): the exported model computes what the trained one did. The merged weights are
-fp32 (re-quantize them at decode time with --quantize).
+against (lora.merged_state, written a layer at a time): the exported model computes what the
+trained one did. The merged weights are fp32 (re-quantize them at decode time with --quantize).
 """
 
 from __future__ import annotations
@@ -80,14 +80,12 @@ class FrozenQuantizedLinear(nn.Module):
             return _FrozenProduct.apply(x, self.layer)
         return self.layer(x)  # evaluation and sampling: the decoder's own product
 
-    def to_linear(self) -> nn.Linear:
-        """The fp32 layer these weights stand for (the dequantized values)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.layer.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(self.layer.dequantized())
-            if self.layer.bias is not None:
-                linear.bias.copy_(self.layer.bias)
-        return linear.requires_grad_(False)
+    def plain_weight(self) -> torch.Tensor:
+        """The fp32 weights (out, in) these values stand for, a fresh tensor (for saving)."""
+        return self.layer.dequantized()
+
+    def plain_bias(self) -> torch.Tensor | None:
+        return self.layer.bias
 
 
 def quantize_base(model: nn.Module, mode: str) -> int:
@@ -122,10 +120,3 @@ def quantize_base(model: nn.Module, mode: str) -> int:
             del module
             replaced += 1
     return replaced
-
-
-def dequantize_base(model: nn.Module) -> None:
-    """Every FrozenQuantizedLinear back to a plain fp32 nn.Linear (for saving), in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FrozenQuantizedLinear):
-            model.set_submodule(name, module.to_linear())

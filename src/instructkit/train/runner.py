@@ -19,8 +19,8 @@ from instructkit.train.config import TrainingConfig, log_names
 from instructkit.train.distributed import World
 from instructkit.train.fit import Session, build_optimizer, fit, start_state
 from instructkit.train.loggers import PACKAGES, open_loggers
-from instructkit.train.lora import apply_lora, lora_state_dict, merge_lora
-from instructkit.train.quantized_base import dequantize_base, quantize_base
+from instructkit.train.lora import apply_lora, lora_state_dict, merged_state
+from instructkit.train.quantized_base import quantize_base
 
 
 def check_existing(run: RunFolder, requested: TrainingConfig, resume: bool, load_saved) -> None:
@@ -150,10 +150,10 @@ def save_trained(model: torch.nn.Module, config: TrainingConfig, run: RunFolder,
     from safetensors.torch import save_file
 
     model = model.cpu()
+    model.tie_weights()
+    tensors = None
     if config.lora_rank:
         adapters = lora_state_dict(model)
         atomic_write_with(run.adapter_file, lambda tmp: save_file(adapters, str(tmp)))  # unique temp, fsynced
-        merge_lora(model)  # into the dequantized base where --base-quantize held it quantized
-        dequantize_base(model)
-    model.tie_weights()
-    save_model_folder(run.path, model, tokenizer_ref)
+        tensors = merged_state(model)  # into the dequantized base where --base-quantize held it quantized
+    save_model_folder(run.path, model, tokenizer_ref, tensors)
