@@ -181,6 +181,29 @@ def test_batched_equals_single_and_cached_equals_cacheless_when_quantized(name, 
     assert generate_cacheless(model, loaded.tokenizer, prompts[1], max_new_tokens=20).token_ids == alone[1].token_ids
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_frees_each_fp32_layer_before_the_next(mode, monkeypatch):
+    """Each fp32 linear layer is gone once its quantized one replaced it, before the next is made:
+    the fp32 and the quantized model never coexist (a 1B model once peaked at twice its size)."""
+    import weakref
+
+    model = load_model("tiny-gemma3", seed=1).model
+    alive = {name: weakref.ref(module.weight) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name != "lm_head"}  # the head's weight is the embedding's
+    seen: list[str] = []
+    original = quantize._layer_kind
+
+    def watching(kinds, name, weight):
+        assert [done for done in seen if alive[done]() is not None] == [], "a replaced fp32 layer is still alive"
+        if name in alive:
+            seen.append(name)
+        return original(kinds, name, weight)
+
+    monkeypatch.setattr(quantize, "_layer_kind", watching)
+    quantize_model(model, mode)
+    assert seen == list(alive) and all(ref() is None for ref in alive.values())
+
+
 def test_quantized_weights_are_cached_beside_the_model_and_only_reused_for_the_same_weights(tmp_path, chapter_data_path):
     run = tmp_path / "run"
     assert run_cli("finetune", "--model", "tiny-gemma3", "--data", str(chapter_data_path), "--out", str(run),
