@@ -543,7 +543,6 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
                 replacement = ShortlistHead(replacement, linear.weight.detach(), shortlist)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
-            del linear, replacement
     if cache is not None and saved is None and len(identity) > 1:
         from safetensors.torch import save_file
 

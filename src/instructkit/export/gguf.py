@@ -242,28 +242,30 @@ def _write(loaded: LoadedModel, style: PromptStyle, path: Path, quant: str, plan
     # Each tensor's layout is declared first and its data converted and written one at a time:
     # handing the writer every converted array (add_tensor) held the whole f16 / q8_0 copy beside
     # the fp32 model until the end (a 1.5B model's f16 export peaked at 9.3 GB, the model being 6.1).
-    q8_0 = gguf.GGMLQuantizationType.Q8_0
     for name, tensor in tensors.items():
-        shape = tuple(tensor.shape)
-        if len(shape) < 2 or quant == "f32":  # norms, biases and other vectors stay F32
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * tensor.numel())
-        elif quant == "f16":
-            writer.add_tensor_info(name, shape, np.dtype(np.float16), 2 * tensor.numel())
-        else:
-            stored = gguf.quants.quant_shape_to_byte_shape(shape, q8_0)
-            writer.add_tensor_info(name, stored, np.dtype(np.uint8), math.prod(stored), raw_dtype=q8_0)
+        shape, dtype, raw = _stored_layout(tuple(tensor.shape), quant)
+        writer.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for tensor in tensors.values():
+        _, dtype, raw = _stored_layout(tuple(tensor.shape), quant)
         array = tensor.numpy()
-        if array.ndim < 2 or quant == "f32":
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
-        elif quant == "f16":
-            writer.write_tensor_data(array.astype(np.float16))
-        else:
-            writer.write_tensor_data(gguf.quants.quantize(array, q8_0))
+        writer.write_tensor_data(gguf.quants.quantize(array, raw) if raw else np.ascontiguousarray(array, dtype=dtype))
     writer.close()
+
+
+def _stored_layout(shape: tuple[int, ...], quant: str):
+    """How a tensor of `shape` is stored: (shape as written, numpy dtype, GGML type for quantized
+    bytes or None). Norms, biases and other vectors stay F32; q8_0 matrices are bytes."""
+    import gguf
+
+    if len(shape) < 2 or quant == "f32":
+        return shape, np.dtype(np.float32), None
+    if quant == "f16":
+        return shape, np.dtype(np.float16), None
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quant_shape_to_byte_shape(shape, q8_0), np.dtype(np.uint8), q8_0
 
 
 def write_gguf(loaded: LoadedModel, style: PromptStyle, path: Path, quant: str = "f16") -> Path:

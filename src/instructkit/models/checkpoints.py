@@ -1,8 +1,8 @@
 """The one place that knows checkpoint formats and their parameter names.
 
 Here: HF GPT-2 (`GPT2LMHeadModel`, Conv1D weights stored (in, out)), the book's chapter
-`GPTModel` `.pth` state dicts, GPT-2's GGUF names, reading safetensors files (and writing one a tensor at a time), and `materialize`,
-which checks names and shapes and stops with one line naming the first missing, unexpected or
+`GPTModel` `.pth` state dicts, GPT-2's GGUF names, reading safetensors files (and writing one a
+tensor at a time), and `materialize`, which checks names and shapes and stops with one line naming the first missing, unexpected or
 mis-shaped tensor. The other families' names are in weight_maps.py, driven by their table entry.
 """
 
@@ -224,7 +224,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTenso
     header naming each tensor's dtype, shape and byte range, padded with spaces to 8 bytes, then
     the data), each LazyTensor made, written and dropped in turn. safetensors' own save_file
     needs every tensor in memory at once; this writes a model far larger than what is free beside
-    it. Read back by safetensors itself (tests/test_checkpoints.py)."""
+    it. Read back by safetensors itself (tests/test_quantized_base.py)."""
     import json
     import struct
 
@@ -232,9 +232,8 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTenso
     header, offset = {}, 0
     for name in sorted(tensors):
         value = tensors[name]
-        shape, dtype = (tuple(value.shape), value.dtype)
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(value.shape) * value.dtype.itemsize
+        header[name] = {"dtype": names[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -246,7 +245,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTenso
             if tuple(tensor.shape) != tuple(info["shape"]) or names.get(tensor.dtype) != info["dtype"]:
                 raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, declared {info['shape']} {info['dtype']}")
             file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-            del tensor
+            del tensor  # before the next one is made
 
 
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -282,12 +282,13 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
                              http_request: HttpRequest) -> tuple[dict, int]:
         """One prompt's choice (text, finish_reason, logprobs) and its number of new tokens."""
         tokenizer = served.loaded.tokenizer
-        text, new_ids, finish_reason = "", [], "length"
+        text, new_ids, finish_reason, ended_by = "", [], "length", None
         if body.max_tokens:
             generation = _Generation(served, ids, budget(served, ids, body.max_tokens), sampling(body),
                                      set(tokenizer.eos_ids), body.stop_strings(), http_request)
             text = await generation.text()
             new_ids, finish_reason = list(generation.stream.ids), generation.finish_reason
+            ended_by = None if generation.stream.stopped else generation.request.stop_token
         elif len(ids) > served.context:
             budget(served, ids, 1)  # the context check, in its one shape
         prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
@@ -298,7 +299,6 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, hosts: 
             # generates whichever it is; without it, a continuation the model would end there lost
             # its last token's log-probability (SmolLM2 scoring " Opinion-based.": -24.2, not -27.4;
             # llama-cpp-python#1528 is the same bug).
-            ended_by = generation.request.stop_token if body.max_tokens and not generation.stream.stopped else None
             scored = [*ids, *new_ids, *([] if ended_by is None else [ended_by])]
             chosen, tops = await asyncio.to_thread(token_logprobs, served.loaded.model, scored, body.logprobs or 0)
             first = 0 if body.echo else len(ids)
