@@ -3,7 +3,7 @@
 Suites: peak, train, generate, quantized (generate's quantized-decoding rows, then startup), startup (chat's default
 start timed: the decode step compiled in the background from an empty compile cache and from a filled one), kernels (batch-1
 matmuls by weight format and kernel, behind quantized), smoothing (a rejected int8-MLP candidate,
-measured on validation prompts), load, quality,
+measured on validation prompts), load (--only memory: the peak RSS of whole commands on a 1.5B shape), quality,
 export, serve, dpo, scale, dedup, recipes, decoding. Default: all but quantized (inside generate), startup, kernels, smoothing,
 recipes (six fine-tunings, 35 to 70 minutes, to choose the chapter-data recipe on validation responses) and decoding
 (the test responses' decoding, chosen on the validation split of a finished main job: --run) and families
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
     parser.add_argument("--only", default=None,
                         help="train and families: only the configurations (train) or models (families) whose name "
-                             "contains one of these comma-separated words, e.g. --only smollm2")
+                             "contains one of these comma-separated words, e.g. --only smollm2; base: speed or "
+                             "quality; load: memory")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     parser.add_argument("--run", default=None,
                         help="quality: read this finished main-job folder instead of running three seeds; "
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in args.suites:
         from bench import load
 
-        results["load"] = load.run(args.quick)
+        results["load"] = load.run(args.quick, repeats=args.repeats, only=args.only)
     if "export" in args.suites:
         from bench import export
 

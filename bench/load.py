@@ -2,7 +2,13 @@
 into an empty cache folder, then cached loads. Then the memory of loading a Hugging Face folder
 of a 1.5B-parameter shape (Qwen2.5-1.5B's config, bf16 weights in two shards as on the Hub; the
 values are zeros: memory and time do not depend on them): peak RSS against the model's fp32 size
-(the loader streams tensors in one at a time, so it should stay near 1x, never 1.5x)."""
+(the loader streams tensors in one at a time, so it should stay near 1x, never 1.5x). Then the
+whole commands a user runs on such a model (random N(0, 0.02) values: quantizing all-zero groups
+would be degenerate), each a fresh process and its peak RSS: decoding with --quantize int8 /
+int4, export to HF and GGUF f16 / q8_0, and a LoRA fine-tune on an int8 / int4 base (load, one
+step, evaluation, the merged model saved): none may hold a second full-precision copy.
+
+    python -m bench load [--quick] [--only memory]"""
 
 from __future__ import annotations
 
@@ -47,11 +53,58 @@ def folder_memory(repeats: int) -> dict:
     return {"folder_1_5b": rows}
 
 
-def run(quick: bool = False) -> dict:
+# Runs one `instructkit` command line in this process, then prints its peak RSS (VmHWM) in bytes.
+COMMAND = ("import sys; from instructkit.cli import main; code = main(sys.argv[1:]); "
+           "from bench.common import peak_rss_bytes; print('PEAK', peak_rss_bytes(), code or 0)")
+
+
+def command_memory(repeats: int) -> dict:
+    """Peak RSS of whole commands on the 1.5B-shape bf16 folder, median (min-max) of `repeats`."""
+    from bench.common import CHAPTER, fmt_spread, spread
+
+    data = str(CHAPTER) if CHAPTER.exists() else "builtin"
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model = write_hf_folder(f"{folder}/model", "qwen2.5-1.5b", values="random")
+        commands = {
+            "generate --quantize int8 (load, quantize, 4 tokens)":
+                ["generate", "--model", str(model), "--prompt", "Hello", "--max-new-tokens", "4", "--quantize", "int8", "--no-compile"],
+            "generate --quantize int4 (load, quantize, 4 tokens)":
+                ["generate", "--model", str(model), "--prompt", "Hello", "--max-new-tokens", "4", "--quantize", "int4", "--no-compile"],
+            "export --format hf": ["export", "--model", str(model), "--format", "hf", "--out", f"{folder}/hf", "--force"],
+            "export --format gguf --quant f16": ["export", "--model", str(model), "--format", "gguf", "--quant", "f16",
+                                                 "--out", f"{folder}/gguf", "--force"],
+            "export --format gguf --quant q8_0": ["export", "--model", str(model), "--format", "gguf", "--quant", "q8_0",
+                                                  "--out", f"{folder}/gguf", "--force"],
+            **{f"finetune --lora-rank 16 --base-quantize {base} (1 step, eval, save)":
+               ["finetune", "--model", str(model), "--data", data, "--prompt-style", "chatml", "--lora-rank", "16",
+                "--base-quantize", base, "--max-steps", "1", "--batch-size", "2", "--eval-every", "1",
+                "--eval-batches", "1", "--no-sample-prompt", "--out", f"{folder}/run-{base}"] for base in ("int8", "int4")},
+        }
+        for _ in range(repeats):
+            for name, argv in commands.items():
+                subprocess.run(["rm", "-rf", f"{folder}/run-int8", f"{folder}/run-int4"], check=True)
+                out = subprocess.run([sys.executable, "-c", COMMAND, *argv], capture_output=True, text=True)
+                lines = [line for line in out.stdout.splitlines() if line.startswith("PEAK ")]
+                if out.returncode != 0 or not lines or lines[-1].split()[2] != "0":
+                    raise RuntimeError(f"{name}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                results.setdefault(name, []).append(int(lines[-1].split()[1]) / 1e9)
+    summary = {name: spread(values) for name, values in results.items()}
+    print_table(f"Whole commands on the 1.5B shape (random bf16 weights, fp32 size 6.2 GB): peak RSS GB, "
+                f"median (min-max) of {repeats}", ["command", "peak RSS GB"],
+                [[name, fmt_spread(value, "{:.2f}")] for name, value in summary.items()])
+    return {"commands_1_5b": {"summary": summary, "raw": results}}
+
+
+def run(quick: bool = False, repeats: int | None = None, only: str | None = None) -> dict:
+    if only == "memory":
+        return command_memory(repeats or 3)
     with tempfile.TemporaryDirectory() as cache:
         first = _timed_load(cache)
         cached = [_timed_load(cache) for _ in range(2 if quick else 3)]
     print_table("Default model load, each in a fresh process (seconds)",
                 ["load", "load_model()", "process incl. imports"],
                 [["first (convert and cache)", *first]] + [[f"cached #{i + 1}", *t] for i, t in enumerate(cached)])
-    return {"first_s": first, "cached_s": cached, **({} if quick else folder_memory(3))}
+    if quick:
+        return {"first_s": first, "cached_s": cached}
+    return {"first_s": first, "cached_s": cached, **folder_memory(3), **command_memory(repeats or 3)}

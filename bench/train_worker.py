@@ -29,9 +29,10 @@ def _setup(spec: dict):
     from instructkit.models.registry import load_model
 
     torch.manual_seed(0)
-    # As `instructkit finetune` loads: a quantized base from the checkpoint's 16-bit weights
-    quantized = bool(spec.get("lora_rank")) and spec.get("base_quantize", "none") != "none"
-    loaded = load_model(spec["model"], seed=0, half_linears=quantized)
+    from instructkit.train.quantized_base import frozen_linears
+
+    # As `instructkit finetune` loads: a quantized base, each layer quantized as it is read
+    loaded = load_model(spec["model"], seed=0, frozen=frozen_linears(spec.get("base_quantize", "none")))
     style = resolve_prompt_style(spec.get("prompt_style") or loaded.default_prompt_style, loaded)
     data = prepare_data(spec["data"])
     encoded = encode_splits(data, style, loaded.tokenizer, mask_instructions=spec.get("mask_instructions", False))

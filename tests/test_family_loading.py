@@ -22,7 +22,7 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, VOCAB - 1, (1, 12), generator=torch.Generator().manual_seed(5))
 
 
-def test_sharded_bf16_folder_streams_in_as_fp32_or_keeps_bf16_linears_for_a_quantized_base(tmp_path):
+def test_sharded_bf16_folder_streams_in_as_fp32_or_quantized_for_a_quantized_base(tmp_path):
     """A bf16 checkpoint in several shards (model.safetensors.index.json) loads tensor by tensor
     into fp32 and gives transformers' logits of the same bf16 weights upcast."""
     reference = make_checkpoint("qwen2", tmp_path / "fp32")
@@ -39,29 +39,42 @@ def test_sharded_bf16_folder_streams_in_as_fp32_or_keeps_bf16_linears_for_a_quan
     with torch.no_grad():
         expected = reference(_ids()).logits
         assert (loaded(_ids()) - expected).abs().max().item() <= 1e-4
-    _half_linears_quantize_as_the_fp32_load(tmp_path / "bf16", loaded)
+    _quantized_as_read_equals_quantized_after(tmp_path / "bf16", loaded)
 
 
-def _half_linears_quantize_as_the_fp32_load(folder, fp32_model):
-    """LoRA on an int8 base loads the body's linear weights as stored (bf16: half of fp32's bytes)
-    and quantizes them from there: the same int8 weights as from the fp32 load, nothing 16-bit left."""
-    from instructkit.train.lora import apply_lora
-    from instructkit.train.quantized_base import FrozenQuantizedLinear, quantize_base
+def _quantized_as_read_equals_quantized_after(folder, fp32_model):
+    """LoRA on an int8 / int4 base loads the body's linear layers quantized as each weight is read
+    (from its stored bf16 values: never the whole body in 16 or 32 bits) and gives the layers,
+    adapters and logits that quantizing the fp32 load after LoRA gives; nothing 16-bit is left."""
+    from instructkit.train.lora import LoRALinear, apply_lora
+    from instructkit.train.quantized_base import FrozenQuantizedLinear, frozen_linears, quantize_base
 
-    half = load_model(str(folder), half_linears=True).model
-    fp32_linears = dict(fp32_model.named_modules())
-    linears = {name: m for name, m in half.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
-    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears.values())
-    assert all(torch.equal(m.weight.float(), fp32_linears[name].weight) for name, m in linears.items())
-    assert all(p.dtype == torch.float32 for name, p in half.named_parameters() if not name.endswith(".weight")
-               or name.rsplit(".", 1)[0] not in linears)
-    for model in (half, fp32_model):
-        apply_lora(model, ["attention"], 4, 8.0)  # the MLP is left frozen without adapters: quantized too
-        assert quantize_base(model, "int8") > 0
-    assert all(p.dtype == torch.float32 for p in half.parameters())
-    ours = {name: m.layer for name, m in half.named_modules() if isinstance(m, FrozenQuantizedLinear)}
-    theirs = {name: m.layer for name, m in fp32_model.named_modules() if isinstance(m, FrozenQuantizedLinear)}
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n].dequantized(), theirs[n].dequantized()) for n in ours)
+    for mode in ("int8", "int4"):
+        loaded = load_model(str(folder), frozen=frozen_linears(mode)).model
+        quantized = {name for name, m in loaded.named_modules() if isinstance(m, FrozenQuantizedLinear)}
+        assert quantized and not any(isinstance(m, torch.nn.Linear) and name != "lm_head" for name, m in loaded.named_modules())
+        assert all(p.dtype == torch.float32 for p in loaded.parameters())
+        after = copy.deepcopy(fp32_model)
+        for model in (loaded, after):
+            apply_lora(model, ["attention"], 4, 8.0, seed=3)  # the MLP is left frozen without adapters: quantized too
+            with torch.no_grad():  # adapters that move the output, the same in both
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+        assert quantize_base(loaded, mode) == 0 and quantize_base(after, mode) == len(quantized)
+        ours = dict(loaded.named_modules())
+        theirs = dict(after.named_modules())
+        quantized = {n for n, m in ours.items() if isinstance(m, FrozenQuantizedLinear)}  # some now inside LoRA
+        assert {n for n, m in theirs.items() if isinstance(m, FrozenQuantizedLinear)} == quantized
+        assert sum(isinstance(m, LoRALinear) for m in ours.values()) > 0
+        for name in quantized:
+            assert torch.equal(ours[name].plain_weight(), theirs[name].plain_weight())
+            if ours[name].plain_bias() is not None:  # qwen2: q/k/v biases, fp32
+                assert torch.equal(ours[name].plain_bias(), theirs[name].plain_bias())
+        for name, parameter in loaded.named_parameters():
+            assert torch.equal(parameter, after.get_parameter(name)), name
+        with torch.no_grad():
+            assert torch.equal(loaded(_ids()), after(_ids()))
 
 
 def test_truncated_shard_and_unknown_family_are_one_line(tmp_path):

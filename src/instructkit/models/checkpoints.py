@@ -178,7 +178,7 @@ def iter_safetensors_fp32(path: Path, keep_half_matrices: bool = False):
     """(name, fp32 tensor) for each tensor of a safetensors file, read one at a time with plain
     file reads: a bf16 checkpoint of N parameters costs the N fp32 values plus one tensor's bytes,
     never the whole file beside its fp32 copy (a memory map would keep the pages it read).
-    `keep_half_matrices`: bf16 / fp16 matrices come as stored (materialize decides which stay so)."""
+    `keep_half_matrices`: bf16 / fp16 matrices come as stored (a FrozenLinears encodes them from there)."""
     import json
     import struct
 
@@ -283,21 +283,65 @@ def skip_weight_init():
             setattr(torch.nn.init, name, function)
 
 
-def materialize(build, config, state: dict[str, torch.Tensor], source: str | Path, *,
-                half_linears: bool = False) -> torch.nn.Module:
-    """Build the model without random init, check the state dict, then adopt its tensors as the
-    parameters and re-tie the LM head. Parameters are fp32, except with `half_linears` the body's
-    linear weights given in bf16 / fp16, which stay so for a caller that quantizes them next
-    (train/quantized_base.py): a 1.5B bf16 checkpoint then never exists as 6 GB of fp32."""
+@dataclass(frozen=True)
+class FrozenLinears:
+    """For a caller that holds the body's frozen linear layers in another form (LoRA on an int8 /
+    int4 base: train/quantized_base.py). `encode` turns one layer's weight (out, in), as read
+    (bf16, fp16 or fp32), into its stored form, or returns None to keep it a plain fp32 weight;
+    `build` makes the layer from that form and its fp32 bias (or None). A loader encodes each
+    weight as it is read, so the body never exists in 16 or 32 bits as a whole: one layer's
+    weight at a time."""
+    encode: Callable[[torch.Tensor], object | None]
+    build: Callable[[object, torch.Tensor | None], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class EncodedWeight:
+    """A weight in a FrozenLinears' stored form, with the shape it stands for (check_state)."""
+    shape: tuple[int, ...]
+    stored: object
+
+
+def skeleton(build, config) -> torch.nn.Module:
+    """The model without random init, its parameters about to be replaced (materialize)."""
     with skip_weight_init():
-        model = build(config)
+        return build(config)
+
+
+def frozen_weight_names(model: torch.nn.Module) -> set[str]:
+    """The weights FrozenLinears may hold: every linear layer's but the head's."""
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+
+
+def hold(name: str, tensor: torch.Tensor, names: set[str], frozen: FrozenLinears | None):
+    """`tensor` as the state keeps it: encoded where `frozen` holds the weight `name`, else as read."""
+    if frozen is None or name not in names or not isinstance(tensor, torch.Tensor):
+        return tensor
+    stored = frozen.encode(tensor)
+    return tensor.float() if stored is None else EncodedWeight(tuple(tensor.shape), stored)
+
+
+def materialize(model: torch.nn.Module, state: dict, source: str | Path, *,
+                frozen: FrozenLinears | None = None) -> torch.nn.Module:
+    """Check the state dict against the `skeleton`, then adopt its tensors as the fp32 parameters
+    and re-tie the LM head. With `frozen`, each body linear layer becomes `frozen.build` of its
+    weight, encoded here unless the loader already did (`hold`, as each tensor was read).
+    `state` is consumed: each layer's entries leave it as the layer is made, so a stored form and
+    the layer made from it (int8's rows reordered into blocks: a copy) coexist one layer at a time."""
     check_state(model, state, source)
-    tied = getattr(config, "tie_embeddings", True)
-    half = {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")} if half_linears else set()
-    state = {name: tensor if name in half else tensor.float() for name, tensor in state.items()
-             if not (tied and name == "lm_head.weight")}
-    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_embeddings", True):
+        state.pop("lm_head.weight", None)
+    names = frozen_weight_names(model) if frozen else set()
+    for name in names & state.keys():
+        state[name] = hold(name, state[name], names, frozen)
+    for name in [name for name, value in state.items() if isinstance(value, EncodedWeight)]:
+        layer = name.removesuffix(".weight")
+        weight, bias = state.pop(name), state.pop(f"{layer}.bias", None)
+        model.set_submodule(layer, frozen.build(weight.stored, None if bias is None else bias.float()))
+        del weight
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False, assign=True)
+    state.clear()
     model.tie_weights()
     return model.eval()
 

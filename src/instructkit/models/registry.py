@@ -148,14 +148,15 @@ def save_model_folder(folder: Path, model: torch.nn.Module, tokenizer_ref: dict,
                                               "weights_sha256": checksum})
 
 
-def load_model_folder(folder: Path, name: str | None = None) -> LoadedModel:
+def load_model_folder(folder: Path, name: str | None = None, frozen: checkpoints.FrozenLinears | None = None) -> LoadedModel:
     meta = _read_json(folder / "model.json")
     try:
         config = config_from_dict(meta["family"], meta["config"])
     except (KeyError, TypeError, ValueError, UserError) as exc:
         raise UserError(f"{folder / 'model.json'}: not a model description ({type(exc).__name__}: {exc})") from None
     verify_weights(folder, meta.get("weights_sha256"))
-    model = checkpoints.materialize(build_model, config, checkpoints.read_safetensors(folder / WEIGHTS), folder)
+    model = checkpoints.materialize(checkpoints.skeleton(build_model, config),
+                                    checkpoints.read_safetensors(folder / WEIGHTS), folder, frozen=frozen)
     ref = _read_json(folder / "tokenizer_ref.json")
     if not isinstance(ref, dict) or "kind" not in ref:
         raise UserError(f"{folder / 'tokenizer_ref.json'}: not a tokenizer reference (no 'kind')")
@@ -259,12 +260,12 @@ def _converted_gguf_folder(path: Path) -> Path:
     return folder
 
 
-def _load_hf_folder(folder: Path, name: str, half_linears: bool = False) -> LoadedModel:
+def _load_hf_folder(folder: Path, name: str, frozen: checkpoints.FrozenLinears | None = None) -> LoadedModel:
     """A Hugging Face folder: config.json, *.safetensors (sharded with model.safetensors.index.json
     or not), tokenizer.json with tokenizer_config.json / generation_config.json. Weights stream in
     tensor by tensor as fp32 (checkpoints.iter_safetensors_fp32), so a bf16 checkpoint never
-    sits in memory beside its fp32 copy; with `half_linears` the body's linear weights stay as
-    stored when bf16 / fp16 (load_model)."""
+    sits in memory beside its fp32 copy; with `frozen` each body linear weight is encoded from
+    its stored bf16 / fp16 values as it is read (load_model)."""
     config_json = _read_json(folder / "config.json")
     family = family_for_hf_model_type(config_json.get("model_type", ""), str(folder / "config.json"))
     try:
@@ -281,12 +282,15 @@ def _load_hf_folder(folder: Path, name: str, half_linears: bool = False) -> Load
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
-    state: dict[str, torch.Tensor] = {}
+    model = checkpoints.skeleton(build_model, config)
+    frozen_names = checkpoints.frozen_weight_names(model) if frozen else set()
+    state: dict = {}
     for file in files:
-        for tensor_name, tensor in checkpoints.iter_safetensors_fp32(file, keep_half_matrices=half_linears):
-            state.update(family.from_hf({tensor_name: tensor}, config))  # renames and splits: exact in bf16
+        for tensor_name, tensor in checkpoints.iter_safetensors_fp32(file, keep_half_matrices=frozen is not None):
+            for ours, value in family.from_hf({tensor_name: tensor}, config).items():  # renames and splits: exact in bf16
+                state[ours] = checkpoints.hold(ours, value, frozen_names, frozen)
             del tensor
-    model = checkpoints.materialize(build_model, config, state, folder, half_linears=half_linears)
+    model = checkpoints.materialize(model, state, folder, frozen=frozen)
     if family.preset_tokenizer_ref == {"kind": "gpt2"}:  # GPT-2's BPE is built in (tiktoken), offline
         return LoadedModel(model.eval(), gpt2_tokenizer(), name, {"kind": "gpt2"})
     if not (folder / "tokenizer.json").exists():
@@ -319,15 +323,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def load_model(spec: str, *, seed: int = 0, half_linears: bool = False) -> LoadedModel:
-    """Resolve a `--model` spec (see the module docstring). `half_linears`: for a caller that
-    quantizes the body's linear weights at once (LoRA on an int8 / int4 base): a Hugging Face
-    folder's bf16 / fp16 linear weights are kept as stored instead of widened to fp32 (the same
-    values, half the bytes); every other source and tensor loads fp32 as always."""
+def load_model(spec: str, *, seed: int = 0, frozen: checkpoints.FrozenLinears | None = None) -> LoadedModel:
+    """Resolve a `--model` spec (see the module docstring). `frozen`: for a caller that holds the
+    body's linear layers in another form (LoRA on an int8 / int4 base): each is encoded as its
+    weight is read (a Hugging Face folder's from its stored bf16 / fp16 values), so a 1.5B
+    model's body never exists whole in 16 or 32 bits. Random presets ignore it (their weights are
+    drawn whole)."""
     if spec == EMBEDDED_DEFAULT:
-        return load_model_folder(embedded_gemma_folder(), name=spec)
+        return load_model_folder(embedded_gemma_folder(), name=spec, frozen=frozen)
     if spec == SMOLLM2:
-        return load_model_folder(smollm2_folder(), name=spec)
+        return load_model_folder(smollm2_folder(), name=spec, frozen=frozen)
     presets = {name: preset for family in FAMILIES.values() for name, preset in family.presets.items()}
     if spec.startswith("random:") or (spec.startswith("tiny-") and spec in presets):
         # Random weights: the tiny test presets, or any preset as "random:NAME" (benchmarks).
@@ -339,22 +344,22 @@ def load_model(spec: str, *, seed: int = 0, half_linears: bool = False) -> Loade
         ref = family_of(config.family).preset_tokenizer_ref
         return LoadedModel(build_model(config).eval(), tokenizer_from_ref(ref), spec, ref)
     if spec in HUB_REPOS:
-        return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec, half_linears)
+        return _load_hf_folder(_download_hub(HUB_REPOS[spec]), spec, frozen)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "model.json").exists():
-            return load_model_folder(path)
+            return load_model_folder(path, frozen=frozen)
         if (path / "config.json").exists():
-            return _load_hf_folder(path, path.name, half_linears)
+            return _load_hf_folder(path, path.name, frozen)
         raise UserError(f"{spec}: folder has neither model.json (instructkit) nor config.json (Hugging Face)")
     if path.is_file():
         if path.suffix == ".gguf":
-            return load_model_folder(_converted_gguf_folder(path), name=path.stem)
+            return load_model_folder(_converted_gguf_folder(path), name=path.stem, frozen=frozen)
         if path.suffix in (".pth", ".pt"):
             return _load_chapter_pth(path)
         raise UserError(f"{spec}: unknown model file type (expected .gguf or a chapter .pth)")
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
-        return _load_hf_folder(_download_hub(spec), spec, half_linears)
+        return _load_hf_folder(_download_hub(spec), spec, frozen)
     presets = ", ".join([EMBEDDED_DEFAULT, SMOLLM2, *HUB_REPOS, "tiny-gpt2", "tiny-gemma3"])
     raise UserError(f"unknown model {spec!r}: not a preset ({presets}), a folder, a .gguf or a .pth file")
 
@@ -367,7 +372,7 @@ def _load_chapter_pth(path: Path) -> LoadedModel:
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]  # the chapter's "model_and_optimizer.pth"
     config, ours = checkpoints.gpt2_from_chapter(state, str(path))
-    model = checkpoints.materialize(GPT2, config, ours, path)
+    model = checkpoints.materialize(checkpoints.skeleton(GPT2, config), ours, path)
     return LoadedModel(model.eval(), gpt2_tokenizer(), path.stem, {"kind": "gpt2"})
 
 

@@ -26,6 +26,7 @@ from instructkit.train.distributed import World
 from instructkit.train.fit import say, steps_per_epoch
 from instructkit.train.loop import SupervisedObjective
 from instructkit.train.plot import plot_losses, plot_quality
+from instructkit.train.quantized_base import frozen_linears
 from instructkit.train.runner import (check_existing, check_memory, fit_and_write, make_session, make_trainable, save_trained,
                                      start_or_resume)
 
@@ -70,10 +71,10 @@ def _finetune(config: TrainConfig, resume: bool, score_validation, device: torch
             tell(f"{run}: training already finished; nothing to resume")
             return run
 
-    # An int8 / int4 base is quantized from the checkpoint's own 16-bit weights, never widened to
-    # fp32 first (a 1.5B model's 6 GB).
+    # An int8 / int4 base is quantized layer by layer as the checkpoint is read, from its own 16-bit
+    # weights: a 1.5B model's body never exists whole in bf16 (3.1 GB) or fp32 (6.2 GB).
     loaded = load_model(config.model, seed=config.seed,
-                        half_linears=bool(config.lora_rank) and config.base_quantize != "none")
+                        frozen=frozen_linears(config.base_quantize))
     torch.manual_seed(config.seed + world.rank)  # dropout and anything else drawn from the global generator
     model, tokenizer = loaded.model, loaded.tokenizer
     style = resolve_prompt_style(config.prompt_style or loaded.default_prompt_style, loaded)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from instructkit.errors import UserError
+from instructkit.models.checkpoints import FrozenLinears
 
 MODES = ("none", "int8", "int4")
 
@@ -88,21 +89,45 @@ class FrozenQuantizedLinear(nn.Module):
         return self.layer.bias
 
 
-def quantize_base(model: nn.Module, mode: str) -> int:
-    """Replace the frozen linear layers of the body (LoRA applied first: the adapters' bases and
-    any layer left without one) by int8 / int4 ones, in place; returns how many. Only for LoRA:
-    a trainable weight must stay fp32. The weights may arrive in bf16 / fp16 (load_model's
-    `half_linears`): quantized from their exact fp32 values, one layer at a time."""
-    if mode == "none":
-        return 0
-    if mode not in MODES:
+def _kind(mode: str):
+    """The quantized layer class of `mode` (int8 / int4), its kernels loaded, or one line."""
+    if mode not in MODES or mode == "none":
         raise UserError(f"--base-quantize must be one of {', '.join(MODES)}, got {mode!r}")
     from instructkit.decode import native
     from instructkit.decode.quantize import Int4GroupLinear, Int8GroupLinear
 
     if (reason := native.load()) is not None:
         raise UserError(f"--base-quantize {mode}: the int8/int4 kernels are unavailable ({reason})")
-    kind = {"int8": Int8GroupLinear, "int4": Int4GroupLinear}[mode]
+    return {"int8": Int8GroupLinear, "int4": Int4GroupLinear}[mode]
+
+
+def frozen_linears(mode: str) -> FrozenLinears | None:
+    """How load_model holds the body's linear layers for LoRA on an int8 / int4 base: each
+    quantized from its weights as stored (bf16 / fp16 / fp32) the moment they are read, so a 1.5B
+    Hugging Face folder never exists as a whole bf16 (3.1 GB) or fp32 body. The layers are
+    those quantize_base makes from the loaded model (the same values); an input size not a
+    multiple of 32 stays an fp32 nn.Linear."""
+    if mode == "none":
+        return None
+    kind = _kind(mode)
+
+    def encode(weight: torch.Tensor):
+        return kind.quantize(weight.float()) if kind.fits(weight) else None
+
+    def build(stored, bias: torch.Tensor | None) -> nn.Module:
+        return FrozenQuantizedLinear(kind(stored, None if bias is None else bias.clone()))
+
+    return FrozenLinears(encode, build)
+
+
+def quantize_base(model: nn.Module, mode: str) -> int:
+    """Replace the frozen linear layers of the body still plain (LoRA applied first: the adapters'
+    bases and any layer left without one; a model loaded with `frozen_linears` has none left but
+    those that do not fit) by int8 / int4 ones, in place; returns how many. Only for LoRA: a
+    trainable weight must stay fp32."""
+    if mode == "none":
+        return 0
+    kind = _kind(mode)
     # Names only, each layer fetched when its turn comes: a list of the modules themselves would keep
     # every replaced fp32 layer alive to the end, holding the fp32 and the quantized model together.
     names = [name for name, module in model.named_modules()
@@ -111,8 +136,7 @@ def quantize_base(model: nn.Module, mode: str) -> int:
     with torch.no_grad():
         for name in names:
             module = model.get_submodule(name)
-            if not kind.fits(module.weight):  # an input size not a multiple of 32 stays fp32 (widened
-                module.weight = nn.Parameter(module.weight.float(), requires_grad=False)  # if loaded bf16)
+            if not kind.fits(module.weight):  # an input size not a multiple of 32 stays fp32
                 continue
             bias = None if module.bias is None else module.bias.detach().float().clone()
             layer = kind(kind.quantize(module.weight.detach().float()), bias)
