@@ -194,5 +194,6 @@ json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, open(f"{fol
 def write_hf_folder(folder: str | Path, preset: str, values: str = "random") -> Path:
     """`values`: "zeros" (memory and load time do not depend on them) or "random" (N(0, 0.02)
     matrices, ones for vectors: quantizing all-zero groups would be a degenerate case)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", _WRITE_FOLDER, str(folder), preset, values], check=True)
     return Path(folder)

@@ -40,6 +40,35 @@ def test_sharded_bf16_folder_streams_in_as_fp32_or_quantized_for_a_quantized_bas
         expected = reference(_ids()).logits
         assert (loaded(_ids()) - expected).abs().max().item() <= 1e-4
     _quantized_as_read_equals_quantized_after(tmp_path / "bf16", loaded)
+    _each_weight_is_encoded_as_read_and_dropped(tmp_path / "bf16", loaded)
+
+
+def _each_weight_is_encoded_as_read_and_dropped(folder, fp32_model):
+    """The loader hands each body weight over as stored (bf16) as soon as it is read: when a weight
+    is encoded, no other 16-bit body weight is alive (a loader that collected them first, as ours
+    did before, held a 1.5B model's whole 3.1 GB bf16 body at that point)."""
+    import gc
+
+    from instructkit.models.checkpoints import FrozenLinears
+
+    alive: list[int] = []
+
+    def encode(weight: torch.Tensor):
+        assert weight.dtype == torch.bfloat16
+        alive.append(sum(type(o) in (torch.Tensor, torch.nn.Parameter) and o.dtype == torch.bfloat16 and o.dim() == 2
+                         and o.shape[0] != VOCAB for o in gc.get_objects()))  # the embedding is not a body weight
+        return weight.float().clone()
+
+    def build(stored, bias):
+        layer = torch.nn.Linear(stored.shape[1], stored.shape[0], bias=bias is not None)
+        layer.weight.data, layer.bias = stored, None if bias is None else torch.nn.Parameter(bias)
+        return layer
+
+    model = load_model(str(folder), frozen=FrozenLinears(encode, build)).model
+    assert len(alive) == sum(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if name != "lm_head")
+    assert max(alive) == 1, alive  # the weight being encoded, nothing else
+    with torch.no_grad():
+        assert torch.equal(model(_ids()), fp32_model(_ids()))
 
 
 def _quantized_as_read_equals_quantized_after(folder, fp32_model):
