@@ -60,9 +60,10 @@ COMMAND = ("import sys; from instructkit.cli import main; code = main(sys.argv[1
 
 def command_memory(repeats: int) -> dict:
     """Peak RSS of whole commands on the 1.5B-shape bf16 folder, median (min-max) of `repeats`."""
-    from bench.common import CHAPTER, fmt_spread, spread
+    import shutil
 
-    data = str(CHAPTER) if CHAPTER.exists() else "builtin"
+    from bench.common import DATA, fmt_spread, spread
+
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         model = write_hf_folder(f"{folder}/model", "qwen2.5-1.5b", values="random")
@@ -77,13 +78,14 @@ def command_memory(repeats: int) -> dict:
             "export --format gguf --quant q8_0": ["export", "--model", str(model), "--format", "gguf", "--quant", "q8_0",
                                                   "--out", f"{folder}/gguf", "--force"],
             **{f"finetune --lora-rank 16 --base-quantize {base} (1 step, eval, save)":
-               ["finetune", "--model", str(model), "--data", data, "--prompt-style", "chatml", "--lora-rank", "16",
+               ["finetune", "--model", str(model), "--data", DATA, "--prompt-style", "chatml", "--lora-rank", "16",
                 "--base-quantize", base, "--max-steps", "1", "--batch-size", "2", "--eval-every", "1",
                 "--eval-batches", "1", "--no-sample-prompt", "--out", f"{folder}/run-{base}"] for base in ("int8", "int4")},
         }
         for _ in range(repeats):
             for name, argv in commands.items():
-                subprocess.run(["rm", "-rf", f"{folder}/run-int8", f"{folder}/run-int4"], check=True)
+                for base in ("int8", "int4"):  # finetune refuses an --out that holds a run
+                    shutil.rmtree(f"{folder}/run-{base}", ignore_errors=True)
                 out = subprocess.run([sys.executable, "-c", COMMAND, *argv], capture_output=True, text=True)
                 lines = [line for line in out.stdout.splitlines() if line.startswith("PEAK ")]
                 if out.returncode != 0 or not lines or lines[-1].split()[2] != "0":

@@ -100,25 +100,23 @@ def test_int4_finds_the_grid_llama_cpp_put_the_weights_on_and_never_does_worse_t
     never above min/max's, which is one of its candidates."""
     o_proj = real.model.model.layers[0].self_attn.o_proj.weight.detach()  # (640, 1024), Q4_K in the file
 
+    def min_max(weight):  # the old grid: 16 levels spanning each group, scale and low in fp16
+        groups = weight.reshape(-1, 32)
+        low = groups.amin(-1, keepdim=True)
+        scale = ((groups.amax(-1, keepdim=True) - low) / 15).half().float()
+        low = low.half().float()
+        return (torch.round((groups - low) / scale).clamp(0, 15) * scale + low).reshape(weight.shape)
+
     def relative_error(reference):
         return ((reference - o_proj).square().sum() / o_proj.square().sum()).item()
 
-    n, k = o_proj.shape
-    grouped = o_proj.reshape(n, k // 32, 32)
-    low = grouped.amin(-1, keepdim=True)
-    scale = ((grouped.amax(-1, keepdim=True) - low) / 15).half().float()
-    low = low.half().float()
-    min_max = (torch.round((grouped - low) / scale).clamp(0, 15) * scale + low).reshape(n, k)
-    assert relative_error(Int4GroupLinear.reference(o_proj)) < 1e-5 < 1e-4 < relative_error(min_max)
+    assert relative_error(Int4GroupLinear.reference(o_proj)) < 1e-5 < 1e-4 < relative_error(min_max(o_proj))
     generator = torch.Generator().manual_seed(0)
     for weight in (torch.randn(64, 256, generator=generator), torch.rand(64, 256, generator=generator) ** 4):
         groups = weight.reshape(-1, 32)
         w = groups.square().mean(-1, keepdim=True).sqrt() + groups.abs()  # the search's weighting
         ours = (Int4GroupLinear.reference(weight).reshape(-1, 32) - groups).square()
-        g_low = groups.amin(-1, keepdim=True)
-        g_scale = ((groups.amax(-1, keepdim=True) - g_low) / 15).half().float()
-        g_low = g_low.half().float()
-        theirs = (torch.round((groups - g_low) / g_scale).clamp(0, 15) * g_scale + g_low - groups).square()
+        theirs = (min_max(weight).reshape(-1, 32) - groups).square()
         assert torch.all((w * ours).sum(-1) <= (w * theirs).sum(-1) * (1 + 1e-6))
         assert (w * ours).sum() < 0.9 * (w * theirs).sum()
 

@@ -361,7 +361,7 @@ def _int4_grid(weight: torch.Tensor, *, stored: torch.dtype = torch.float32,
     scale and low for those levels). Min/max alone leaves levels unused whenever one value sits
     far out, and misses a grid the weights already lie on (a Q4_K GGUF's, whose search often
     leaves level 0 or 15 empty): LoRA on Gemma 3 270M's int4 base ended 10.2% above the fp32
-    base's validation loss with min/max, 2.5% with this (docs/BENCHMARKS.md)."""
+    base's validation loss with min/max, 2.7% with this (docs/BENCHMARKS.md)."""
     n, k = weight.shape
     groups = weight.float().reshape(-1, INT4_GROUP)  # (G, 32), G = N K / 32
     u_all = torch.empty_like(groups)
