@@ -51,6 +51,9 @@ def configurations(quick: bool) -> list[tuple[str, dict]]:
         ("smollm2: HF + TRL, full", {**gemma_base, "impl": "hf_trl", "model": smol}),
         ("smollm2: ours, LoRA r16", {**gemma_base, "impl": "ours", "model": smol, "lora_rank": 16}),
         ("smollm2: HF + TRL + PEFT, LoRA r16", {**gemma_base, "impl": "hf_trl", "model": smol, "lora_rank": 16}),
+        # Another recipe, its own row: the same adapters on an int8 base (integer products).
+        ("smollm2: ours, LoRA r16, int8 base", {**gemma_base, "impl": "ours", "model": smol, "lora_rank": 16,
+                                                "base_quantize": "int8"}),
         ("gemma: HF + TRL + PEFT, LoRA r16", {**gemma_base, "impl": "hf_trl", "model": gemma, "lora_rank": 16}),
         ("gemma: ours, frozen embedding, head everywhere",
          {**gemma_base, "impl": "ours", "model": gemma, "freeze_embedding": True, "head": "full"}),
@@ -96,6 +99,8 @@ COMPARISONS = [
     ("smollm2: ours, full", "smollm2: HF + TRL, full", "SmolLM2-135M-Instruct, full fine-tuning", "real_tok_s", True),
     ("smollm2: ours, LoRA r16", "smollm2: HF + TRL + PEFT, LoRA r16", "SmolLM2-135M-Instruct, LoRA r16 on the 7 projections",
      "real_tok_s", True),
+    ("smollm2: ours, LoRA r16, int8 base", "smollm2: HF + TRL + PEFT, LoRA r16",
+     "SmolLM2-135M-Instruct, LoRA r16; ours on an int8 base (integer products), PEFT on fp32", "real_tok_s", False),
     ("gemma: ours, full", "gemma: HF + TRL, full, TRL defaults (gradient checkpointing)",
      "Gemma 3 270M, full; TRL recomputes its forward pass (its default)", "real_tok_s", False),
     ("gpt2: ours, chapter recipe, chapter batching", "gpt2: the chapter's loop",

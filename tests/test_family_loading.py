@@ -76,11 +76,11 @@ def _quantized_as_read_equals_quantized_after(folder, fp32_model):
     (from its stored bf16 values: never the whole body in 16 or 32 bits) and gives the layers,
     adapters and logits that quantizing the fp32 load after LoRA gives; nothing 16-bit is left."""
     from instructkit.train.lora import LoRALinear, apply_lora
-    from instructkit.train.quantized_base import FrozenQuantizedLinear, frozen_linears, quantize_base
+    from instructkit.train.quantized_base import FrozenBaseLinear, frozen_linears, quantize_base
 
     for mode in ("int8", "int4"):
         loaded = load_model(str(folder), frozen=frozen_linears(mode)).model
-        quantized = {name for name, m in loaded.named_modules() if isinstance(m, FrozenQuantizedLinear)}
+        quantized = {name for name, m in loaded.named_modules() if isinstance(m, FrozenBaseLinear)}
         assert quantized and not any(isinstance(m, torch.nn.Linear) and name != "lm_head" for name, m in loaded.named_modules())
         assert all(p.dtype == torch.float32 for p in loaded.parameters())
         after = copy.deepcopy(fp32_model)
@@ -93,8 +93,8 @@ def _quantized_as_read_equals_quantized_after(folder, fp32_model):
         assert quantize_base(loaded, mode) == 0 and quantize_base(after, mode) == len(quantized)
         ours = dict(loaded.named_modules())
         theirs = dict(after.named_modules())
-        quantized = {n for n, m in ours.items() if isinstance(m, FrozenQuantizedLinear)}  # some now inside LoRA
-        assert {n for n, m in theirs.items() if isinstance(m, FrozenQuantizedLinear)} == quantized
+        quantized = {n for n, m in ours.items() if isinstance(m, FrozenBaseLinear)}  # some now inside LoRA
+        assert {n for n, m in theirs.items() if isinstance(m, FrozenBaseLinear)} == quantized
         assert sum(isinstance(m, LoRALinear) for m in ours.values()) > 0
         for name in quantized:
             assert torch.equal(ours[name].plain_weight(), theirs[name].plain_weight())

@@ -77,8 +77,9 @@ class TrainingConfig:
                                      "scales by alpha alone: its alpha a at rank r is our a*r)")
     lora_targets: list[str] = option(help="LoRA's layers: attention, mlp, or layer names",
                                      factory=lambda: ["attention", "mlp"])
-    base_quantize: str = option("none", "with LoRA: hold the frozen base weights in int8 or int4 (groups of 32; the "
-                                        "adapters, the embedding and the head stay fp32; CPU only), or none")
+    base_quantize: str = option("none", "with LoRA: hold the frozen base weights in int8 (one scale a row, "
+                                        "products in integers) or int4 (groups of 32); the adapters, the embedding "
+                                        "and the head stay fp32; CPU only; or none")
     freeze_embedding: bool = option(False, "freeze the token embedding and the LM head (one tensor where they are tied)")
     checkpoint_activations: bool = option(False, "keep only each layer's input for the backward pass and recompute the "
                                                  "rest there: less memory, about a third more compute")

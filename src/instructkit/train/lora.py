@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 
 from instructkit.models.checkpoints import LazyTensor
-from instructkit.train.quantized_base import FrozenQuantizedLinear
+from instructkit.train.quantized_base import FrozenBaseLinear
 
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear | FrozenQuantizedLinear, rank: int, alpha: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear | FrozenBaseLinear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
@@ -89,7 +89,7 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, *,
         parameter.requires_grad_(False)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, FrozenQuantizedLinear)) and name.endswith(suffixes):  # the latter:
+        if isinstance(module, (nn.Linear, FrozenBaseLinear)) and name.endswith(suffixes):  # the latter:
             # loaded quantized for an int8 / int4 base (quantized_base.frozen_linears)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha, generator))

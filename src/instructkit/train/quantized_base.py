@@ -1,29 +1,43 @@
 """LoRA on a frozen int8 / int4 base ("QLoRA on a CPU", `--base-quantize int8|int4`).
 
 With LoRA the base weights never change, so they need not be fp32: each frozen linear layer of the
-body is held in the decoder's own formats (decode/quantize.py: int8 or int4 in groups of 32 along
-the input, one scale each), 1/4 or about 1/7 of its fp32 bytes, and the adapters, their gradients
-and AdamW's state stay fp32. A layer's products:
+body is held in 8 or 4 bits, and the adapters, their gradients and AdamW's state stay fp32. A
+layer's two products (Wq has no gradient):
 
-    forward   y = x Wq^T (+ b)                 x (M, K), Wq (N, K) dequantized for the call
-    backward  dL/dx = dL/dy Wq                 (M, N) @ (N, K), dequantized again; Wq has no gradient
+    forward   y = x Wq^T (+ b)          x (M, K), Wq (N, K)
+    backward  dL/dx = dL/dy Wq          (M, N) @ (N, K)
 
-so one layer's fp32 weights exist at a time (a 8,960 x 1,536 MLP matrix of a 1.5B model: 55 MB),
-never the model's; dequantizing is one pass (csrc/dequantize.cpp), the products fp32 BLAS. The token embedding and the head (tied in most
-small models) stay fp32: the fused loss head reads them and the embedding is a lookup.
+int8 (`IntegerProductLinear`): W ~= q * s[:, None], one scale per output row, and both products
+run in integers (torch._int_mm: oneDNN's int8 GEMM, VNNI where the processor has it, about 4x the
+fp32 rate here): each row of x, and each row of dL/dy * s, is put on its own symmetric int8 grid
+(max |row| / 127), multiplied exactly into int32 and scaled back. This is SwitchBack's recipe
+(Wortsman et al., 2023: int8 forward and input-gradient products, row-wise inputs and gradients);
+with LoRA there is no weight gradient, the one product it keeps in 16 bits. The inputs' rounding
+is the price: what it costs in final loss is measured (`bench base --only quality`).
 
-After training the adapters are merged into the dequantized base, the weights they were trained
-against (lora.merged_state, written a layer at a time): the exported model computes what the
-trained one did. The merged weights are fp32 (re-quantize them at decode time with --quantize).
+int4 (`FrozenQuantizedLinear` around the decoder's Int4GroupLinear: groups of 32 along the input,
+a scale and a low end each): its group scales run along the products' inner dimension, so it has
+no integer product; each call dequantizes the layer into one fp32 scratch buffer
+(csrc/dequantize.cpp, one pass) and runs fp32 BLAS: one layer's fp32 weights exist at a time.
+
+The token embedding and the head (tied in most small models) stay fp32: the fused loss head reads
+them and the embedding is a lookup. After training the adapters are merged into the dequantized
+base (lora.merged_state, written a layer at a time); the merged weights are fp32 (re-quantize them
+at decode time with --quantize).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from instructkit.decode.quantize import Int8RowLinear
 from instructkit.errors import UserError
 from instructkit.models.checkpoints import FrozenLinears
 
@@ -62,13 +76,30 @@ class _FrozenProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
+        if not ctx.needs_input_grad[0]:  # the first layer's input (the embedding's, frozen)
+            return None, None
         layer = ctx.layer
         rows = grad.reshape(-1, layer.out_features)  # (M, N)
         return (rows @ _weights(layer)).reshape(*grad.shape[:-1], layer.in_features), None
 
 
-class FrozenQuantizedLinear(nn.Module):
-    """A frozen linear layer held quantized (`layer`: decode/quantize.py's Int8GroupLinear or
+class FrozenBaseLinear(nn.Module):
+    """A frozen linear layer of a quantized base, differentiable with respect to its input:
+    in_features, out_features, and its fp32 values for merging and saving (plain_weight: a fresh
+    (out, in) tensor; plain_bias)."""
+
+    in_features: int
+    out_features: int
+
+    def plain_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plain_bias(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class FrozenQuantizedLinear(FrozenBaseLinear):
+    """A frozen linear layer held in the decoder's int4 format (`layer`: decode/quantize.py's
     Int4GroupLinear), differentiable with respect to its input."""
 
     def __init__(self, layer: nn.Module):
@@ -89,33 +120,126 @@ class FrozenQuantizedLinear(nn.Module):
         return self.layer.bias
 
 
-def _kind(mode: str):
-    """The quantized layer class of `mode` (int8 / int4), its kernels loaded, or one line."""
+def _rows_on_int8_grids(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (M, K) fp32 -> q (M, K) int8 and scale (M, 1): rows ~= q * scale, each row on its own
+    symmetric grid (max |row| / 127), so a row's result never depends on the others in its batch."""
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(127.0)
+    return (rows / scale).round_().to(torch.int8), scale
+
+
+@functools.cache
+def integer_products_exact() -> bool:
+    """Whether torch._int_mm multiplies int8 exactly into int32 here. oneDNN's int8 GEMM on a
+    processor without VNNI may add pairs of u8 x s8 products in int16 and saturate (FBGEMM's does:
+    see decode/quantize.py); a full-range block against float64 tells, once per process."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (16, 256), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (256, 32), dtype=torch.int8, generator=generator)
+    a[0], b[:, 0] = 127, -127  # the extremes, where a saturating sum shows
+    try:
+        product = torch._int_mm(a, b)
+    except RuntimeError:
+        return False
+    return torch.equal(product.double(), a.double() @ b.double())
+
+
+class _IntegerProduct(torch.autograd.Function):
+    """x @ (q * s)^T (+ b) and the input's gradient, both as int8 x int8 -> int32 products."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "IntegerProductLinear") -> torch.Tensor:
+        ctx.layer = layer
+        rows, rows_scale = _rows_on_int8_grids(x.reshape(-1, layer.in_features).float())  # (M, K), (M, 1)
+        y = torch._int_mm(rows, layer.q.T).float().mul_(rows_scale).mul_(layer.scale)  # (M, N)
+        if layer.bias is not None:
+            y.add_(layer.bias)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
+        if not ctx.needs_input_grad[0]:  # the first layer's input (the embedding's, frozen)
+            return None, None
+        layer = ctx.layer
+        # dL/dx = g (q * s[:, None]) = (g * s) q: the row scales move onto the gradient's columns,
+        # then each gradient row gets its own grid, as x's rows did.
+        rows, rows_scale = _rows_on_int8_grids(grad.reshape(-1, layer.out_features) * layer.scale)  # (M, N)
+        dx = torch._int_mm(rows, layer.q).float().mul_(rows_scale)  # (M, K)
+        return dx.reshape(*grad.shape[:-1], layer.in_features), None
+
+
+class IntegerProductLinear(FrozenBaseLinear):
+    """A frozen int8 linear layer (W ~= q * scale[:, None]: q (N, K) int8, scale (N,) fp32, the
+    decoder's Int8RowLinear format) whose training products run in integers (_IntegerProduct);
+    evaluation, and training where torch's int8 product is not exact on this processor (a warning
+    says so), run in fp32 on the dequantized weights (_FrozenProduct)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.q, self.scale, self.bias = tensors["q"], tensors["scale"], bias
+        self.out_features, self.in_features = self.q.shape
+
+    fits = staticmethod(Int8RowLinear.fits)
+    quantize = staticmethod(Int8RowLinear.quantize)
+    reference = staticmethod(Int8RowLinear.reference)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and integer_products_exact():
+            return _IntegerProduct.apply(x, self)
+        # Evaluation and sampling: fp32 inputs on the dequantized weights, as the merged model
+        # that is saved computes (validation loss measures what is exported, not the rounding).
+        return _FrozenProduct.apply(x, self)
+
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weights (N, K), into `out` when given (the scratch buffer)."""
+        return torch.mul(self.q, self.scale[:, None], out=out) if out is not None else self.q * self.scale[:, None]
+
+    def plain_weight(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def plain_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    fits: Callable[[torch.Tensor], bool]
+    quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    build: Callable[[dict[str, torch.Tensor], torch.Tensor | None], nn.Module]  # the frozen module
+
+
+def _scheme(mode: str) -> _Scheme:
+    """How `mode` (int8 / int4) holds a frozen layer, its kernels loaded, or one line."""
     if mode not in MODES or mode == "none":
         raise UserError(f"--base-quantize must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "int8":
+        if not integer_products_exact():
+            warnings.warn("--base-quantize int8: torch's int8 product is not exact on this processor; "
+                          "the frozen products run in fp32 on the dequantized weights (slower)", stacklevel=2)
+        return _Scheme(IntegerProductLinear.fits, IntegerProductLinear.quantize, IntegerProductLinear)
     from instructkit.decode import native
-    from instructkit.decode.quantize import Int4GroupLinear, Int8GroupLinear
+    from instructkit.decode.quantize import Int4GroupLinear
 
     if (reason := native.load()) is not None:
-        raise UserError(f"--base-quantize {mode}: the int8/int4 kernels are unavailable ({reason})")
-    return {"int8": Int8GroupLinear, "int4": Int4GroupLinear}[mode]
+        raise UserError(f"--base-quantize {mode}: the int4 kernels are unavailable ({reason})")
+    return _Scheme(Int4GroupLinear.fits, Int4GroupLinear.quantize,
+                   lambda tensors, bias: FrozenQuantizedLinear(Int4GroupLinear(tensors, bias)))
 
 
 def frozen_linears(mode: str) -> FrozenLinears | None:
     """How load_model holds the body's linear layers for LoRA on an int8 / int4 base: each
     quantized from its weights as stored (bf16 / fp16 / fp32) the moment they are read, so a 1.5B
     Hugging Face folder never exists as a whole bf16 (3.1 GB) or fp32 body. The layers are
-    those quantize_base makes from the loaded model (the same values); an input size not a
-    multiple of 32 stays an fp32 nn.Linear."""
+    those quantize_base makes from the loaded model (the same values); a layer the format does not
+    fit (int4: an input size not a multiple of 32) stays an fp32 nn.Linear."""
     if mode == "none":
         return None
-    kind = _kind(mode)
+    scheme = _scheme(mode)
 
     def encode(weight: torch.Tensor):
-        return kind.quantize(weight.float()) if kind.fits(weight) else None
+        return scheme.quantize(weight.float()) if scheme.fits(weight) else None
 
     def build(stored, bias: torch.Tensor | None) -> nn.Module:
-        return FrozenQuantizedLinear(kind(stored, None if bias is None else bias.clone()))
+        return scheme.build(stored, None if bias is None else bias.clone())
 
     return FrozenLinears(encode, build)
 
@@ -127,7 +251,7 @@ def quantize_base(model: nn.Module, mode: str) -> int:
     trainable weight must stay fp32."""
     if mode == "none":
         return 0
-    kind = _kind(mode)
+    scheme = _scheme(mode)
     # Names only, each layer fetched when its turn comes: a list of the modules themselves would keep
     # every replaced fp32 layer alive to the end, holding the fp32 and the quantized model together.
     names = [name for name, module in model.named_modules()
@@ -136,11 +260,10 @@ def quantize_base(model: nn.Module, mode: str) -> int:
     with torch.no_grad():
         for name in names:
             module = model.get_submodule(name)
-            if not kind.fits(module.weight):  # an input size not a multiple of 32 stays fp32
+            if not scheme.fits(module.weight):
                 continue
             bias = None if module.bias is None else module.bias.detach().float().clone()
-            layer = kind(kind.quantize(module.weight.detach().float()), bias)
-            model.set_submodule(name, FrozenQuantizedLinear(layer))
+            model.set_submodule(name, scheme.build(scheme.quantize(module.weight.detach().float()), bias))
             del module
             replaced += 1
     return replaced
