@@ -143,8 +143,10 @@ def run(quick: bool = False, peak_gflops: float | None = None, repeats: int | No
         summary[name] = {key: spread(values(name, key)) for key in
                          ("real_tok_s", "run_real_tok_s", "supervised_tok_s", "eval_share", "peak_rss_gb")}
         summary[name]["mfu"] = spread(mfu)
-        # The examples of every round are the same: the share of computed positions that are padding.
-        summary[name]["padding_share"] = 1 - runs[0]["real_tokens"] / runs[0]["padded_tokens"]
+        # The examples of every round are the same: the share of computed positions that are padding
+        # (the peer's workers count real tokens only).
+        padded = runs[0].get("padded_tokens")
+        summary[name]["padding_share"] = 1 - runs[0]["real_tokens"] / padded if padded else float("nan")
         rows.append([name, fmt_spread(summary[name]["real_tok_s"], "{:.1f}"), fmt_spread(summary[name]["run_real_tok_s"], "{:.1f}"),
                      fmt_spread(summary[name]["eval_share"], "{:.0%}"), fmt_spread(summary[name]["mfu"], "{:.0%}"),
                      f"{summary[name]['padding_share']:.1%}", f"{max(r['peak_rss_gb'] for r in runs):.2f}"])

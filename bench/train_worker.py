@@ -40,11 +40,15 @@ def _setup(spec: dict):
 
 
 def _linear_params(model) -> tuple[int, int]:
-    """(body linear weights, head weights)."""
+    """(body linear weights, head weights); a quantized base's frozen layers count as the products
+    they stand for (their arithmetic is int8 or dequantized fp32, so MFU against the fp32 peak is
+    only a rough guide there)."""
     import torch
 
-    body = sum(m.weight.numel() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name != "lm_head" and not name.endswith("lm_head"))
+    from instructkit.train.quantized_base import FrozenBaseLinear
+
+    body = sum(m.in_features * m.out_features for name, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, FrozenBaseLinear)) and name != "lm_head" and not name.endswith("lm_head"))
     return body, model.lm_head.weight.numel()
 
 

@@ -85,11 +85,11 @@ def test_int4_products_and_input_gradient_equal_fp32_on_the_dequantized_weights(
 
 
 def _on_int8_grids(rows: torch.Tensor) -> torch.Tensor:
-    """Each row rounded to its own symmetric int8 grid (max |row| / 127), in float64: the rounding
-    the integer products are specified to make, written out independently of theirs."""
-    rows = rows.double()
-    step = rows.abs().amax(dim=1, keepdim=True) / 127
-    return torch.round(rows / step).clamp(-127, 127) * step
+    """Each fp32 row rounded to its own symmetric int8 grid (step max |row| / 127, the quotient
+    taken in fp32 as specified, so a value on a step's edge rounds as the code's does), returned
+    in float64, written out independently of the code's. An all-zero row stays zero."""
+    step = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
+    return (torch.round(rows / step).clamp(-127, 127).double() * step.double())
 
 
 @pytest.mark.parametrize("rows", [3, 40])
@@ -99,23 +99,26 @@ def test_int8_products_are_exact_integer_products_of_row_rounded_inputs_and_grad
     only the final fp32 scaling rounds); within the rounding of fp32 on the dequantized weights; a
     row's result is its own whatever the batch; without grad (evaluation), fp32 on the dequantized
     weights exactly as the saved model computes."""
-    assert integer_products_exact()  # torch's int8 GEMM on this processor (a saturating one would fail here)
+    if not integer_products_exact():  # the fallback is tested below; here, the integer products themselves
+        pytest.skip("torch's int8 GEMM is not exact on this processor: --base-quantize int8 trains in fp32 here")
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
     layer, reference = _frozen("int8", weight, bias.clone()), _fp32_reference("int8", weight, bias)
     x, upstream = torch.randn(2, rows, 64, generator=generator), torch.randn(2, rows, 96, generator=generator)
     x[0, 0, 5] = 40.0  # one large input: its row's grid is coarse, the others' are not
+    x[1, 0], upstream[1, 1] = 0.0, 0.0  # a padded position's input, a masked position's gradient
     out, x_grad = _forward_backward(layer, x, upstream)
     dequantized = reference.weight.double()
     expected_out = _on_int8_grids(x.reshape(-1, 64)) @ dequantized.T + bias.double()
     scales = layer.scale.double()
-    expected_grad = _on_int8_grids(upstream.reshape(-1, 96).double() * scales) @ (dequantized / scales[:, None])
+    expected_grad = _on_int8_grids(upstream.reshape(-1, 96) * layer.scale) @ (dequantized / scales[:, None])
     torch.testing.assert_close(out.reshape(-1, 96).double(), expected_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_grad.reshape(-1, 64).double(), expected_grad, rtol=1e-5, atol=1e-5)
     exact_out, exact_grad = _forward_backward(reference, x, upstream)
     error = (out - exact_out).norm(dim=-1).flatten()  # per row
     assert error[0] > 5 * error[1:].max()  # the large input coarsens its own row's grid only
     assert (error[1:] / exact_out.norm(dim=-1).flatten()[1:]).max() < 0.01
+    assert torch.equal(out[1, 0], bias) and not x_grad[1, 1].any()  # zero rows stay exact
     assert (x_grad - exact_grad).norm() <= 0.01 * exact_grad.norm()
     alone, _ = _forward_backward(layer, x[1:, -1:], upstream[1:, -1:])
     assert torch.equal(alone[0, 0], out[1, -1])
@@ -150,7 +153,7 @@ def _tiny_examples(loaded, chapter_data_path, count=6):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_lora_on_a_quantized_base_trains_as_fp32_lora_on_its_values(mode, chapter_data_path):
+def test_lora_on_a_quantized_base_trains_as_fp32_lora_on_its_values_up_to_int8s_rounding(mode, chapter_data_path):
     loaded = load_model("tiny-gemma3", seed=3)
     inputs, targets = _tiny_examples(loaded, chapter_data_path)
     ours, reference = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)

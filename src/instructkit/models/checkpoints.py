@@ -328,7 +328,7 @@ def materialize(model: torch.nn.Module, state: dict, source: str | Path, *,
     and re-tie the LM head. With `frozen`, each body linear layer becomes `frozen.build` of its
     weight, encoded here unless the loader already did (`hold`, as each tensor was read).
     `state` is consumed: each layer's entries leave it as the layer is made, so a stored form and
-    the layer made from it (int8's rows reordered into blocks: a copy) coexist one layer at a time."""
+    the layer made from it (which may be a copy) coexist one layer at a time."""
     check_state(model, state, source)
     if getattr(model.config, "tie_embeddings", True):
         state.pop("lm_head.weight", None)

@@ -8,12 +8,14 @@ layer's two products (Wq has no gradient):
     backward  dL/dx = dL/dy Wq          (M, N) @ (N, K)
 
 int8 (`IntegerProductLinear`): W ~= q * s[:, None], one scale per output row, and both products
-run in integers (torch._int_mm: oneDNN's int8 GEMM, VNNI where the processor has it, about 4x the
-fp32 rate here): each row of x, and each row of dL/dy * s, is put on its own symmetric int8 grid
-(max |row| / 127), multiplied exactly into int32 and scaled back. This is SwitchBack's recipe
-(Wortsman et al., 2023: int8 forward and input-gradient products, row-wise inputs and gradients);
-with LoRA there is no weight gradient, the one product it keeps in 16 bits. The inputs' rounding
-is the price: what it costs in final loss is measured (`bench base --only quality`).
+run in integers (torch._int_mm: oneDNN's int8 GEMM, VNNI where the processor has it: 4.5x to 4.9x
+the fp32 rate on the AMD EPYC Zen 4 of docs/BENCHMARKS.md): each row of x, and each row of
+dL/dy * s, is put on its own symmetric int8 grid (max |row| / 127), multiplied exactly into int32
+and scaled back. This is SwitchBack's recipe (Wortsman et al., 2023: int8 forward and
+input-gradient products, row-wise inputs and gradients; it keeps the weight-gradient product in
+16 bits, and LoRA's frozen base has none). The inputs' rounding is the price: what it costs in
+final loss is measured (`bench base --only quality`). Evaluation and sampling run on fp32 inputs,
+as the merged model that is saved does.
 
 int4 (`FrozenQuantizedLinear` around the decoder's Int4GroupLinear: groups of 32 along the input,
 a scale and a low end each): its group scales run along the products' inner dimension, so it has
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from instructkit.decode.quantize import Int8RowLinear
+from instructkit.decode import native
+from instructkit.decode.quantize import GROUP, KERNEL_MAX_ROWS, Int8RowLinear
 from instructkit.errors import UserError
 from instructkit.models.checkpoints import FrozenLinears
 
@@ -62,8 +65,9 @@ def _weights(layer: nn.Module) -> torch.Tensor:
 
 class _FrozenProduct(torch.autograd.Function):
     """x @ Wq^T (+ b) through a quantized layer, with the input's gradient through the same weights.
-    Both products run on the layer's weights dequantized for the call (csrc/dequantize.cpp, one
-    pass) and fp32 BLAS: one layer's fp32 weights exist at a time, never the model's."""
+    Both products run on the layer's weights dequantized for the call (int4: csrc/dequantize.cpp,
+    one pass; int8: q * scale) and fp32 BLAS: one layer's fp32 weights exist at a time, never the
+    model's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -76,8 +80,6 @@ class _FrozenProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
-        if not ctx.needs_input_grad[0]:  # the first layer's input (the embedding's, frozen)
-            return None, None
         layer = ctx.layer
         rows = grad.reshape(-1, layer.out_features)  # (M, N)
         return (rows @ _weights(layer)).reshape(*grad.shape[:-1], layer.in_features), None
@@ -133,14 +135,23 @@ def integer_products_exact() -> bool:
     processor without VNNI may add pairs of u8 x s8 products in int16 and saturate (FBGEMM's does:
     see decode/quantize.py); a full-range block against float64 tells, once per process."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (16, 256), dtype=torch.int8, generator=generator)
-    b = torch.randint(-127, 128, (256, 32), dtype=torch.int8, generator=generator)
-    a[0], b[:, 0] = 127, -127  # the extremes, where a saturating sum shows
-    try:
-        product = torch._int_mm(a, b)
-    except RuntimeError:
-        return False
-    return torch.equal(product.double(), a.double() @ b.double())
+    for m, k, n in ((16, 256, 32), (200, 1536, 72)):  # oneDNN may choose its kernel by shape
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=generator)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+        a[0], b[0] = 127, -127  # the extremes, where a saturating sum shows
+        try:
+            product = torch._int_mm(a, b.T)  # b.T: a weight's (K, N) view, as the forward passes it
+        except RuntimeError:
+            return False
+        if not torch.equal(product.double(), a.double() @ b.double().T):
+            return False
+    return True
+
+
+@functools.cache
+def _warn_products_inexact() -> None:
+    warnings.warn("--base-quantize int8: torch's int8 product is not exact on this processor; the frozen "
+                  "products run in fp32 on the dequantized weights (slower)", stacklevel=3)
 
 
 class _IntegerProduct(torch.autograd.Function):
@@ -149,21 +160,19 @@ class _IntegerProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "IntegerProductLinear") -> torch.Tensor:
         ctx.layer = layer
-        rows, rows_scale = _rows_on_int8_grids(x.reshape(-1, layer.in_features).float())  # (M, K), (M, 1)
-        y = torch._int_mm(rows, layer.q.T).float().mul_(rows_scale).mul_(layer.scale)  # (M, N)
+        x_q, x_scale = _rows_on_int8_grids(x.reshape(-1, layer.in_features).float())  # (M, K) int8, (M, 1)
+        y = torch._int_mm(x_q, layer.q.T).float().mul_(x_scale).mul_(layer.scale)  # q.T (K, N) -> (M, N)
         if layer.bias is not None:
             y.add_(layer.bias)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N) -> (..., K)
-        if not ctx.needs_input_grad[0]:  # the first layer's input (the embedding's, frozen)
-            return None, None
         layer = ctx.layer
         # dL/dx = g (q * s[:, None]) = (g * s) q: the row scales move onto the gradient's columns,
         # then each gradient row gets its own grid, as x's rows did.
-        rows, rows_scale = _rows_on_int8_grids(grad.reshape(-1, layer.out_features) * layer.scale)  # (M, N)
-        dx = torch._int_mm(rows, layer.q).float().mul_(rows_scale)  # (M, K)
+        g_q, g_scale = _rows_on_int8_grids(grad.reshape(-1, layer.out_features) * layer.scale)  # (M, N) int8, (M, 1)
+        dx = torch._int_mm(g_q, layer.q).float().mul_(g_scale)  # q (N, K) -> (M, K)
         return dx.reshape(*grad.shape[:-1], layer.in_features), None
 
 
@@ -183,11 +192,26 @@ class IntegerProductLinear(FrozenBaseLinear):
     reference = staticmethod(Int8RowLinear.reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and integer_products_exact():
+        if not torch.is_grad_enabled():
+            return self._evaluate(x)
+        if integer_products_exact():
             return _IntegerProduct.apply(x, self)
-        # Evaluation and sampling: fp32 inputs on the dequantized weights, as the merged model
-        # that is saved computes (validation loss measures what is exported, not the rounding).
-        return _FrozenProduct.apply(x, self)
+        return _FrozenProduct.apply(x, self)  # training where torch's int8 product is not exact
+
+    def _evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation and sampling: fp32 inputs on the dequantized weights, as the merged model that
+        is saved computes (validation loss measures what is exported, not the inputs' rounding). A
+        few rows (a sampled token) go through the decoder's weight-only int8 kernel, the row scale
+        repeated for each group of 32 (K/32 values a row, made per call): dequantizing the whole
+        layer for one token would cost ~1 ns a weight, over a second a token on a 1.5B model."""
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if rows.shape[0] > KERNEL_MAX_ROWS or self.in_features % GROUP or native.load() is not None:
+            return _FrozenProduct.apply(x, self)
+        group_scale = self.scale[:, None].expand(self.out_features, self.in_features // GROUP).contiguous()  # (N, K/32)
+        y = torch.ops.instructkit_native.int8_group_mm(rows.float().contiguous(), self.q, group_scale)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The fp32 weights (N, K), into `out` when given (the scratch buffer)."""
@@ -213,8 +237,7 @@ def _scheme(mode: str) -> _Scheme:
         raise UserError(f"--base-quantize must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "int8":
         if not integer_products_exact():
-            warnings.warn("--base-quantize int8: torch's int8 product is not exact on this processor; "
-                          "the frozen products run in fp32 on the dequantized weights (slower)", stacklevel=2)
+            _warn_products_inexact()  # once a process: finetune asks for the scheme twice
         return _Scheme(IntegerProductLinear.fits, IntegerProductLinear.quantize, IntegerProductLinear)
     from instructkit.decode import native
     from instructkit.decode.quantize import Int4GroupLinear
