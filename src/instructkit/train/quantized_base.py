@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from instructkit.decode import native
-from instructkit.decode.quantize import GROUP, KERNEL_MAX_ROWS, Int8RowLinear
+from instructkit.decode.quantize import GROUP, KERNEL_MAX_ROWS, Int4GroupLinear, Int8RowLinear
 from instructkit.errors import UserError
 from instructkit.models.checkpoints import FrozenLinears
 
@@ -239,9 +239,6 @@ def _scheme(mode: str) -> _Scheme:
         if not integer_products_exact():
             _warn_products_inexact()  # once a process: finetune asks for the scheme twice
         return _Scheme(IntegerProductLinear.fits, IntegerProductLinear.quantize, IntegerProductLinear)
-    from instructkit.decode import native
-    from instructkit.decode.quantize import Int4GroupLinear
-
     if (reason := native.load()) is not None:
         raise UserError(f"--base-quantize {mode}: the int4 kernels are unavailable ({reason})")
     return _Scheme(Int4GroupLinear.fits, Int4GroupLinear.quantize,
