@@ -157,12 +157,16 @@ def test_full_and_lora_training_save_and_reload_exactly(family, checkpoints, exa
 # Quantized and static-step decoding: every family -------------------------------------------
 def _standing_for(model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
     """An fp32 copy of `model` whose linear layers hold the weights each quantized layer stands
-    for (its kind's `reference`); the head stays fp32, as the shortlist rescores in fp32."""
+    for (its kind's `reference`); the head stays fp32, as the shortlist rescores in fp32. A layer
+    decoding fused with others (q/k/v, gate/up) is quantized as its group's layer, row by row."""
     reference = copy.deepcopy(model)
     layers = dict(quantized.named_modules())
     with torch.no_grad():
         for name, linear in reference.named_modules():
-            replaced = layers.get(name)
+            owner, _, child = name.rpartition(".")
+            groups = getattr(layers.get(owner), "FUSIBLE", {})
+            replaced = layers.get(name) or next((layers[f"{owner}.{group}"] for group, members in groups.items()
+                                                if child in members and f"{owner}.{group}" in layers), None)
             if isinstance(linear, torch.nn.Linear) and not isinstance(replaced, (torch.nn.Linear, ShortlistHead)):
                 linear.weight.copy_(type(replaced).reference(linear.weight))
     return reference

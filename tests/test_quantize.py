@@ -327,3 +327,70 @@ def test_a_killed_kernel_build_never_blocks_the_next_process(tmp_path):
     probe = [sys.executable, "-c", "from instructkit.decode import native; print(native.load())"]
     result = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "None" and "building" not in result.stderr, result.stderr
+
+
+def _one_token_at_a_time(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (1, T, V) of ids (1, T) fed a token a step through a KV cache: every product takes
+    our kernels' path (one input row), as decoding does."""
+    cache = model.new_cache(1, ids.shape[1])
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t: t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
+def test_fused_projections_decode_as_the_separate_layers_bit_for_bit(mode):
+    """q/k/v and gate/up multiplied as one stacked layer each (quantize_model's default) give the
+    logits of the separate quantized layers exactly, token by token, and a prefill's within fp32
+    rounding (BLAS on the dequantized weights, whose blocking may follow the width)."""
+    loaded = load_model("tiny-gemma3", seed=1)
+    separate = quantize_model(copy.deepcopy(loaded.model), mode, fuse=False)
+    fused = quantize_model(copy.deepcopy(loaded.model), mode)
+    for layer in fused.model.layers:
+        assert set(layer.self_attn.fused_sizes) == {"qkv_proj"} and set(layer.mlp.fused_sizes) == {"gate_up_proj"}
+        assert not any(hasattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj"))
+        assert type(layer.self_attn.qkv_proj) is type(separate.model.layers[0].self_attn.q_proj)
+    assert not separate.model.layers[0].self_attn.fused_sizes
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_one_token_at_a_time(fused, ids), _one_token_at_a_time(separate, ids))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), separate(ids), rtol=1e-5, atol=1e-5)
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):
+            start, stop = (int(part, 16) for part in first.split("-"))
+            inside = start <= address < stop
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_quantized_weights_stream_from_huge_pages_where_the_system_has_them():
+    """Every quantized layer's streamed tensors move into one region advised for 2 MB pages
+    (decode/huge_pages.py), which the kernel backs with them where transparent huge pages are
+    "always" or "madvise"; where they are "never" the tensors stay where they were. Either way the
+    model computes what it did."""
+    from pathlib import Path
+
+    from instructkit.decode import huge_pages
+
+    model = quantize_model(load_model("tiny-gemma3", seed=1).model, "int8")
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    before = _one_token_at_a_time(model, ids)
+    tensors = [getattr(module, name) for module in model.modules() for name in getattr(module, "streamed", ())]
+    assert len(tensors) >= 2 * 2 * model.config.n_layers  # q/k/v, o, gate/up, down and the head, two tensors each
+    regions = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.exists() and "[never]" not in setting.read_text():
+        assert len(regions) == 1
+        first = min(tensor.data_ptr() for tensor in tensors)
+        assert first % huge_pages.HUGE_PAGE == 0 and _anon_huge_kb(first) >= 2048
+    else:
+        assert len(regions) == len(tensors)
+    # moving again (into a fresh region) changes no value
+    assert huge_pages.gather(model) in (0, sum(huge_pages._aligned(tensor.nbytes) for tensor in tensors))
+    assert torch.equal(_one_token_at_a_time(model, ids), before)

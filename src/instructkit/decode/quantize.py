@@ -123,6 +123,7 @@ class Fp16Linear(nn.Module):
     """y = x W^T + b, W stored fp16 and packed for FBGEMM; x (..., K) fp32 -> y (..., N) fp32."""
 
     kernel = "fbgemm"
+    stacks_rows = True  # see STACKABLE
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -158,6 +159,7 @@ class Int8RowLinear(nn.Module):
     Used for the head, behind a shortlist."""
 
     kernel = "fbgemm"
+    stacks_rows = True
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -207,6 +209,9 @@ class _GroupLinear(nn.Module):
     batch. Subclasses give the storage, the kernel call and the dequantized weight."""
 
     kernel = "native"
+    stacks_rows = True
+    # The tensors the kernel streams each call (moved into 2 MB pages: decode/huge_pages.py).
+    streamed: tuple[str, ...] = ()
     # Whether the product may round the input (to bf16) where that is faster: only for a head that
     # proposes candidates for exact rescoring (ShortlistHead sets it).
     round_input = False
@@ -268,6 +273,8 @@ class Int8GroupLinear(_GroupLinear):
     reads at about twice the speed (a vector holds 16 outputs; csrc/group_matmul.cpp):
     q (N/16, 16 K) as (K/4, 16, 4) a block, scale (N/16, 16 K/32) as (K/32, 16)."""
 
+    streamed = ("q", "scale")
+
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__(bias, *tensors["q"].shape)
         n, k = tensors["q"].shape
@@ -314,6 +321,8 @@ class Int4GroupLinear(_GroupLinear):
     """Asymmetric int4: W ~= u * scale + low per group of 32, u in 0..15 (16 levels spanning the
     group's min..max), scale and low in fp16. packed (N, K/2) uint8 (byte j of a group: weight j in
     the low nibble, weight j + 16 in the high one), scale and low (N, K/32) fp16."""
+
+    streamed = ("packed", "scale", "low")
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         packed = tensors["packed"]
@@ -407,6 +416,7 @@ class Int4Linear(nn.Module):
     `_weight_int4pack_mm_for_cpu`. packed (N, K/2) uint8, scales_and_zeros (K/32, N, 2)."""
 
     kernel = "aten"
+    stacks_rows = False  # aten's packing tiles rows, and scales_and_zeros is (K/32, N, 2)
     grid = 2  # as Int4GroupLinear's
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
@@ -542,11 +552,45 @@ def _layer_kind(kinds: tuple[type[nn.Module], type[nn.Module]], name: str, weigh
     return kind
 
 
+def _fusible_groups(model: nn.Module) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Layers decoding may multiply as one (models/transformer.py `project`): member name ->
+    (owner's name, the group's name, every member's name), where the members are all plain linear
+    layers reading the same width."""
+    groups = {}
+    for owner, module in model.named_modules():
+        for group, names in getattr(module, "FUSIBLE", {}).items():
+            members = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, nn.Linear) for m in members) and len({m.in_features for m in members}) == 1:
+                full = tuple(f"{owner}.{name}" if owner else name for name in names)
+                groups.update({name: (owner, group, full) for name in full})
+    return groups
+
+
+def _stacked(parts: list[tuple[type[nn.Module], dict[str, torch.Tensor], torch.Tensor | None, int]]) -> nn.Module | None:
+    """One layer standing for several quantized the same way, their output rows stacked: each
+    kind's stored tensors hold output rows along dim 0 (`stacks_rows`) and every row is quantized
+    on its own, so the stack equals the layers one by one, row for row. None where the kinds
+    differ or cannot stack. parts: (kind, stored tensors, bias, out_features) per member."""
+    kind = parts[0][0]
+    if any(part[0] is not kind for part in parts) or not getattr(kind, "stacks_rows", False):
+        return None
+    tensors = {key: torch.cat([part[1][key] for part in parts]) for key in parts[0][1]}
+    biases = [part[2] for part in parts]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [torch.zeros(n) if b is None else b for b, (_, _, _, n) in zip(biases, parts)])
+    return kind(tensors, bias)
+
+
 def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, source: Path | None = None,
-                   shortlist: int | None = SHORTLIST) -> nn.Module:
+                   shortlist: int | None = SHORTLIST, fuse: bool = True) -> nn.Module:
     """Replace the linear layers and the head of an inference model by low-precision ones, in
     place; "none" returns the model unchanged. `cache`: a safetensors file for the quantized
     weights, reused while it records the same `source` file (size and modification time).
+    `fuse`: projections that read the same input (q/k/v, gate/up) become one layer of the same
+    weights (`_stacked`), one product a step instead of three or two: at batch 1 each product
+    streams its weights from memory, and short streams waste bandwidth (SmolLM2-135M int8, 2
+    cores: 5.5 against 6.5 ms a token of products, docs/BENCHMARKS.md). Afterwards the streamed
+    weights are moved into 2 MB pages (decode/huge_pages.py).
     Raises UserError, in one line, for an unknown mode, a missing kernel or a non-CPU model."""
     if mode == "none":
         return model
@@ -565,8 +609,22 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
     if source is not None and source.exists():
         stat = source.stat()
         identity |= {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+    _replace_layers(model, kinds, cache, identity, shortlist, fuse)
+    from instructkit.decode import huge_pages
+
+    huge_pages.gather(model)  # after _replace_layers has returned: nothing else holds the tensors it moves
+    model.quantized = mode
+    return model
+
+
+def _replace_layers(model: nn.Module, kinds: tuple[type[nn.Module], type[nn.Module]], cache: Path | None,
+                    identity: dict, shortlist: int | None, fuse: bool) -> None:
+    """quantize_model's work: each linear layer's quantized tensors (from the cache where it holds
+    them) and the layer that replaces it, the cache written where it was missing."""
     saved = _read_cache(cache, identity)
     made: dict[str, torch.Tensor] = {}
+    groups = _fusible_groups(model) if fuse else {}
+    waiting: dict[str, list] = {}  # a fused group's members quantized so far: (kind, tensors, bias, N)
     with torch.no_grad():
         # Names only, each layer fetched when its turn comes: a list of the layers themselves kept every
         # replaced fp32 layer alive to the end, the fp32 and the quantized model together (a 1B model
@@ -583,11 +641,19 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
                 tensors = kind.quantize(linear.weight.detach().float())
             made.update({prefix + key: value for key, value in tensors.items()})
             bias = None if linear.bias is None else linear.bias.detach().float().clone()
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            if name in groups:  # the fp32 layer goes now; the group's layer comes with its last member
+                delattr(owner, child)
+                owner_name, group, members = groups[name]
+                waiting.setdefault(group + owner_name, []).append((kind, tensors, bias, linear.out_features))
+                if name == members[-1]:
+                    _place_group(owner, group, members, waiting.pop(group + owner_name))
+                continue
             replacement = kind(tensors, bias)
             if name == "lm_head" and shortlist and kind is not Fp16Linear:
                 replacement = ShortlistHead(replacement, linear.weight.detach(), shortlist)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, replacement)
+            setattr(owner, child, replacement)
     if cache is not None and saved is None and len(identity) > 1:
         from safetensors.torch import save_file
 
@@ -596,8 +662,17 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
         # A unique temporary name, fsynced, then renamed: two processes starting at once never
         # write into one file, and a kill or crash leaves the old cache or the new one, whole.
         atomic_write_with(cache, lambda tmp: save_file(made, str(tmp), metadata=identity))
-    model.quantized = mode
-    return model
+
+
+def _place_group(owner: nn.Module, group: str, members: tuple[str, ...], parts: list) -> None:
+    """The group's one layer where its members were (or, where they cannot stack, each member's own)."""
+    stacked = _stacked(parts)
+    if stacked is not None:
+        owner.add_module(group, stacked)
+        owner.fused_sizes[group] = [part[3] for part in parts]
+        return
+    for name, (kind, tensors, bias, _) in zip(members, parts):
+        owner.add_module(name.rpartition(".")[2], kind(tensors, bias))
 
 
 def _read_cache(cache: Path | None, identity: dict) -> dict | None:

@@ -156,6 +156,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Modules -----------------------------------------------------------------------------------------
+def project(module: nn.Module, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The outputs of the projections `module.FUSIBLE[group]` names, all reading x (B, T, C).
+    Decoding may replace them by one layer named `group` whose weight rows are theirs stacked
+    (decode/quantize.py: one weight product instead of several, read from memory as one stream);
+    `module.fused_sizes[group]` then gives each one's output width for the split."""
+    sizes = module.fused_sizes.get(group)
+    if sizes is None:
+        return tuple(getattr(module, name)(x) for name in module.FUSIBLE[group])
+    return getattr(module, group)(x).split(sizes, dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, plus_one: bool):
         super().__init__()
@@ -172,8 +183,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    FUSIBLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see project()
+
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
+        self.fused_sizes: dict[str, list[int]] = {}
         c = self.config = config
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.q_proj = nn.Linear(c.emb_dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
@@ -188,7 +202,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, positions, valid, cache, cache_state, default_positions):
         batch, steps, _ = x.shape
         c = self.config
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), (B, T, H_kv*D) x2
+        q, k, v = project(self, "qkv_proj", x)  # (B, T, H*D), (B, T, H_kv*D) x2
         if c.qk_norm == "full":  # OLMo 2: over all heads at once, before splitting them
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, steps, c.n_heads, c.head_dim)
@@ -206,17 +220,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    FUSIBLE = {"gate_up_proj": ("gate_proj", "up_proj")}  # see project()
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        self.fused_sizes: dict[str, list[int]] = {}
         self.gate_proj = nn.Linear(config.emb_dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.emb_dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.emb_dim, bias=False)
         self.gelu = config.activation == "gelu_tanh"
 
     def forward(self, x):
-        gate = self.gate_proj(x)
+        gate, up = project(self, "gate_up_proj", x)  # (B, T, hidden) each
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
