@@ -145,7 +145,8 @@ def run(quick: bool, repeats: int = 3) -> dict:
     mlp_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(mlp_suffixes)]
     calibration = [tokenizer.encode(GEMMA.prompt(record) + record["output"]) for record in calibration_records]
     maxima = _mlp_input_maxima(model, mlp_names, calibration)
-    library_int8 = quantize_model(copy.deepcopy(model), "int8")
+    # Unstacked (fuse=False): the candidates replace gate_proj and up_proj one by one.
+    library_int8 = quantize_model(copy.deepcopy(model), "int8", fuse=False)
 
     def smoothed(alpha: float):
         candidate = copy.deepcopy(library_int8)

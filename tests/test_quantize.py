@@ -356,6 +356,22 @@ def test_fused_projections_decode_as_the_separate_layers_bit_for_bit(mode):
         torch.testing.assert_close(fused(ids), separate(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_a_group_with_a_member_the_body_kind_cannot_take_stays_separate(monkeypatch):
+    """Where one member of q/k/v would get another kind (here k and v, 32 rows, refused by int8's
+    `fits` and so fp16), the group is not stacked: each member keeps its own layer and the model
+    decodes as with stacking off."""
+    monkeypatch.setattr(Int8GroupLinear, "fits", staticmethod(lambda weight: weight.shape[0] != 32))
+    loaded = load_model("tiny-gemma3", seed=1)
+    model = quantize_model(copy.deepcopy(loaded.model), "int8")
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert not attention.fused_sizes and isinstance(attention.q_proj, Int8GroupLinear)
+    assert isinstance(attention.k_proj, Fp16Linear) and isinstance(attention.v_proj, Fp16Linear)
+    assert mlp.fused_sizes == {"gate_up_proj": [128, 128]}  # the MLP's group is whole
+    unstacked = quantize_model(copy.deepcopy(loaded.model), "int8", fuse=False)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_one_token_at_a_time(model, ids), _one_token_at_a_time(unstacked, ids))
+
+
 def _anon_huge_kb(address: int) -> int:
     """AnonHugePages (kB) of the mapping holding `address`, from /proc/self/smaps."""
     inside = False
@@ -369,28 +385,38 @@ def _anon_huge_kb(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def test_quantized_weights_stream_from_huge_pages_where_the_system_has_them():
+def _streamed(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [getattr(module, name) for module in model.modules() for name in getattr(module, "streamed", ())]
+
+
+def test_quantized_weights_stream_from_huge_pages_where_the_system_has_them(tmp_path, monkeypatch):
     """Every quantized layer's streamed tensors move into one region advised for 2 MB pages
     (decode/huge_pages.py), which the kernel backs with them where transparent huge pages are
-    "always" or "madvise"; where they are "never" the tensors stay where they were. Either way the
-    model computes what it did."""
-    from pathlib import Path
-
+    "always" or "madvise" (this machine's setting); with "never" (a setting file saying so) they
+    stay where they were. Either way the model computes what it did."""
     from instructkit.decode import huge_pages
 
     model = quantize_model(load_model("tiny-gemma3", seed=1).model, "int8")
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     before = _one_token_at_a_time(model, ids)
-    tensors = [getattr(module, name) for module in model.modules() for name in getattr(module, "streamed", ())]
-    assert len(tensors) >= 2 * 2 * model.config.n_layers  # q/k/v, o, gate/up, down and the head, two tensors each
+    tensors = _streamed(model)
+    assert len(tensors) >= 2 * 4 * model.config.n_layers  # q/k/v, o, gate/up, down (and the head), two tensors each
     regions = {tensor.untyped_storage().data_ptr() for tensor in tensors}
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if setting.exists() and "[never]" not in setting.read_text():
+    if huge_pages.available():  # this machine's (and CI's) setting
         assert len(regions) == 1
         first = min(tensor.data_ptr() for tensor in tensors)
         assert first % huge_pages.HUGE_PAGE == 0 and _anon_huge_kb(first) >= 2048
     else:
+        print(f"{huge_pages.SETTING}: transparent huge pages are off here; only the fallback is checked")
         assert len(regions) == len(tensors)
-    # moving again (into a fresh region) changes no value
-    assert huge_pages.gather(model) in (0, sum(huge_pages._aligned(tensor.nbytes) for tensor in tensors))
+    # with THP off, nothing moves; the values are the same either way
+    never = tmp_path / "enabled"
+    never.write_text("always madvise [never]\n")
+    monkeypatch.setattr(huge_pages, "SETTING", never)
+    assert not huge_pages.available()
+    separate = quantize_model(load_model("tiny-gemma3", seed=1).model, "int8")
+    streamed = _streamed(separate)
+    assert len({tensor.untyped_storage().data_ptr() for tensor in streamed}) == len(streamed)
+    assert huge_pages.gather(model) == 0
+    assert torch.equal(_one_token_at_a_time(separate, ids), before)
     assert torch.equal(_one_token_at_a_time(model, ids), before)

@@ -12,18 +12,22 @@ PyTorch's allocator asks for huge pages only for single tensors of 2 MB and more
 THP_MEM_ALLOC_ENABLE is set before it starts, so this module maps one private anonymous region,
 advises the kernel to back it with huge pages (`madvise(MADV_HUGEPAGE)`, which works where THP is
 "always" or "madvise", the common defaults) and moves each quantized layer's streamed tensors
-(`streamed`, decode/quantize.py) into it as views, in model order. Where the advice is refused
-(THP "never", a non-Linux system) the tensors stay where they are: the same values, the old speed.
+(`streamed`, decode/quantize.py) into it as views, in model order. Where huge pages cannot come
+(THP "never", which Linux does not report by refusing the advice but which
+/sys/kernel/mm/transparent_hugepage/enabled says; a system without the advice; a mapping refused)
+the tensors stay where they are: the same values, the old speed.
 """
 
 from __future__ import annotations
 
 import mmap
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 HUGE_PAGE = 2 << 20
+SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ALIGN = 64  # a cache line: each tensor starts on one, as the allocator's do
 
 
@@ -37,9 +41,12 @@ def _region(size: int) -> torch.Tensor | None:
     mapping holds whole huge pages from that boundary on (a page only partly mapped stays small),
     plus one for the alignment; pages are only taken as they are written."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or not hasattr(mmap, "MAP_PRIVATE"):
+    if advice is None or not hasattr(mmap, "MAP_PRIVATE") or not available():
         return None
-    mapping = mmap.mmap(-1, (-(-size // HUGE_PAGE) + 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, (-(-size // HUGE_PAGE) + 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # e.g. strict overcommit accounting: the tensors stay where they are
+        return None
     try:
         mapping.madvise(advice)
     except OSError:
@@ -48,6 +55,14 @@ def _region(size: int) -> torch.Tensor | None:
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive while any view lives
     start = -whole.data_ptr() % HUGE_PAGE
     return whole[start: start + size]
+
+
+def available() -> bool:
+    """Whether advised memory can get huge pages here: THP "always" or "madvise" (Linux)."""
+    try:
+        return "[never]" not in SETTING.read_text()
+    except OSError:
+        return False
 
 
 def gather(model: nn.Module) -> int:

@@ -123,7 +123,7 @@ class Fp16Linear(nn.Module):
     """y = x W^T + b, W stored fp16 and packed for FBGEMM; x (..., K) fp32 -> y (..., N) fp32."""
 
     kernel = "fbgemm"
-    stacks_rows = True  # see STACKABLE
+    stacks_rows = True  # its stored tensors hold output rows along dim 0: see _stacked
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -552,32 +552,38 @@ def _layer_kind(kinds: tuple[type[nn.Module], type[nn.Module]], name: str, weigh
     return kind
 
 
-def _fusible_groups(model: nn.Module) -> dict[str, tuple[str, str, tuple[str, ...]]]:
-    """Layers decoding may multiply as one (models/transformer.py `project`): member name ->
-    (owner's name, the group's name, every member's name), where the members are all plain linear
-    layers reading the same width."""
+STACK_ROWS_MULTIPLE = 16  # int8's VNNI blocks and aten's int4 tiles: each member keeps its own layout
+
+
+def _fusible_groups(model: nn.Module, body: type[nn.Module]) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Layers decoding multiplies as one (models/transformer.py `project`): member name ->
+    (owner's name, the group's name, every member's name in the owner's FUSIBLE order). A group is
+    stacked only where every member is a plain linear layer of one input width that the body kind
+    takes as it is (`fits`, `stacks_rows`: the stack is then that kind, row for row the members)
+    and has a multiple of 16 rows (so a member's rows keep the layout they would have alone:
+    int8's 16-row blocks on VNNI processors). Any other group stays separate layers."""
+    if not getattr(body, "stacks_rows", False):
+        return {}
     groups = {}
     for owner, module in model.named_modules():
         for group, names in getattr(module, "FUSIBLE", {}).items():
             members = [getattr(module, name, None) for name in names]
-            if all(isinstance(m, nn.Linear) for m in members) and len({m.in_features for m in members}) == 1:
+            if (all(isinstance(m, nn.Linear) and body.fits(m.weight) and m.out_features % STACK_ROWS_MULTIPLE == 0
+                    for m in members) and len({m.in_features for m in members}) == 1):
                 full = tuple(f"{owner}.{name}" if owner else name for name in names)
                 groups.update({name: (owner, group, full) for name in full})
     return groups
 
 
-def _stacked(parts: list[tuple[type[nn.Module], dict[str, torch.Tensor], torch.Tensor | None, int]]) -> nn.Module | None:
-    """One layer standing for several quantized the same way, their output rows stacked: each
-    kind's stored tensors hold output rows along dim 0 (`stacks_rows`) and every row is quantized
-    on its own, so the stack equals the layers one by one, row for row. None where the kinds
-    differ or cannot stack. parts: (kind, stored tensors, bias, out_features) per member."""
-    kind = parts[0][0]
-    if any(part[0] is not kind for part in parts) or not getattr(kind, "stacks_rows", False):
-        return None
-    tensors = {key: torch.cat([part[1][key] for part in parts]) for key in parts[0][1]}
-    biases = [part[2] for part in parts]
+def _stacked(kind: type[nn.Module], parts: list[tuple[dict[str, torch.Tensor], torch.Tensor | None, int]]) -> nn.Module:
+    """One layer of `kind` standing for several, their output rows stacked: each stacking kind's
+    stored tensors hold output rows along dim 0 (`stacks_rows`) and every row is quantized and
+    multiplied on its own, so the stack computes what the layers compute one by one (tested bit
+    for bit). parts: (stored tensors, bias, out_features) per member, in order."""
+    tensors = {key: torch.cat([part[0][key] for part in parts]) for key in parts[0][0]}
+    biases = [part[1] for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
-        [torch.zeros(n) if b is None else b for b, (_, _, _, n) in zip(biases, parts)])
+        [torch.zeros(n) if b is None else b for b, (_, _, n) in zip(biases, parts)])
     return kind(tensors, bias)
 
 
@@ -623,8 +629,9 @@ def _replace_layers(model: nn.Module, kinds: tuple[type[nn.Module], type[nn.Modu
     them) and the layer that replaces it, the cache written where it was missing."""
     saved = _read_cache(cache, identity)
     made: dict[str, torch.Tensor] = {}
-    groups = _fusible_groups(model) if fuse else {}
-    waiting: dict[str, list] = {}  # a fused group's members quantized so far: (kind, tensors, bias, N)
+    groups = _fusible_groups(model, kinds[0]) if fuse else {}
+    waiting: dict[tuple[str, str], dict] = {}  # a group's members quantized so far: name -> (tensors, bias, N)
+    keep = cache is not None and saved is None and len(identity) > 1  # `made` is only for writing the cache
     with torch.no_grad():
         # Names only, each layer fetched when its turn comes: a list of the layers themselves kept every
         # replaced fp32 layer alive to the end, the fp32 and the quantized model together (a 1B model
@@ -639,22 +646,26 @@ def _replace_layers(model: nn.Module, kinds: tuple[type[nn.Module], type[nn.Modu
                        if saved is not None else {})
             if not tensors:
                 tensors = kind.quantize(linear.weight.detach().float())
-            made.update({prefix + key: value for key, value in tensors.items()})
+            if keep:
+                made.update({prefix + key: value for key, value in tensors.items()})
             bias = None if linear.bias is None else linear.bias.detach().float().clone()
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             if name in groups:  # the fp32 layer goes now; the group's layer comes with its last member
                 delattr(owner, child)
                 owner_name, group, members = groups[name]
-                waiting.setdefault(group + owner_name, []).append((kind, tensors, bias, linear.out_features))
-                if name == members[-1]:
-                    _place_group(owner, group, members, waiting.pop(group + owner_name))
+                parts = waiting.setdefault((owner_name, group), {})
+                parts[name] = (tensors, bias, linear.out_features)
+                if len(parts) == len(members):
+                    owner.add_module(group, _stacked(kind, [parts[member] for member in members]))
+                    owner.fused_sizes[group] = [parts[member][2] for member in members]
+                    del waiting[(owner_name, group)]
                 continue
             replacement = kind(tensors, bias)
             if name == "lm_head" and shortlist and kind is not Fp16Linear:
                 replacement = ShortlistHead(replacement, linear.weight.detach(), shortlist)
             setattr(owner, child, replacement)
-    if cache is not None and saved is None and len(identity) > 1:
+    if keep:
         from safetensors.torch import save_file
 
         from instructkit.fileio import atomic_write_with
@@ -662,17 +673,6 @@ def _replace_layers(model: nn.Module, kinds: tuple[type[nn.Module], type[nn.Modu
         # A unique temporary name, fsynced, then renamed: two processes starting at once never
         # write into one file, and a kill or crash leaves the old cache or the new one, whole.
         atomic_write_with(cache, lambda tmp: save_file(made, str(tmp), metadata=identity))
-
-
-def _place_group(owner: nn.Module, group: str, members: tuple[str, ...], parts: list) -> None:
-    """The group's one layer where its members were (or, where they cannot stack, each member's own)."""
-    stacked = _stacked(parts)
-    if stacked is not None:
-        owner.add_module(group, stacked)
-        owner.fused_sizes[group] = [part[3] for part in parts]
-        return
-    for name, (kind, tensors, bias, _) in zip(members, parts):
-        owner.add_module(name.rpartition(".")[2], kind(tensors, bias))
 
 
 def _read_cache(cache: Path | None, identity: dict) -> dict | None:
