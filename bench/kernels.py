@@ -17,7 +17,13 @@ the kernels behind `--quantize` (decode/quantize.py) and the candidates it does 
   and `(x * q.float()).sum(-1) * s`.
 
 Each row: the median (min-max) over `repeats` rounds of the mean time of a burst of calls, after
-warm-up (inductor compiles in its warm-up; the compile time is its own column)."""
+warm-up (inductor compiles in its warm-up; the compile time is its own column).
+
+A second table streams one token's worth of products from memory, as decoding does: SmolLM2-135M's
+30 layers of int8 projections (random weights: the speed does not depend on the values), each
+product once, 119 MB in all, far beyond the caches. Four layouts: the seven projections apart or
+q/k/v and gate/up stacked (decode/quantize.py), on the allocator's 4 KB pages or moved into 2 MB
+pages (decode/huge_pages.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ import torch.nn.functional as F
 from bench.common import fmt_spread, print_table, spread
 
 SHAPES = {"head 262,144 x 640": (262_144, 640), "MLP 2,048 x 640": (2_048, 640)}
+# SmolLM2-135M's projections (N, K), and the groups decoding stacks
+PROJECTIONS = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+               "up": (1536, 576), "down": (576, 1536)}
+STACKS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 QUICK_SHAPES = {"head-shaped 16,384 x 640": (16_384, 640)}
 
 
@@ -69,6 +79,59 @@ def _kernels(n: int, k: int) -> dict[str, tuple[object, int]]:
     return kernels
 
 
+def _token_of_products(stacked: bool, huge: bool, layers: int) -> tuple[object, int]:
+    """A function running every int8 product of `layers` layers once (one row each), and the
+    weight bytes they read."""
+    from instructkit.decode import huge_pages
+    from instructkit.decode.quantize import Int8GroupLinear
+
+    shapes = dict(PROJECTIONS)
+    if stacked:
+        for group, names in STACKS.items():
+            shapes[group] = (sum(shapes[name][0] for name in names), shapes[names[0]][1])
+            for name in names:
+                del shapes[name]
+    model = torch.nn.ModuleList(
+        torch.nn.ModuleDict({name: Int8GroupLinear(Int8GroupLinear.quantize(torch.randn(n, k) * 0.02), None)
+                             for name, (n, k) in shapes.items()}) for _ in range(layers))
+    if huge:
+        huge_pages.gather(model)
+    inputs = {name: torch.randn(1, k) for name, (_, k) in shapes.items()}
+
+    def token(_=None):
+        for layer in model:
+            for name, linear in layer.items():
+                linear(inputs[name])
+
+    return token, sum(n * k + n * k // 32 * 4 for n, k in shapes.values()) * layers
+
+
+def streams(quick: bool, repeats: int) -> dict:
+    """The second table of the module docstring."""
+    from instructkit.decode import huge_pages, native
+
+    if not native.available():
+        return {}
+    layers, burst_s = (4 if quick else 30), (0.2 if quick else 1.5)
+    layouts = {f"{'stacked' if stacked else 'apart'}, {'2 MB' if huge else '4 KB'} pages": (stacked, huge)
+               for stacked in (False, True) for huge in (False, True) if not huge or huge_pages.available()}
+    made = {name: _token_of_products(stacked, huge, layers) for name, (stacked, huge) in layouts.items()}
+    times: dict[str, list[float]] = {name: [] for name in made}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, (token, _) in made.items():
+                token()
+                times[name].append(_seconds_per_call(token, None, burst_s))
+    results, rows = {}, []
+    for name, (_, nbytes) in made.items():
+        ms, gbps = spread([t * 1e3 for t in times[name]]), spread([nbytes / t / 1e9 for t in times[name]])
+        results[name] = {"ms": ms, "weight_gb_per_s": gbps, "weight_bytes": nbytes}
+        rows.append([name, fmt_spread(ms, "{:.2f}"), fmt_spread(gbps, "{:.1f}"), f"{nbytes / 1e6:.0f}"])
+    print_table(f"One token's int8 products, SmolLM2-135M's {layers} layers, random weights ({torch.get_num_threads()} "
+                f"threads; median (min-max) of {repeats} rounds)", ["layout", "ms a token", "weight GB/s", "weight MB"], rows)
+    return {"layers": layers, "layouts": results}
+
+
 def _seconds_per_call(fn, x, budget_s: float) -> float:
     calls, started = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - started < budget_s:
@@ -107,4 +170,5 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
     print_table(f"Batch-1 matmul by weight format and kernel ({torch.get_num_threads()} threads; median (min-max) of "
                 f"{repeats} rounds)", ["shape", "kernel", "ms a call", "weight GB/s", "weight MB", "first call s",
                                        "max error / max |y|"], rows)
-    return {"repeats": repeats, "threads": torch.get_num_threads(), "kernels": results}
+    return {"repeats": repeats, "threads": torch.get_num_threads(), "kernels": results,
+            "streams": streams(quick, repeats)}

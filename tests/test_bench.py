@@ -44,6 +44,8 @@ def test_quick_bench_runs_and_reports(tmp_path):
     # every kernel computes the same product as the exact one, within its format's rounding
     assert all(row["max_rel_error"] < 0.2 and row["ms"]["median"] > 0 for row in kernels.values()), kernels
     assert any("inductor" in name for name in kernels)
+    layouts = saved["kernels"]["streams"]["layouts"]  # one token's products: apart / stacked, 4 KB / 2 MB pages
+    assert {"apart, 4 KB pages", "stacked, 4 KB pages"} <= set(layouts) and all(r["ms"]["median"] > 0 for r in layouts.values())
     assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)
 
 
