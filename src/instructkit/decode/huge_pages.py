@@ -4,9 +4,9 @@ Batch-1 decoding reads every weight once a token, ~200 products of 0.1-2 MB each
 is how fast short streams come from memory. On 4 KB pages a new stream starts on a cold page
 every 4 KB (a TLB miss and a restarted prefetch); on 2 MB pages (Linux's transparent huge pages)
 it does not. Measured on SmolLM2-135M's int8 layer shapes, 2 cores of an AMD EPYC (Zen 4),
-30 layers' weights streamed one product at a time (2026-12-07): 6.5 ms a pass on the allocator's
-4 KB pages, 4.7 ms on 2 MB pages; with q/k/v and gate/up each one product, 5.5 and 3.5 ms
-(docs/BENCHMARKS.md).
+30 layers' weights streamed one product at a time (`python -m bench kernels`, 2026-12-07): 7.4
+ms a token on the allocator's 4 KB pages, 6.0 ms on 2 MB pages; with q/k/v and gate/up each one
+product, 6.6 and 4.5 ms (docs/BENCHMARKS.md).
 
 PyTorch's allocator asks for huge pages only for single tensors of 2 MB and more, and only when
 THP_MEM_ALLOC_ENABLE is set before it starts, so this module maps one private anonymous region,

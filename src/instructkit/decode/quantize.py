@@ -594,8 +594,8 @@ def quantize_model(model: nn.Module, mode: str, *, cache: Path | None = None, so
     weights, reused while it records the same `source` file (size and modification time).
     `fuse`: projections that read the same input (q/k/v, gate/up) become one layer of the same
     weights (`_stacked`), one product a step instead of three or two: at batch 1 each product
-    streams its weights from memory, and short streams waste bandwidth (SmolLM2-135M int8, 2
-    cores: 5.5 against 6.5 ms a token of products, docs/BENCHMARKS.md). Afterwards the streamed
+    streams its weights from memory, and short streams waste bandwidth (SmolLM2-135M's int8
+    products, 2 cores, `python -m bench kernels`: 6.6 against 7.4 ms a token). Afterwards the streamed
     weights are moved into 2 MB pages (decode/huge_pages.py).
     Raises UserError, in one line, for an unknown mode, a missing kernel or a non-CPU model."""
     if mode == "none":
