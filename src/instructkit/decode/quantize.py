@@ -552,7 +552,7 @@ def _layer_kind(kinds: tuple[type[nn.Module], type[nn.Module]], name: str, weigh
     return kind
 
 
-STACK_ROWS_MULTIPLE = 16  # int8's VNNI blocks and aten's int4 tiles: each member keeps its own layout
+STACK_ROWS_MULTIPLE = 16  # int8's 16-row VNNI blocks: each member's rows keep the block layout they have alone
 
 
 def _fusible_groups(model: nn.Module, body: type[nn.Module]) -> dict[str, tuple[str, str, tuple[str, ...]]]:

@@ -17,11 +17,17 @@ from functools import partial
 from instructkit.errors import UserError
 from instructkit.models import checkpoints, weight_maps
 from instructkit.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
-from instructkit.models.transformer import Transformer, TransformerConfig
+from instructkit.models.transformer import MLP as MLPModule
+from instructkit.models.transformer import Attention, Transformer, TransformerConfig
 from instructkit.models.weight_maps import TransformerFamily
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The stacked projections (transformer.py FUSIBLE: q/k/v, gate/up) under a layer's names. Phi-3's
+# checkpoints store exactly these stacks.
+STACKED = {f"{owner}.{group}": tuple(f"{owner}.{name}" for name in members)
+           for owner, module in (("self_attn", Attention), ("mlp", MLPModule))
+           for group, members in module.FUSIBLE.items()}
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,7 @@ MISTRAL = TransformerFamily(name="mistral", hf_model_types=("mistral",), hf_arch
                             gguf_arch="llama", gguf_permute_qk=True, window="all")
 PHI3 = TransformerFamily(name="phi3", hf_model_types=("phi3",), hf_architecture="Phi3ForCausalLM",
                          gguf_arch="phi3", window="all",
-                         fused={"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")})
+                         fused=STACKED)
 GEMMA2 = TransformerFamily(name="gemma2", hf_model_types=("gemma2",), hf_architecture="Gemma2ForCausalLM",
                            gguf_arch="gemma2", window="alternate",
                            switches={"norm_plus_one": True, "norms": "sandwich", "activation": "gelu_tanh",
