@@ -356,6 +356,17 @@ def test_fused_projections_decode_as_the_separate_layers_bit_for_bit(mode):
         torch.testing.assert_close(fused(ids), separate(ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_fused_projections_decode_as_the_separate_layers_on_the_real_model(real):
+    """The same property at real size (Gemma 3 270M, int8, the chat default): stacked q/k/v and
+    gate/up give the separate layers' logits bit for bit, token by token."""
+    separate = quantize_model(copy.deepcopy(real.model), "int8", fuse=False)
+    fused = quantize_model(copy.deepcopy(real.model), "int8")
+    assert all(layer.self_attn.fused_sizes and layer.mlp.fused_sizes for layer in fused.model.layers)
+    ids = torch.tensor([real.tokenizer.encode("Write a short poem about the sea.")])
+    assert torch.equal(_one_token_at_a_time(fused, ids), _one_token_at_a_time(separate, ids))
+
+
 def test_a_group_with_a_member_the_body_kind_cannot_take_stays_separate(monkeypatch):
     """Where one member of q/k/v would get another kind (here k and v, 32 rows, refused by int8's
     `fits` and so fp16), the group is not stacked: each member keeps its own layer and the model
