@@ -153,6 +153,7 @@ def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations,
     if mode == "int8":  # whole sequences take the dequantized (BLAS) path; int8's kernel also rounds x
         # (a 16-bit grid on VNNI processors), so here every product goes through the kernel as in decoding
         monkeypatch.setattr(quantize, "KERNEL_MAX_ROWS", 10**6)
+        monkeypatch.setattr(quantize, "VNNI_KERNEL_MAX_ROWS", 10**6)
         through_kernel, _ = _teacher_forced_agreement(real.model, quantized, continuations)
         print(f"{mode} through our kernel: {through_kernel:.2%}")
         assert through_kernel >= target
@@ -178,17 +179,19 @@ def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_lay
         layer = kind(kind.quantize(weight), None)
         reference = kind.reference(weight)
         torch.testing.assert_close(layer.dequantized(), reference, rtol=0, atol=0)
-        for rows in (1, 3):
+        # one row and a few (decoding), and a short prompt's prefill (the kernel's on VNNI, BLAS's elsewhere)
+        for rows in (1, 3, KERNEL_MAX_ROWS + 8):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
             if getattr(layer, "block_rows", 0):  # int8's VNNI path: x on a 16-bit grid per group, then exact
                 assert torch.all((layer(x) - x @ reference.T).abs() <= _input_grid_bound(x, reference) * 1.001 + 1e-5)
             else:
                 torch.testing.assert_close(layer(x), x @ reference.T, rtol=1e-4, atol=1e-4)
-        # on the real shapes too, a row's result ignores its batch bit for bit
-        assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+            if rows <= layer.kernel_max_rows():  # on the real shapes too, a row's result ignores its batch bit for bit
+                assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+        x = x[:3]
         # a prefill's many rows: BLAS on dequantized weights, a tile of rows at a time (one buffer
         # refilled) where the layer is bigger than a tile, as the head is
-        many = torch.randn(KERNEL_MAX_ROWS + 8, k, generator=torch.Generator().manual_seed(n))
+        many = torch.randn(layer.kernel_max_rows() + 8, k, generator=torch.Generator().manual_seed(n))
         torch.testing.assert_close(layer(many), many @ reference.T, rtol=1e-4, atol=1e-4)
         if hasattr(layer, "round_input"):  # a shortlist head's product may round x to bf16 (8 significant bits)
             layer.round_input = True

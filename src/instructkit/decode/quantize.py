@@ -70,6 +70,11 @@ INT8_INPUT_GRID = 32639
 # prefilled in 0.8 s instead of 2.7 (int8, default model, 2026-12-05; the two paths cross at
 # 16-32 rows on a 2,048 x 640 product).
 KERNEL_MAX_ROWS = 16
+# int8's AVX512-VNNI kernel (Int8GroupLinear in blocks of 16 rows) multiplies bytes in integers
+# and beats that BLAS path at every row count measured: 1.3-6x at 8-4,096 rows on SmolLM2's and
+# the default model's shapes (AMD Zen 4, 2 threads, 2026-12-07), so a prefill of up to this many
+# rows takes it too (a 17-token prompt's products ~2.5x faster).
+VNNI_KERNEL_MAX_ROWS = 2048
 DEQUANTIZED_TILE_VALUES = 1 << 21  # 8 MB of fp32 weights at a time on that path
 INT4_INNER_TILES = 2
 INT4_ROWS_MULTIPLE = 16  # the int4 CPU packing works on tiles of 16 output rows
@@ -243,9 +248,13 @@ class _GroupLinear(nn.Module):
     def _dequantize_into(self, start: int, stop: int, out: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def kernel_max_rows(self) -> int:
+        """Up to how many input rows the kernel runs; BLAS on dequantized weights beyond."""
+        return KERNEL_MAX_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float().contiguous()
-        if x2d.shape[0] <= KERNEL_MAX_ROWS:
+        if x2d.shape[0] <= self.kernel_max_rows():
             y = self._kernel(x2d)
         else:  # a prompt's prefill: compute-bound, where BLAS on the dequantized weight is far faster
             # Dequantized a tile of weight rows at a time, so the fp32 copy stays in cache: the
@@ -305,6 +314,9 @@ class Int8GroupLinear(_GroupLinear):
     def reference(weight: torch.Tensor) -> torch.Tensor:
         q, scale = Int8GroupLinear._grid(weight)
         return (q * scale[..., None]).reshape(weight.shape)
+
+    def kernel_max_rows(self) -> int:
+        return VNNI_KERNEL_MAX_ROWS if self.block_rows else KERNEL_MAX_ROWS
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.block_rows:
