@@ -256,7 +256,7 @@ class _GroupLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features).float().contiguous()
         if x2d.shape[0] <= self.kernel_max_rows():
             y = self._kernel(x2d)
-        else:  # a prompt's prefill: compute-bound, where BLAS on the dequantized weight is far faster
+        else:  # a long prefill (or any prefill on a row-by-row kernel): BLAS on the dequantized weight
             # Dequantized a tile of weight rows at a time, so the fp32 copy stays in cache: the
             # whole head at once would write 671 MB (~0.5 s) for every call.
             tile = max(1, DEQUANTIZED_TILE_VALUES // self.in_features)
