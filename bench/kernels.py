@@ -23,7 +23,13 @@ A second table streams one token's worth of products from memory, as decoding do
 30 layers of int8 projections (random weights: the speed does not depend on the values), each
 product once, 119 MB in all, far beyond the caches. Four layouts: the seven projections apart or
 q/k/v and gate/up stacked (decode/quantize.py), on the allocator's 4 KB pages or moved into 2 MB
-pages (decode/huge_pages.py)."""
+pages (decode/huge_pages.py).
+
+A third table times a prompt's prefill through one int8 layer (M rows at once) both ways
+decode/quantize.py can: our VNNI kernel in chunks of rows (what `--quantize int8` runs on an
+AVX512-VNNI processor) and fp32 BLAS on the weights dequantized for the call (what it runs
+elsewhere, and ran there before), on SmolLM2-135M's stacked gate/up and down shapes, the default
+model's MLP shape and a 1.5B model's (Qwen2.5-1.5B's down projection), random weights."""
 
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ PROJECTIONS = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576
                "up": (1536, 576), "down": (576, 1536)}
 STACKS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 QUICK_SHAPES = {"head-shaped 16,384 x 640": (16_384, 640)}
+PREFILL_SHAPES = {"SmolLM2 gate/up 3,072 x 576": (3_072, 576), "SmolLM2 down 576 x 1,536": (576, 1_536),
+                  "MLP 2,048 x 640": (2_048, 640), "1.5B down 1,536 x 8,960": (1_536, 8_960)}
+PREFILL_ROWS = (17, 128, 512, 2_048)
 
 
 def _int8_linear(x, q, scale):
@@ -132,6 +141,41 @@ def streams(quick: bool, repeats: int) -> dict:
     return {"layers": layers, "layouts": results}
 
 
+def prefills(quick: bool, repeats: int) -> dict:
+    """The third table of the module docstring."""
+    from instructkit.decode import native
+    from instructkit.decode.quantize import Int8GroupLinear
+
+    if not native.available() or not native.int8_block_rows():
+        print("Prefill table skipped: no AVX512-VNNI int8 kernel here (prefills take fp32 BLAS on dequantized weights)")
+        return {}
+    shapes = {"SmolLM2 gate/up 3,072 x 576": (3_072, 576)} if quick else PREFILL_SHAPES
+    row_counts, burst_s = ((17, 128) if quick else PREFILL_ROWS), (0.2 if quick else 0.6)
+    results, rows = {}, []
+    with torch.no_grad():
+        for shape_name, (n, k) in shapes.items():
+            layer = Int8GroupLinear(Int8GroupLinear.quantize(torch.randn(n, k) * 0.02), None)
+            assert layer.kernel_takes_prefill()
+            ways = {"kernel": layer, "BLAS": layer.dequantized_product}
+            for count in row_counts:
+                x = torch.randn(count, k)
+                times: dict[str, list[float]] = {way: [] for way in ways}
+                for _ in range(repeats):
+                    for way, fn in ways.items():
+                        fn(x)
+                        times[way].append(_seconds_per_call(fn, x, burst_s))
+                ms = {way: spread([t * 1e3 for t in times[way]]) for way in ways}
+                ratio = spread([b / a for a, b in zip(times["kernel"], times["BLAS"])])
+                results[f"{shape_name} | {count} rows"] = {"kernel_ms": ms["kernel"], "blas_ms": ms["BLAS"],
+                                                           "blas_over_kernel": ratio}
+                rows.append([shape_name, str(count), fmt_spread(ms["kernel"], "{:.2f}"), fmt_spread(ms["BLAS"], "{:.2f}"),
+                             fmt_spread(ratio, "{:.2f}x")])
+    print_table(f"A prefill's product through one int8 layer, random weights ({torch.get_num_threads()} threads; "
+                f"median (min-max) of {repeats} rounds)", ["shape", "rows", "VNNI kernel ms", "dequantized BLAS ms",
+                                                            "BLAS / kernel"], rows)
+    return results
+
+
 def _seconds_per_call(fn, x, budget_s: float) -> float:
     calls, started = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - started < budget_s:
@@ -171,4 +215,4 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
                 f"{repeats} rounds)", ["shape", "kernel", "ms a call", "weight GB/s", "weight MB", "first call s",
                                        "max error / max |y|"], rows)
     return {"repeats": repeats, "threads": torch.get_num_threads(), "kernels": results,
-            "streams": streams(quick, repeats)}
+            "streams": streams(quick, repeats), "prefills": prefills(quick, repeats)}

@@ -150,10 +150,10 @@ def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations,
     quantized = quantize_model(copy.deepcopy(real.model), mode)
     agreement, steps = _teacher_forced_agreement(real.model, quantized, continuations)
     print(f"{mode}: {agreement:.2%} of {steps} teacher-forced decode steps agree with fp32")
-    if mode == "int8":  # whole sequences take the dequantized (BLAS) path; int8's kernel also rounds x
-        # (a 16-bit grid on VNNI processors), so here every product goes through the kernel as in decoding
+    if mode == "int8":  # whole sequences take the dequantized (BLAS) path but on VNNI processors, whose
+        # kernel takes prefills too; int8's kernel also rounds x (a 16-bit grid on VNNI processors), so
+        # here every product goes through the kernel as in decoding
         monkeypatch.setattr(quantize, "KERNEL_MAX_ROWS", 10**6)
-        monkeypatch.setattr(quantize, "VNNI_KERNEL_MAX_ROWS", 10**6)
         through_kernel, _ = _teacher_forced_agreement(real.model, quantized, continuations)
         print(f"{mode} through our kernel: {through_kernel:.2%}")
         assert through_kernel >= target
@@ -166,11 +166,12 @@ def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [Int8GroupLinear, Int4GroupLinear])
-def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_layer_shape(real, kind):
-    """Teacher forcing pushes whole sequences through, which take the dequantized (BLAS) path; a
-    decode step takes the kernel. Both must multiply by the same weights: the kernel, for one row
-    and for a few, equals x @ W_ref^T on every layer shape of the default model, and a batch's rows
-    equal the rows alone exactly."""
+def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_layer_shape(real, kind, monkeypatch):
+    """A decode step takes the kernel; a prompt's prefill takes the dequantized (BLAS) path, or on
+    VNNI processors int8's kernel again, in chunks of rows. All must multiply by the same weights:
+    the kernel, for one row, a few and a short prompt's worth, equals x @ W_ref^T on every layer
+    shape of the default model; wherever the kernel runs, a batch's rows equal the rows alone
+    exactly, chunked or not."""
     shapes = {}
     for module in real.model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -179,20 +180,20 @@ def test_our_kernels_multiply_by_exactly_the_reference_weights_on_every_real_lay
         layer = kind(kind.quantize(weight), None)
         reference = kind.reference(weight)
         torch.testing.assert_close(layer.dequantized(), reference, rtol=0, atol=0)
-        # one row and a few (decoding), and a short prompt's prefill (the kernel's on VNNI, BLAS's elsewhere)
-        for rows in (1, 3, KERNEL_MAX_ROWS + 8):
+        # one row and a few (decoding), and a short prompt's prefill (26 rows: the kernel's on VNNI,
+        # in chunks of 8 here, the last of 2 rows; BLAS's elsewhere, a tile of weight rows at a time,
+        # one buffer refilled, where the layer is bigger than a tile, as the head is)
+        monkeypatch.setattr(quantize, "KERNEL_CHUNK_ROWS", 8)
+        for rows in (1, 3, KERNEL_MAX_ROWS + 10):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
             if getattr(layer, "block_rows", 0):  # int8's VNNI path: x on a 16-bit grid per group, then exact
+                assert layer.kernel_takes_prefill()
                 assert torch.all((layer(x) - x @ reference.T).abs() <= _input_grid_bound(x, reference) * 1.001 + 1e-5)
             else:
                 torch.testing.assert_close(layer(x), x @ reference.T, rtol=1e-4, atol=1e-4)
-            if rows <= layer.kernel_max_rows():  # on the real shapes too, a row's result ignores its batch bit for bit
+            if rows <= KERNEL_MAX_ROWS or layer.kernel_takes_prefill():  # a row's result ignores its batch bit for bit
                 assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
         x = x[:3]
-        # a prefill's many rows: BLAS on dequantized weights, a tile of rows at a time (one buffer
-        # refilled) where the layer is bigger than a tile, as the head is
-        many = torch.randn(layer.kernel_max_rows() + 8, k, generator=torch.Generator().manual_seed(n))
-        torch.testing.assert_close(layer(many), many @ reference.T, rtol=1e-4, atol=1e-4)
         if hasattr(layer, "round_input"):  # a shortlist head's product may round x to bf16 (8 significant bits)
             layer.round_input = True
             rounded = layer(x)

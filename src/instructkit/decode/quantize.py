@@ -64,17 +64,21 @@ GROUP = 32  # our C++ kernels' group along K (csrc/group_matmul.cpp)
 # int8's VNNI path puts each group of x on a grid of this many steps each side of 0 (kGrid there):
 # 16 bits, against llama.cpp Q8_0's 8.
 INT8_INPUT_GRID = 32639
-# Up to this many input rows (decoding: one per sequence) our C++ kernels, which read the weights
+# Up to this many input rows (decoding: one per sequence) our row-by-row C++ kernels (int4, and
+# int8 without VNNI), which read the weights
 # once but multiply row by row; beyond it (a prompt's prefill) fp32 BLAS on weights dequantized
 # for the call, which costs a pass over them but runs at the processor's peak: a 500-token prompt
 # prefilled in 0.8 s instead of 2.7 (int8, default model, 2026-12-05; the two paths cross at
 # 16-32 rows on a 2,048 x 640 product).
 KERNEL_MAX_ROWS = 16
-# int8's AVX512-VNNI kernel (Int8GroupLinear in blocks of 16 rows) multiplies bytes in integers
-# and beats that BLAS path at every row count measured: 1.3-6x at 8-4,096 rows on SmolLM2's and
-# the default model's shapes (AMD Zen 4, 2 threads, 2026-12-07), so a prefill of up to this many
-# rows takes it too (a 17-token prompt's products ~2.5x faster).
-VNNI_KERNEL_MAX_ROWS = 2048
+# int8's AVX512-VNNI kernel (Int8GroupLinear in blocks of 16 rows) multiplies bytes in integers and
+# beats that BLAS path at every row count measured: 1.2-4.3x at 17-2,048 rows on SmolLM2's, the
+# default model's and a 1.5B model's shapes (`python -m bench kernels`, its third table; AMD Zen 4,
+# 2 threads, 2026-12-07). Layers on it take every prefill too, in chunks of this many rows: each
+# chunk's input grid (2 bytes an element) stays in cache however long the prompt (chunks of 256
+# on the 1,536 x 8,960 product at 2,048 rows: 190 ms against 258 whole), and a row's result never
+# depends on its batch (the kernel's property) whatever the prompts' lengths.
+KERNEL_CHUNK_ROWS = 256
 DEQUANTIZED_TILE_VALUES = 1 << 21  # 8 MB of fp32 weights at a time on that path
 INT4_INNER_TILES = 2
 INT4_ROWS_MULTIPLE = 16  # the int4 CPU packing works on tiles of 16 output rows
@@ -248,28 +252,35 @@ class _GroupLinear(nn.Module):
     def _dequantize_into(self, start: int, stop: int, out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def kernel_max_rows(self) -> int:
-        """Up to how many input rows the kernel runs; BLAS on dequantized weights beyond."""
-        return KERNEL_MAX_ROWS
+    def dequantized_product(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d (M, K) -> (M, N) by fp32 BLAS on the dequantized weights: a pass over them, then the
+        processor's peak. A tile of weight rows at a time, so the fp32 copy stays in cache: the whole
+        head at once would write 671 MB (~0.5 s) for every call."""
+        tile = max(1, DEQUANTIZED_TILE_VALUES // self.in_features)
+        if tile >= self.out_features:
+            return x2d @ self.dequantized().T
+        y_t = x2d.new_empty(self.out_features, x2d.shape[0])  # (N, M): each tile fills whole rows
+        weights = x2d.new_empty(tile, self.in_features)  # one tile's buffer, refilled
+        for start in range(0, self.out_features, tile):
+            stop = min(start + tile, self.out_features)
+            tile_weights = self.dequantized(slice(start, stop), out=weights[: stop - start])
+            torch.mm(tile_weights, x2d.T, out=y_t[start:stop])
+        return y_t.T.contiguous()
+
+    def kernel_takes_prefill(self) -> bool:
+        """Whether the kernel runs any number of rows (in chunks), or only up to KERNEL_MAX_ROWS
+        with BLAS on dequantized weights beyond."""
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float().contiguous()
-        if x2d.shape[0] <= self.kernel_max_rows():
+        rows = x2d.shape[0]
+        if rows <= KERNEL_MAX_ROWS or (self.kernel_takes_prefill() and rows <= KERNEL_CHUNK_ROWS):
             y = self._kernel(x2d)
-        else:  # a long prefill (or any prefill on a row-by-row kernel): BLAS on the dequantized weight
-            # Dequantized a tile of weight rows at a time, so the fp32 copy stays in cache: the
-            # whole head at once would write 671 MB (~0.5 s) for every call.
-            tile = max(1, DEQUANTIZED_TILE_VALUES // self.in_features)
-            if tile >= self.out_features:
-                y = x2d @ self.dequantized().T
-            else:
-                y_t = x2d.new_empty(self.out_features, x2d.shape[0])  # (N, M): each tile fills whole rows
-                weights = x2d.new_empty(tile, self.in_features)  # one tile's buffer, refilled
-                for start in range(0, self.out_features, tile):
-                    stop = min(start + tile, self.out_features)
-                    tile_weights = self.dequantized(slice(start, stop), out=weights[: stop - start])
-                    torch.mm(tile_weights, x2d.T, out=y_t[start:stop])
-                y = y_t.T.contiguous()
+        elif self.kernel_takes_prefill():
+            y = torch.cat([self._kernel(chunk) for chunk in x2d.split(KERNEL_CHUNK_ROWS)])
+        else:  # a prompt's prefill on a row-by-row kernel
+            y = self.dequantized_product(x2d)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -315,8 +326,8 @@ class Int8GroupLinear(_GroupLinear):
         q, scale = Int8GroupLinear._grid(weight)
         return (q * scale[..., None]).reshape(weight.shape)
 
-    def kernel_max_rows(self) -> int:
-        return VNNI_KERNEL_MAX_ROWS if self.block_rows else KERNEL_MAX_ROWS
+    def kernel_takes_prefill(self) -> bool:
+        return bool(self.block_rows)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.block_rows:

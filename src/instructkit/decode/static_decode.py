@@ -80,7 +80,7 @@ class StaticStep:
             # One size symbol for the whole cache. Each dimension marked dynamic gets its own (dynamo
             # does not unify marked dimensions of equal size), and each became an int argument of the
             # graph, wrapped in a tensor at every call: 62 for SmolLM2's 30 layers, ~0.2 ms a token.
-            # Stated equal here, they are guarded once and the graph takes one.
+            # Stated equal here (dynamo then checks the equalities at each call, in C++), the graph takes one.
             capacity = cache.positions.shape[1]
             torch._check(cache.valid.shape[1] == capacity)
             for layer in cache.layers:
