@@ -76,16 +76,6 @@ class StaticStep:
         self._forward = torch._dynamo.run(self._forward)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # One size symbol for the whole cache. Each dimension marked dynamic gets its own (dynamo
-            # does not unify marked dimensions of equal size), and each became an int argument of the
-            # graph, wrapped in a tensor at every call: 62 for SmolLM2's 30 layers, ~0.2 ms a token.
-            # Stated equal here (dynamo then checks the equalities at each call, in C++), the graph takes one.
-            capacity = cache.positions.shape[1]
-            torch._check(cache.valid.shape[1] == capacity)
-            for layer in cache.layers:
-                torch._check(layer.keys.shape[2] == capacity)
-                torch._check(layer.values.shape[2] == capacity)
         hidden = self.model(tokens, positions=positions, cache=cache, return_hidden=True)  # (B, 1, C)
         return self.model.head(hidden[:, -1])
 
