@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from instructkit.decode import native
+
 from .conftest import REPO
 
 
@@ -47,8 +49,6 @@ def test_quick_bench_runs_and_reports(tmp_path):
     layouts = saved["kernels"]["streams"]["layouts"]  # one token's products: apart / stacked, 4 KB / 2 MB pages
     assert {"apart, 4 KB pages", "stacked, 4 KB pages"} <= set(layouts) and all(r["ms"]["median"] > 0 for r in layouts.values())
     prefills = saved["kernels"]["prefills"]  # a prefill's product: VNNI kernel against dequantized BLAS
-    from instructkit.decode import native
-
     assert bool(prefills) == bool(native.available() and native.int8_block_rows())
     assert all(r["kernel_ms"]["median"] > 0 and r["blas_ms"]["median"] > 0 for r in prefills.values())
     assert "torch" in saved["versions"] and ("cpu_model" in saved["machine"] or saved["machine"]["cpus"] >= 1)

@@ -150,9 +150,9 @@ def test_greedy_decoding_agrees_with_fp32_on_the_real_model(real, continuations,
     quantized = quantize_model(copy.deepcopy(real.model), mode)
     agreement, steps = _teacher_forced_agreement(real.model, quantized, continuations)
     print(f"{mode}: {agreement:.2%} of {steps} teacher-forced decode steps agree with fp32")
-    if mode == "int8":  # whole sequences take the dequantized (BLAS) path but on VNNI processors, whose
-        # kernel takes prefills too; int8's kernel also rounds x (a 16-bit grid on VNNI processors), so
-        # here every product goes through the kernel as in decoding
+    if mode == "int8":  # whole sequences take the dequantized (BLAS) path except on VNNI processors
+        # (whose kernel takes prefills too); int8's kernel also rounds x (a 16-bit grid on VNNI
+        # processors), so here every product goes through the kernel as in decoding
         monkeypatch.setattr(quantize, "KERNEL_MAX_ROWS", 10**6)
         through_kernel, _ = _teacher_forced_agreement(real.model, quantized, continuations)
         print(f"{mode} through our kernel: {through_kernel:.2%}")

@@ -275,12 +275,12 @@ class _GroupLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float().contiguous()
         rows = x2d.shape[0]
-        if rows <= KERNEL_MAX_ROWS or (self.kernel_takes_prefill() and rows <= KERNEL_CHUNK_ROWS):
-            y = self._kernel(x2d)
-        elif self.kernel_takes_prefill():
-            y = torch.cat([self._kernel(chunk) for chunk in x2d.split(KERNEL_CHUNK_ROWS)])
-        else:  # a prompt's prefill on a row-by-row kernel
+        if rows > KERNEL_MAX_ROWS and not self.kernel_takes_prefill():  # a prefill on a row-by-row kernel
             y = self.dequantized_product(x2d)
+        elif rows <= KERNEL_CHUNK_ROWS:
+            y = self._kernel(x2d)
+        else:
+            y = torch.cat([self._kernel(chunk) for chunk in x2d.split(KERNEL_CHUNK_ROWS)])
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
